@@ -1,0 +1,81 @@
+"""Request-level settings: sampling parameters and the speculation config.
+
+Defaults live here once; the CLI, the Triton model and the benchmarks build from them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from specdeploy.errors import SpecDeployError
+
+METHODS = ("none", "ngram", "draft", "layerskip")
+MAX_K = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise SpecDeployError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise SpecDeployError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SpecDeployError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SpecDeployError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise SpecDeployError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Which proposer drafts and how many tokens it proposes per step (k).
+
+    `from_vllm` accepts vLLM's `speculative_config` dict shape, e.g.
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}.
+    """
+
+    method: str = "ngram"
+    k: int = 4
+    draft: str | None = None  # path of a draft model (method "draft")
+    ngram_min: int = 1
+    ngram_max: int = 4
+    layerskip_layers: int | None = None  # None: a quarter of the target's layers
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SpecDeployError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise SpecDeployError(f"k must be an integer in [1, {MAX_K}], got {self.k!r}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise SpecDeployError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+        if self.layerskip_layers is not None and self.layerskip_layers < 1:
+            raise SpecDeployError(f"layerskip_layers must be >= 1, got {self.layerskip_layers}")
+
+    @classmethod
+    def from_vllm(cls, cfg: dict) -> "SpecConfig":
+        """Build from vLLM's speculative_config dict ("model" given and no method means a draft model)."""
+        method = cfg.get("method") or ("draft" if cfg.get("model") else "ngram")
+        method = {"draft_model": "draft"}.get(method, method)
+        return cls(
+            method=method,
+            k=int(cfg.get("num_speculative_tokens", 4)),
+            draft=cfg.get("model") if method == "draft" else None,
+            ngram_min=int(cfg.get("prompt_lookup_min", 1)),
+            ngram_max=int(cfg.get("prompt_lookup_max", 4)),
+        )

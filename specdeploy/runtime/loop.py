@@ -1,0 +1,97 @@
+"""speculative_generate: the one decoding loop every runner and proposer goes through."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from specdeploy.config import SamplingParams
+from specdeploy.runtime.proposers import Proposer
+from specdeploy.runtime.runner import Runner
+from specdeploy.runtime.stats import SpecStats
+from specdeploy.runtime.types import Context, Draft
+from specdeploy.runtime.verify import verify
+
+
+@dataclass(frozen=True)
+class StopCondition:
+    """When generation ends: an EOS id, a stop string, or max_new_tokens."""
+
+    eos_ids: frozenset[int]
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    decode: Callable[[list[int]], str] | None = None  # needed only for stop strings
+
+    def check(self, generated: list[int]) -> str | None:
+        """The finish reason after the last generated token, or None to go on."""
+        if generated[-1] in self.eos_ids:
+            return "eos"
+        if self.stop_strings and any(s in self.decode(generated) for s in self.stop_strings):
+            return "stop"
+        if len(generated) >= self.max_new_tokens:
+            return "length"
+        return None
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: list[int]  # generated tokens only (EOS included when it ended the text)
+    finish_reason: str  # "eos" | "stop" | "length"
+    stats: SpecStats
+
+
+def speculative_generate(
+    target: Runner,
+    proposer: Proposer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    stop: StopCondition,
+    k: int = 4,
+) -> Generation:
+    """Generate from `target`, with drafts from `proposer` verified k at a time.
+
+    Invariant: the target's KV cache holds every committed token but the last one
+    (the pending token), which is fed first in the next step.
+    """
+    start = time.perf_counter()
+    stats = SpecStats(requests=1)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=target.device).manual_seed(params.seed)
+    ctx = Context(token_ids=list(prompt_ids), prompt_len=len(prompt_ids), params=params, generator=generator)
+    generated: list[int] = []
+
+    # 0. prefill everything but the pending token
+    target.reset()
+    proposer.reset()
+    if len(prompt_ids) > 1:
+        target.forward(torch.tensor(prompt_ids[:-1], dtype=torch.long))
+
+    reason = None
+    while reason is None:
+        # 1. draft, never past max_new_tokens or the context window
+        budget = min(k, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
+        draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
+        if draft.k > budget:
+            draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
+        # 2. verify: one target forward scores the pending token and every draft token
+        base = target.length
+        feed = torch.cat([torch.tensor(ctx.token_ids[-1:], dtype=torch.long), draft.tokens.cpu()])
+        step = target.forward(feed)
+        verdict = verify(draft, step.logits, params, generator)
+        # 3. roll back the KV entries of rejected draft tokens
+        target.rollback(base + 1 + verdict.num_accepted)
+        stats.record_step(draft.k, verdict.num_accepted)
+        # 4. commit token by token, so EOS / stop / length cut exactly where they occur
+        for token in verdict.emitted(draft):
+            generated.append(token)
+            ctx.token_ids.append(token)
+            reason = stop.check(generated)
+            if reason:
+                break
+
+    stats.emitted = len(generated)
+    stats.wall_s = time.perf_counter() - start
+    return Generation(token_ids=generated, finish_reason=reason, stats=stats)

@@ -1,0 +1,84 @@
+"""Runners: a model that scores tokens against a KV cache it owns.
+
+The loop only sees the `Runner` protocol, so in-process torch, ONNX Runtime and remote
+Triton models are interchangeable. Contract: `forward(tokens)` appends len(tokens)
+entries to the cache and returns the logits at each of those positions; `rollback(keep)`
+drops every entry past the first `keep`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Protocol, runtime_checkable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from specdeploy.runtime.types import Step
+
+
+@runtime_checkable
+class Runner(Protocol):
+    device: torch.device
+    vocab_size: int
+    max_length: int  # context window in tokens
+
+    @property
+    def length(self) -> int:
+        """Entries in the KV cache."""
+
+    def reset(self) -> None:
+        """Empty the KV cache (a new request)."""
+
+    def forward(self, tokens: torch.Tensor) -> Step:  # tokens: [m] int64
+        """Append `tokens` to the cache; logits [m, vocab] for each position."""
+
+    def rollback(self, keep: int) -> None:
+        """Drop cache entries past the first `keep`."""
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class TorchRunner:
+    """Eager PyTorch runner over any Hugging Face causal LM, with a DynamicCache."""
+
+    def __init__(self, model: PreTrainedModel, *, output_hidden: bool = False) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.output_hidden = output_hidden
+        self._cache_kw = _cache_kwarg(model)
+        self.reset()
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._cache = DynamicCache(config=self.model.config)
+        self._length = 0
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> Step:
+        m = int(tokens.numel())
+        if self._length + m > self.max_length:
+            raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
+        out = self.model(
+            input_ids=tokens.to(self.device).view(1, m),
+            use_cache=True,
+            output_hidden_states=self.output_hidden,
+            **{self._cache_kw: self._cache},
+        )
+        self._length += m
+        hidden = out.hidden_states[-1][0] if self.output_hidden else None
+        return Step(logits=out.logits[0].float(), hidden=hidden)
+
+    def rollback(self, keep: int) -> None:
+        if not 0 <= keep <= self._length:
+            raise ValueError(f"cannot keep {keep} of {self._length} cache entries")
+        if keep < self._length:
+            self._cache.crop(keep - self._length)  # negative: number of entries to drop
+            self._length = keep

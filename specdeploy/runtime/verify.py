@@ -1,0 +1,74 @@
+"""Verification: the only place that decides which draft tokens survive.
+
+Greedy (temperature 0): accept the longest draft prefix equal to the target's argmax,
+then emit the target's argmax at the first mismatch (or the bonus token).
+
+Sampling: speculative rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+Draft token d_i, drawn from draft_probs[i], is accepted with probability
+min(1, target_probs[i, d_i] / draft_probs[i, d_i]); at the first rejection the recovered
+token is drawn from norm(max(0, target_probs[i] - draft_probs[i])); if all k are
+accepted the bonus token is drawn from target_probs[k]. A deterministic draft (n-gram,
+``draft.probs is None``) is a point mass: accept with probability target_probs[i, d_i],
+recover from target_probs[i] with d_i removed. Either way the emitted tokens follow the
+target's own distribution exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from specdeploy.config import SamplingParams
+from specdeploy.runtime.types import Draft, Verdict
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to logits [n, vocab] -> probs [n, vocab] (float32)."""
+    logits = logits.float() / max(params.temperature, 1e-5)
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # keep a token if the mass strictly before it is < top_p (the top token always stays)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def verify(
+    draft: Draft,
+    target_logits: torch.Tensor,  # [k + 1, vocab] target scores after pending, d_1 .. d_k
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """Decide how many draft tokens to keep and which token follows them."""
+    k = draft.k
+    tokens = draft.tokens.to(target_logits.device)
+    if params.greedy:
+        target_tokens = target_logits.argmax(-1)  # [k + 1]
+        mismatch = (target_tokens[:k] != tokens).to(torch.int8)
+        # index of the first mismatch, or k when the whole draft matched
+        n = int(torch.cat([mismatch, mismatch.new_ones(1)]).argmax())
+        return Verdict(num_accepted=n, next_token=int(target_tokens[n]))
+
+    target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
+    if draft.probs is None:
+        draft_probs = torch.zeros_like(target_probs[:k]).scatter_(-1, tokens[:, None], 1.0)
+    else:
+        draft_probs = draft.probs.to(target_probs)  # [k, vocab]
+    rows = torch.arange(k, device=target_probs.device)
+    p_tok = target_probs[rows, tokens]  # [k]
+    q_tok = draft_probs[rows, tokens]  # [k]
+    u = torch.rand(k, generator=generator, device=target_probs.device)
+    rejected = (u * q_tok >= p_tok).to(torch.int8)  # accept iff u < p/q
+    n = int(torch.cat([rejected, rejected.new_ones(1)]).argmax())
+    if n == k:
+        dist = target_probs[k]
+    else:
+        dist = (target_probs[n] - draft_probs[n]).clamp_min(0.0)
+        if float(dist.sum()) <= 0.0:  # only reachable through rounding when p == q
+            dist = target_probs[n]
+    next_token = int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
+    return Verdict(num_accepted=n, next_token=next_token)
