@@ -79,7 +79,7 @@ def test_cli_json_and_table(capsys):
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["estimate", "--config", "llama-3-8b", "--draft", "smollm2", "--context", "1024", "--json"])
-    args.func(args)
+    assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["target"]["weights_bytes"] == 16_060_522_496 and out["draft"] is not None
     args = parser.parse_args(["estimate", "--config", "llama-3-70b", "--batch", "4"])

@@ -352,7 +352,8 @@ def test_export_cli(model, tmp_path, capsys):
     add_export_arguments(parser)
     args = parser.parse_args(["--target", str(tmp_path / "hf"), "--out", str(tmp_path / "cli"), "--tp-size", "2",
                               "--quant", "int8_wo"])
-    out = trtllm_export_cli(args)
+    assert trtllm_export_cli(args) == 0
+    out = tmp_path / "cli"
     config = json.loads((out / "config.json").read_text())
     assert config["mapping"]["tp_size"] == 2 and config["quantization"]["quant_algo"] == "W8A16"
     assert sorted(p.name for p in out.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]

@@ -226,8 +226,8 @@ def add_cli(subparsers: Any) -> Any:
     return p
 
 
-def estimate_cli(args: Any) -> MemoryEstimate:
-    """Run the estimate subcommand: print a rich table or JSON."""
+def estimate_cli(args: Any) -> int:
+    """Run the estimate subcommand: print a rich table or JSON. Returns exit status 0."""
     est = estimate_memory(load_config(args.config), dtype=args.dtype, batch=args.batch, context=args.context,
                           draft_config=load_config(args.draft) if args.draft else None,
                           kv_dtype=getattr(args, "kv_dtype", None))
@@ -237,4 +237,4 @@ def estimate_cli(args: Any) -> MemoryEstimate:
         from rich.console import Console
 
         Console().print(est.table())
-    return est
+    return 0

@@ -650,12 +650,12 @@ def _eagle_tensors(model: nn.Module, eagle: EagleDraft, config: dict, spec: _Spe
 
 # ----------------------------------------------------------------------------- CLI
 
-def trtllm_export_cli(args: Any) -> Path:
+def trtllm_export_cli(args: Any) -> int:
     """`specdeploy export --format trtllm --target PATH --out DIR [--tp-size] [--pp-size] [--quant]`.
 
     Reads args.target, args.out and, when present, tp_size, pp_size, quant (none|fp8|int8|
     int8_sq|int8_wo or a QuantAlgo name), kv_cache_quant (fp8|int8), dtype. FP8 and int8 (SQ)
-    calibrate on CALIBRATION_TEXT tokenized with the target's tokenizer.
+    calibrate on CALIBRATION_TEXT tokenized with the target's tokenizer. Returns exit status 0.
     """
     from specdeploy.models.loader import load_model
 
@@ -674,7 +674,7 @@ def trtllm_export_cli(args: Any) -> Path:
         quant_algo=quant, kv_cache_quant_algo=kv, calib_token_ids=token_ids, source_hash=digest,
         source_name=str(args.target))
     print(f"TensorRT-LLM checkpoint (not an engine) written to {out}; build it with trtllm-build")
-    return out
+    return 0
 
 
 def add_export_arguments(parser: Any) -> None:
