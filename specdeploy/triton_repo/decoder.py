@@ -1,0 +1,135 @@
+"""The serving side of one spec_decode request, free of Triton types (tests run it in-process).
+
+`SpecDecoder.run(job)` builds a TritonRunner for the target, the repository's proposer
+(over a TritonRunner for the draft, behind FallbackProposer) and calls the runtime's
+`speculative_generate`: the served path decodes with the very loop the CLI uses.
+Streaming hooks into `StopCondition.check`, which the loop calls after every committed token.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from specdeploy.config import MAX_K, SamplingParams
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.loop import Generation, StopCondition, speculative_generate
+from specdeploy.triton_repo.proposer import FallbackProposer, build_proposer
+from specdeploy.triton_repo.runner import Transport, TritonRunner
+
+TASK_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # a metrics label: bounded and printable
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    task: str = "default"
+    k: int | None = None  # None: the policy's (or the repository's) k
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class StreamingStop(StopCondition):
+    """A StopCondition that also reports every committed token that does not end the text."""
+
+    on_token: Callable[[list[int]], None] | None = None
+
+    def check(self, generated: list[int]) -> str | None:
+        reason = super().check(generated)
+        if reason is None and self.on_token is not None:
+            self.on_token(generated)
+        return reason
+
+
+@dataclass
+class Outcome:
+    generation: Generation
+    k: int
+    fallback: BaseException | None = None
+
+
+@dataclass
+class SpecDecoder:
+    """Settings of the spec_decode model (from the repository) + the BLS transport."""
+
+    method: str
+    k: int
+    eos_ids: frozenset[int]
+    max_length: int
+    vocab_size: int
+    transport: Transport
+    decode: Callable[[list[int]], str]
+    target_model: str = "verify"
+    draft_model: str | None = None
+    ngram_min: int = 1
+    ngram_max: int = 4
+    policy: dict = field(default_factory=dict)  # {"default": {...}, "tasks": {name: {"enabled", "k"}}}
+    on_fallback: Callable[[str, BaseException], None] | None = None
+
+    @classmethod
+    def from_settings(cls, s: dict, transport: Transport, decode: Callable[[list[int]], str], **kw) -> "SpecDecoder":
+        return cls(method=s["method"], k=int(s["k"]), eos_ids=frozenset(s["eos_ids"]), max_length=int(s["max_length"]),
+                   vocab_size=int(s["vocab_size"]), transport=transport, decode=decode, target_model=s["target_model"],
+                   draft_model=s.get("draft_model"), ngram_min=int(s.get("ngram_min", 1)), ngram_max=int(s.get("ngram_max", 4)),
+                   policy=s.get("policy") or {}, **kw)
+
+    def make_job(self, prompt_ids: list[int], *, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
+                 stop: tuple[str, ...] = (), task: str | None = None, k=None, stream: bool = False) -> Job:
+        """Validate a request (SpecDeployError on anything malformed)."""
+        if not prompt_ids:
+            raise SpecDeployError("empty prompt")
+        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                                seed=None if seed is None else int(seed), max_new_tokens=int(max_tokens), stop=tuple(stop))
+        if len(prompt_ids) + params.max_new_tokens > self.max_length:
+            raise SpecDeployError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds "
+                                  f"the context window of {self.max_length} tokens")
+        task = task or "default"
+        if not TASK_RE.match(task):
+            raise SpecDeployError(f"task must match {TASK_RE.pattern}, got {task!r}")
+        if k is not None and not (isinstance(k, int) and 0 <= k <= MAX_K):
+            raise SpecDeployError(f"num_draft_tokens must be an integer in [0, {MAX_K}], got {k!r}")
+        return Job(list(map(int, prompt_ids)), params, task, k, bool(stream))
+
+    def resolve_k(self, job: Job) -> int:
+        """Draft tokens per step: the request's, else the task's policy, else the repository's; 0 = off."""
+        if self.method == "none":
+            return 0
+        if job.k is not None:
+            return job.k
+        entry = {**self.policy.get("default", {}), **self.policy.get("tasks", {}).get(job.task, {})}
+        if entry.get("enabled", True) is False:
+            return 0
+        return int(entry.get("k", self.k))
+
+    def run(self, job: Job, on_tokens: Callable[[list[int]], None] | None = None) -> Outcome:
+        """Generate; `on_tokens(generated so far)` after each token that does not end the text."""
+        k = self.resolve_k(job)
+        target = TritonRunner(self.target_model, self.vocab_size, self.max_length, self.transport)
+        draft_runner = None
+        if k > 0 and self.method in ("draft", "layerskip"):
+            draft_runner = TritonRunner(self.draft_model, self.vocab_size, self.max_length, self.transport,
+                                        sequence_id=target.sequence_id)
+        failures: list[BaseException] = []
+
+        def failed(e: BaseException) -> None:
+            failures.append(e)
+            if self.on_fallback:
+                self.on_fallback(job.task, e)
+
+        proposer = FallbackProposer(
+            build_proposer(self.method if k > 0 else "none", draft_runner=draft_runner,
+                           ngram_min=self.ngram_min, ngram_max=self.ngram_max), failed)
+        stop = StreamingStop(self.eos_ids, job.params.max_new_tokens, job.params.stop, self.decode,
+                             on_token=on_tokens if job.stream else None)
+        try:
+            gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k)
+        finally:
+            for runner in (target, draft_runner):
+                if runner is not None:
+                    with contextlib.suppress(Exception):  # the servers evict it anyway
+                        runner.release()
+        return Outcome(gen, k, failures[0] if failures else None)
