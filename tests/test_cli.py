@@ -1,0 +1,59 @@
+"""The CLI contract other tools script against."""
+from __future__ import annotations
+
+import json
+
+from specdeploy.cli import main
+
+FIELDS = {"task", "text", "token_ids", "alpha", "acceptance_length", "proposed", "accepted", "target_forwards", "tokens_per_s"}
+
+
+def test_generate_json_per_prompt(capsys, tmp_path, smollm2):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "What is 2+2?", "task": "math"}\n\n{"prompt": "Say hi."}\n')
+    assert main(["generate", "--prompts", str(path), "--json", "--method", "ngram", "--k", "2", "--max-new-tokens", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["task"] for r in rows] == ["math", "default"]
+    for r in rows:
+        assert FIELDS <= r.keys()
+        assert 1 <= len(r["token_ids"]) <= 8
+        assert r["target_forwards"] >= 1 and r["accepted"] <= r["proposed"]
+
+
+def test_generate_json_matches_plain_decoding(capsys, smollm2):
+    argv = ["generate", "--prompt", "List three colors.", "--json", "--max-new-tokens", "12", "--k", "4"]
+    main(argv + ["--method", "none"])
+    main(argv + ["--method", "layerskip"])
+    plain, spec = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert plain["token_ids"] == spec["token_ids"] and plain["text"] == spec["text"]
+    assert plain["alpha"] is None and plain["acceptance_length"] == 1.0
+
+
+def test_raw_skips_chat_template(capsys, smollm2):
+    main(["generate", "--prompt", "The capital of France is", "--raw", "--json", "--max-new-tokens", "3", "--method", "none"])
+    r = json.loads(capsys.readouterr().out)
+    templated = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    assert "Paris" in r["text"] and "assistant" in templated
+
+
+def test_stop_string_cuts_text(capsys, smollm2):
+    main(["generate", "--prompt", "Count from 1 to 10, separated by commas.", "--json", "--max-new-tokens", "30", "--stop", "5"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["finish_reason"] == "stop" and "5" not in r["text"] and "4" in r["text"]
+
+
+def test_prompts_table_has_speedup(capsys, tmp_path, smollm2):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Say hi.", "task": "qa"}\n{"prompt": "Write x = 1 in Python.", "task": "code"}\n')
+    assert main(["generate", "--prompts", str(path), "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup vs none" in out and "qa" in out and "code" in out and "ngram" in out
+
+
+def test_demo_runs_ten_tasks(capsys, smollm2):
+    assert main(["demo", "--max-new-tokens", "3", "--methods", "ngram"]) == 0
+    out = capsys.readouterr().out
+    for task in ("code", "creative_writing", "summarization", "qa", "translation", "math", "sql", "api_call", "legal", "customer_support"):
+        assert task in out
+    assert "greedy outputs differing from plain decoding: 0" in out

@@ -1,0 +1,132 @@
+"""Speculative sampling follows the target's distribution exactly (statistical tests).
+
+A tiny bigram target whose sequence probabilities are known in closed form is sampled
+through the real loop with a model draft and with an n-gram draft; a chi-square test
+compares the empirical distribution of whole 3-token continuations with the exact one.
+The companion test swaps in a deliberately wrong rule (resample from the target instead
+of the residual after a rejection) and shows the same check rejects it. Seeds are fixed,
+so these tests are deterministic.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+import specdeploy.runtime.loop as loop_module
+from specdeploy.config import SamplingParams
+from specdeploy.runtime.loop import StopCondition, speculative_generate
+from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, Proposer
+from specdeploy.runtime.types import Verdict
+from specdeploy.runtime.verify import sampling_probs, verify
+from table_runner import BigramRunner
+
+VOCAB = 4
+NEW = 3
+
+
+def _tables() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(VOCAB, VOCAB, generator=g) * 1.5
+    draft = torch.randn(VOCAB, VOCAB, generator=g) * 1.5  # a poor draft: many rejections
+    return target, draft
+
+
+def _exact(table: torch.Tensor, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
+    probs = sampling_probs(table, params)  # [vocab, vocab]: row = previous token
+    out = {}
+    for seq in itertools.product(range(VOCAB), repeat=NEW):
+        p, prev = 1.0, prompt[-1]
+        for t in seq:
+            p *= float(probs[prev, t])
+            prev = t
+        out[seq] = p
+    return out
+
+
+def _sample(target: BigramRunner, proposer: Proposer, prompt: list[int], params: SamplingParams, n: int, k: int) -> Counter:
+    stop = StopCondition(frozenset(), NEW)
+    counts: Counter = Counter()
+    for i in range(n):
+        p = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i, max_new_tokens=NEW)
+        counts[tuple(speculative_generate(target, proposer, prompt, p, stop, k=k).token_ids)] += 1
+    return counts
+
+
+def chi_square_pvalue(counts: Counter, exact: dict, n: int) -> float:
+    """p-value of Pearson's chi-square, cells with expected < 5 pooled into one."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0.0, 0.0
+    for cell, p in exact.items():
+        expected = p * n
+        if expected < 5:
+            pooled_obs += counts.get(cell, 0)
+            pooled_exp += expected
+            continue
+        stat += (counts.get(cell, 0) - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
+        df += 1
+    assert sum(counts.values()) == n and set(counts) <= set(exact)
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def _wrong_verify(draft, target_logits, params, generator=None) -> Verdict:
+    """The rejection rule with the residual replaced by the target distribution: biased."""
+    v = verify(draft, target_logits, params, generator)
+    if params.greedy or v.num_accepted == draft.k:
+        return v
+    probs = sampling_probs(target_logits, params)[v.num_accepted]
+    return Verdict(v.num_accepted, int(torch.multinomial(probs, 1, generator=generator)))
+
+
+N = 2000
+PARAMS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=3), SamplingParams(temperature=1.2, top_p=0.8)]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["T1", "T0.8-topk3", "T1.2-topp0.8"])
+def test_draft_model_sampling_matches_target(params):
+    target, draft = _tables()
+    counts = _sample(BigramRunner(target), DraftModelProposer(BigramRunner(draft)), [0], params, N, k=2)
+    assert chi_square_pvalue(counts, _exact(target, [0], params), N) > 1e-3
+
+
+def test_ngram_sampling_matches_target():
+    target, _ = _tables()
+    prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0]  # lookup proposes 1, 2, 3 ... every step
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(BigramRunner(target), NGramProposer(1, 3), prompt, params, N, k=3)
+    assert chi_square_pvalue(counts, _exact(target, prompt, params), N) > 1e-3
+
+
+def test_wrong_rule_is_caught(monkeypatch):
+    """Same check, wrong rule: the test must fail it, or it could not catch a real bug."""
+    monkeypatch.setattr(loop_module, "verify", _wrong_verify)
+    target, draft = _tables()
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(BigramRunner(target), DraftModelProposer(BigramRunner(draft)), [0], params, N, k=2)
+    assert chi_square_pvalue(counts, _exact(target, [0], params), N) < 1e-6
+
+
+def test_real_model_first_token_follows_target(smollm2):
+    """SmolLM2's first sampled token, drafted by a 2-layer layerskip draft (often rejected)."""
+    from specdeploy.models.layerskip import layerskip_model
+    from specdeploy.runtime.runner import TorchRunner
+
+    target = TorchRunner(smollm2.model)
+    proposer = DraftModelProposer(TorchRunner(layerskip_model(smollm2.model, 2)))
+    prompt = smollm2.tokenizer("The capital of France is")["input_ids"]
+    params = SamplingParams(temperature=1.0, top_k=4)
+    with torch.no_grad():
+        logits = smollm2.model(torch.tensor([prompt])).logits[0, -1]
+    exact_probs = sampling_probs(logits[None], params)[0]
+    stop = StopCondition(frozenset(), 2)
+    n = 300
+    counts: Counter = Counter()
+    for i in range(n):
+        p = SamplingParams(temperature=1.0, top_k=4, seed=i, max_new_tokens=2)
+        counts[(speculative_generate(target, proposer, prompt, p, stop, k=1).token_ids[0],)] += 1
+    exact = {(t,): float(exact_probs[t]) for t in torch.nonzero(exact_probs).flatten().tolist()}
+    assert chi_square_pvalue(counts, exact, n) > 1e-3
