@@ -1,0 +1,442 @@
+"""Batched greedy speculation on the GPU: many requests advance together, one host sync a step.
+
+Each of `max_batch` slots holds one request at its own length (ragged positions in a static KV
+cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at once,
+
+1. drafts k tokens: the n-gram lookup of `NGramProposer` run on the GPU over the slot's token
+   history, or a draft model (a layerskip draft or a trained one) decoding k tokens greedily;
+2. verifies them with one target forward of [pending, d_1 .. d_k] per slot;
+3. accepts by the greedy rule of verify.py (longest draft prefix equal to the target's argmax,
+   then the target's argmax: `greedy_accept_batch`, tested equal to `verify`);
+4. commits: lengths, pending tokens and histories are updated on the device; rolling back is
+   a length update.
+
+The host reads one small tensor per step ([slots, k + 3] int64: accepted, proposed, emitted
+tokens), one step behind (`overlap`): step t + 1 is launched before step t's tokens are read,
+so the GPU never waits for Python. A slot that finished at step t computes one more, ignored,
+step. Requests join and leave between steps: a join prefills its slot and resets its state.
+Greedy only: sampled requests go through `speculative_generate`.
+
+Per-request output equals the request run alone (the target argmax at each position does not
+depend on other slots), up to GEMM-shape rounding in low precision; tests check it in fp32.
+
+`SpecSwitch` turns speculation off for the whole batch when it does not pay (large batches,
+low acceptance), from measured step times and acceptance lengths, and back on when it does.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
+from specdeploy.runtime.loop import StopCondition
+from specdeploy.runtime.stats import SpecStats
+
+METHODS = ("none", "ngram", "draft")  # "draft": any LeanLlama draft (layerskip or trained)
+PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+CATCHUP = 16  # tokens per slot fed to a draft model per catch-up pass (after plain steps)
+
+
+def greedy_accept_batch(
+    draft_tokens: torch.Tensor,  # [B, k] int64 (entries past draft_lens are ignored)
+    draft_lens: torch.Tensor,  # [B] int64 usable draft tokens per row, <= k
+    target_tokens: torch.Tensor,  # [B, k + 1] int64 target argmax after pending, d_1 .. d_k
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verify.py's greedy rule for a batch, on the device: (num_accepted [B], next_token [B]).
+
+    num_accepted = the longest prefix of the row's draft equal to the target's argmax;
+    next_token = the target's argmax after it (the recovered or bonus token).
+    """
+    k = draft_tokens.shape[1]
+    if k == 0:
+        return torch.zeros_like(target_tokens[:, 0]), target_tokens[:, 0]
+    usable = torch.arange(k, device=draft_tokens.device)[None, :] < draft_lens[:, None]
+    ok = (draft_tokens == target_tokens[:, :k]) & usable
+    n = ok.long().cumprod(dim=1).sum(dim=1)
+    return n, target_tokens.gather(1, n[:, None])[:, 0]
+
+
+def ngram_propose_batch(
+    hist: torch.Tensor,  # [B, P] int64 token history, position p = token p (prompt, then generated)
+    last: torch.Tensor,  # [B] int64 position of the pending token (the last committed one)
+    caps: torch.Tensor,  # [B] int64 most draft tokens allowed per row (0 = none)
+    k: int,
+    min_n: int,
+    max_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`NGramProposer.propose` for every row, on the device: (draft [B, k], draft_lens [B]).
+
+    For n from max_n down to min_n: the latest earlier occurrence of the last n committed tokens
+    (the match ending before the pending token), drafting the (up to k) tokens that followed it.
+    """
+    B, P = hist.shape
+    dev = hist.device
+    j = torch.arange(P, device=dev)[None, :]  # [1, P] candidate match ends
+    tail = hist.gather(1, (last[:, None] - torch.arange(max_n, device=dev)[None, :]).clamp(min=0))  # [B, max_n]
+    run = torch.ones(B, P, dtype=torch.bool, device=dev)  # run[b, j]: hist[j - t] == tail[t] for all t so far
+    ends = []  # latest match end per n, -1 if none
+    for t in range(max_n):
+        shifted = F.pad(hist, (t, 0))[:, :P]  # shifted[:, j] = hist[:, j - t]
+        run = run & (shifted == tail[:, t : t + 1])
+        n = t + 1
+        ok = run & (j >= n - 1) & (j <= last[:, None] - 1) & (last[:, None] >= n)
+        ends.append(torch.where(ok, j, -1).amax(dim=1))
+    best = torch.full((B,), -1, dtype=torch.long, device=dev)
+    for n in range(max_n, min_n - 1, -1):
+        best = torch.where((best < 0) & (ends[n - 1] >= 0), ends[n - 1], best)
+    draft = hist.gather(1, (best[:, None] + 1 + torch.arange(k, device=dev)[None, :]).clamp(0, P - 1))
+    lens = torch.where(best >= 0, torch.minimum(last - best, caps.clamp(max=k)), torch.zeros_like(best))
+    return draft, lens.clamp(min=0)
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    task: str = "default"
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    index: int  # position of the request in the list given to `run`
+    task: str
+    token_ids: list[int]  # generated tokens only (EOS included when it ended the text)
+    finish_reason: str  # "eos" | "length"
+    stats: SpecStats  # wall_s: from the request's join to its last token
+
+
+class SpecSwitch:
+    """Speculation on or off for the whole batch: "on", "off", or "auto" (measured).
+
+    auto: keeps a moving average of emitted tokens per second for spec and plain steps (measured
+    between consecutive step completions) and runs the faster mode, probing the other one for
+    `probe_len` steps every `probe_every` steps so that a change in acceptance is noticed.
+    """
+
+    def __init__(self, mode: str = "on", probe_every: int = 48, probe_len: int = 3, decay: float = 0.9) -> None:
+        if mode not in ("on", "off", "auto"):
+            raise SpecDeployError(f"speculation switch must be on, off or auto, not {mode!r}")
+        self.mode, self.probe_every, self.probe_len, self.decay = mode, probe_every, probe_len, decay
+        self.rate: dict[bool, float | None] = {True: None, False: None}  # tokens/s by spec on/off
+        self._steps = 0
+        self.spec_steps = 0
+        self.plain_steps = 0
+
+    def choose(self) -> bool:
+        self._steps += 1
+        if self.mode != "auto":
+            return self.mode == "on"
+        spec, plain = self.rate[True], self.rate[False]
+        if spec is None:
+            return True
+        if plain is None:
+            return self._steps % self.probe_every >= self.probe_len  # first probe early
+        best = spec >= plain
+        probing = self._steps % self.probe_every < self.probe_len
+        return (not best) if probing else best
+
+    def record(self, spec: bool, tokens: int, seconds: float) -> None:
+        if spec:
+            self.spec_steps += 1
+        else:
+            self.plain_steps += 1
+        if seconds <= 0 or tokens <= 0:
+            return
+        r = tokens / seconds
+        old = self.rate[spec]
+        self.rate[spec] = r if old is None else self.decay * old + (1 - self.decay) * r
+
+
+@dataclass
+class _Slot:
+    index: int
+    request: BatchRequest
+    tokens: list[int]  # prompt + generated
+    first_step: int  # first step whose results belong to this request
+    start: float
+    stop: StopCondition
+    stats: SpecStats = field(default_factory=lambda: SpecStats(requests=1))
+    generated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Launched:
+    step: int
+    spec: bool
+    host: torch.Tensor  # [B, k + 3] pinned copy of the step's result
+    event: torch.cuda.Event | None
+
+
+class BatchSpeculator:
+    """Greedy speculative decoding of up to `max_batch` requests at once (see module docstring)."""
+
+    def __init__(self, target: LeanLlama, *, method: str = "ngram", draft: LeanLlama | None = None, k: int = 4,
+                 max_batch: int = 1, max_length: int = 1024, eos_ids: Sequence[int] = (), ngram_min: int = 1,
+                 ngram_max: int = 4, switch: str = "on", overlap: bool = True, use_graphs: bool | None = None,
+                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS) -> None:
+        if method not in METHODS:
+            raise SpecDeployError(f"batched method must be one of {', '.join(METHODS)}, not {method!r}")
+        if method == "draft" and draft is None:
+            raise SpecDeployError("method 'draft' needs a draft LeanLlama")
+        self.target, self.method, self.draft = target, method, (draft if method == "draft" else None)
+        self.k = 0 if method == "none" else int(k)
+        self.B, self.max_length = int(max_batch), int(max_length)
+        self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self.switch = SpecSwitch(switch if self.k else "off")
+        self.device = target.device
+        self.use_graphs = graphs_default(self.device) if use_graphs is None else use_graphs
+        self.overlap = overlap and self.device.type == "cuda"
+        self.prefill_buckets = tuple(sorted(prefill_buckets))
+        # positions: the context, the padding of a last prefill chunk, the over-run of one step
+        # past max_new_tokens (+ one in flight), and a scratch slot at the very end
+        self.positions = self.max_length + max(self.prefill_buckets[-1], 2 * (self.k + 1), CATCHUP) + 1
+        self.scratch = self.positions - 1
+        self.kv_buckets = kv_buckets_for(self.positions)
+        self.tcache = target.new_cache(self.B, self.positions)
+        self.dcache = self.draft.new_cache(self.B, self.positions) if self.draft is not None else None
+        dev, B, k, long = self.device, self.B, self.k, torch.long
+        # per-slot state, on the device: only graphs and joins change it
+        self.lengths = torch.zeros(B, dtype=long, device=dev)  # [B] target cache entries (committed - pending)
+        self.pending = torch.zeros(B, dtype=long, device=dev)  # [B] last committed token, fed next
+        self.prev = torch.zeros(B, dtype=long, device=dev)  # [B] the token before pending
+        self.generated = torch.zeros(B, dtype=long, device=dev)  # [B] tokens committed since the prompt
+        self.max_new = torch.zeros(B, dtype=long, device=dev)  # [B] the request's max_new_tokens
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
+        self.draft_valid = torch.zeros(B, dtype=long, device=dev)  # [B] draft cache entries known good
+        self.hist = torch.zeros(B, self.positions, dtype=long, device=dev)  # [B, positions] token at each position
+        self.result = torch.zeros(B, k + 3, dtype=long, device=dev)  # [B, k+3]: accepted, proposed, k+1 tokens
+        maxq = self.prefill_buckets[-1]
+        self._pf_tokens = torch.zeros(1, maxq, dtype=long, device=dev)  # [1, maxq] prefill input
+        self._pf_pos = torch.zeros(1, maxq, dtype=long, device=dev)  # [1, maxq]
+        self._pf_row = torch.zeros(1, dtype=long, device=dev)  # [1] slot being prefilled
+        self._offsets = torch.arange(max(maxq, k + 1, CATCHUP), device=dev)
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._fns: dict[tuple, CapturedFn] = {}
+        self._hosts = [self._host_buffer() for _ in range(2)]
+        self.steps = 0
+        self.slots: list[_Slot | None] = [None] * B
+        self._plain_since_spec = 0
+        if self.use_graphs:
+            self.capture_all()
+
+    # ---- graphs -------------------------------------------------------------------------
+    def _host_buffer(self) -> torch.Tensor:
+        buf = torch.zeros(self.B, self.k + 3, dtype=torch.long)
+        return buf.pin_memory() if self.device.type == "cuda" else buf
+
+    def _fn(self, key: tuple, make: Callable[[], Callable[[], object]]) -> CapturedFn:
+        fn = self._fns.get(key)
+        if fn is None:
+            fn = self._fns[key] = CapturedFn(make(), self.use_graphs, self._pool)
+        return fn
+
+    def capture_all(self) -> None:
+        """Capture every graph now (at load), then clear the state the warm-ups touched."""
+        for kv in self.kv_buckets:
+            self._step_fn(False, kv)
+            if self.k:
+                self._step_fn(True, kv)
+            if self.draft is not None:
+                self._catchup_fn(kv)
+            for q in self.prefill_buckets:
+                if q <= kv:
+                    self._prefill_fn(q, kv)
+        self._clear_state()
+
+    def _clear_state(self) -> None:
+        for t in (self.lengths, self.pending, self.prev, self.generated, self.max_new, self.draft_valid, self.result):
+            t.zero_()
+        self.active.zero_()
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(f.graph is not None for f in self._fns.values())
+
+    def _prefill_fn(self, q: int, kv: int) -> CapturedFn:
+        def make():
+            def prefill():
+                args = (self._pf_tokens[:, :q], self._pf_pos[:, :q], self._pf_row, kv)
+                self.target.forward(self.tcache, *args, logits="none")
+                if self.draft is not None:
+                    self.draft.forward(self.dcache, *args, logits="none")
+            return prefill
+        return self._fn(("prefill", q, kv), make)
+
+    def _catchup_fn(self, kv: int) -> CapturedFn:
+        """Feed the draft model the committed tokens it missed during plain steps (CATCHUP a pass)."""
+        def make():
+            def catchup():
+                pos = (self.draft_valid[:, None] + self._offsets[None, :CATCHUP]).clamp(max=self.scratch - 1)
+                self.draft.forward(self.dcache, self.hist.gather(1, pos), pos, None, kv, logits="none")
+                good = torch.minimum(self.draft_valid + CATCHUP, (self.lengths - 1).clamp(min=0))
+                self.draft_valid.copy_(torch.where(self.active, torch.maximum(good, self.draft_valid), self.draft_valid))
+            return catchup
+        return self._fn(("catchup", kv), make)
+
+    def _step_fn(self, spec: bool, kv: int) -> CapturedFn:
+        def make():
+            return lambda: self._step_body(spec, kv)
+        return self._fn(("step", spec, kv), make)
+
+    def _propose(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft tokens [B, k] and usable lengths [B] for every slot."""
+        k, L = self.k, self.lengths
+        if self.method == "ngram":
+            return ngram_propose_batch(self.hist, L, caps, k, self.ngram_min, self.ngram_max)
+        # draft model: re-feed the token before pending (its entry may be missing after a full
+        # accept), then pending, then its own drafts; one graph, no host round trip
+        prev_pos = torch.where(L > 0, L - 1, torch.full_like(L, self.scratch))
+        feed, pos = torch.stack([self.prev, self.pending], 1), torch.stack([prev_pos, L], 1)
+        tokens = []
+        for i in range(k):
+            logits, _ = self.draft.forward(self.dcache, feed, pos, None, kv, logits="last")  # [B, 1, vocab]
+            tok = logits[:, 0].argmax(-1)
+            tokens.append(tok)
+            feed, pos = tok[:, None], (L + i + 1)[:, None]
+        return torch.stack(tokens, 1), caps.clamp(min=0, max=k)
+
+    def _step_body(self, spec: bool, kv: int) -> None:
+        k = self.k if spec else 0
+        L, act = self.lengths, self.active
+        # the loop's budget: never past max_new_tokens or the context window
+        caps = torch.minimum(self.max_new - self.generated - 1, self.max_length - L - 1).clamp(min=0, max=k)
+        if k:
+            draft, lens = self._propose(caps, kv)  # [B, k], [B]
+        else:
+            draft, lens = L.new_zeros(self.B, 0), L.new_zeros(self.B)
+        feed = torch.cat([self.pending[:, None], draft], 1)  # [B, k+1]
+        pos = L[:, None] + self._offsets[None, : k + 1]
+        logits, _ = self.target.forward(self.tcache, feed, pos, None, kv, logits="all")  # [B, k+1, vocab]
+        n, nxt = greedy_accept_batch(draft, lens, logits.argmax(-1))
+        emitted = torch.where(self._offsets[None, : k + 1] < n[:, None], feed.roll(-1, dims=1), nxt[:, None])  # [B, k+1]
+        if k:
+            prev = torch.where(n > 0, draft.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], self.pending)
+        else:
+            prev = self.pending
+        new_len = L + n + 1
+        hist_pos = (L[:, None] + 1 + self._offsets[None, : k + 1]).clamp(max=self.scratch)
+        self.hist.scatter_(1, hist_pos, torch.where(act[:, None], emitted, self.hist.gather(1, hist_pos)))
+        if spec and self.draft is not None:
+            self.draft_valid.copy_(torch.where(act, new_len - 1, self.draft_valid))
+        self.prev.copy_(torch.where(act, prev, self.prev))
+        self.pending.copy_(torch.where(act, nxt, self.pending))
+        self.generated.copy_(torch.where(act, self.generated + n + 1, self.generated))
+        self.lengths.copy_(torch.where(act, new_len, L))
+        self.result[:, 0].copy_(n)
+        self.result[:, 1].copy_(lens)
+        self.result[:, 2 : k + 3].copy_(emitted)
+
+    # ---- requests -----------------------------------------------------------------------
+    def _join(self, slot: int, index: int, req: BatchRequest) -> None:
+        ids = [int(t) for t in req.prompt_ids]
+        P = len(ids)
+        if P == 0:
+            raise SpecDeployError("empty prompt")
+        if P + req.max_new_tokens + self.k + 1 > self.max_length:
+            raise SpecDeployError(f"prompt ({P} tokens) + max_new_tokens ({req.max_new_tokens}) + k + 1 exceeds the "
+                                  f"batch engine's max_length of {self.max_length}")
+        pre = ids[:-1]
+        maxq = self.prefill_buckets[-1]
+        self._pf_row.fill_(slot)
+        for start in range(0, len(pre), maxq):
+            chunk = pre[start : start + maxq]
+            q = bucket(len(chunk), self.prefill_buckets)
+            self._pf_tokens[0, : len(chunk)].copy_(torch.tensor(chunk, dtype=torch.long), non_blocking=True)
+            torch.add(self._offsets[:q], start, out=self._pf_pos[0, :q])
+            self._prefill_fn(q, bucket(start + q, self.kv_buckets))()
+        self.hist[slot, :P].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.lengths[slot] = P - 1
+        self.pending[slot] = ids[-1]
+        self.prev[slot] = ids[-2] if P > 1 else ids[-1]
+        self.generated[slot] = 0
+        self.max_new[slot] = req.max_new_tokens
+        self.draft_valid[slot] = P - 1
+        self.active[slot] = True
+        stop = StopCondition(self.eos_ids, req.max_new_tokens)
+        self.slots[slot] = _Slot(index, req, list(ids), first_step=self.steps, start=time.perf_counter(), stop=stop)
+
+    def _leave(self, slot: int) -> None:
+        self.active[slot] = False
+        self.slots[slot] = None
+
+    def _launch(self) -> _Launched:
+        spec = bool(self.k) and self.switch.choose()
+        live = [s for s in self.slots if s is not None]
+        # longest cache among live slots, bounded for the step in flight
+        longest = max(len(s.tokens) for s in live) + (self.k + 1) * (2 if self.overlap else 1)
+        kv = bucket(min(self.positions, longest + max(self.k + 1, CATCHUP) + 1), self.kv_buckets)
+        if spec and self.draft is not None and self._plain_since_spec:
+            for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
+                self._catchup_fn(kv)()
+        self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
+        self._step_fn(spec, kv)()
+        host = self._hosts[self.steps % 2]
+        host.copy_(self.result, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        launched = _Launched(self.steps, spec, host, event)
+        self.steps += 1
+        return launched
+
+    def _collect(self, launched: _Launched, on_done) -> list[BatchResult]:
+        if launched.event is not None:
+            launched.event.synchronize()
+        res = launched.host.tolist()
+        done, tokens = [], 0
+        for slot, s in enumerate(self.slots):
+            if s is None or launched.step < s.first_step:
+                continue
+            n, proposed = res[slot][0], res[slot][1]
+            s.stats.record_step(proposed, n)
+            reason = None
+            for tok in res[slot][2 : n + 3]:
+                s.generated.append(tok)
+                s.tokens.append(tok)
+                tokens += 1
+                reason = s.stop.check(s.generated)
+                if reason:
+                    break
+            if reason:
+                s.stats.emitted = len(s.generated)
+                s.stats.wall_s = time.perf_counter() - s.start
+                result = BatchResult(s.index, s.request.task, s.generated, reason, s.stats)
+                done.append(result)
+                if on_done:
+                    on_done(result)
+                self._leave(slot)
+        now = time.perf_counter()
+        self.switch.record(launched.spec, tokens, now - self._last_collect)
+        self._last_collect = now
+        return done
+
+    def run(self, requests: Sequence[BatchRequest], on_done: Callable[[BatchResult], None] | None = None) -> list[BatchResult]:
+        """Generate every request, up to max_batch at a time (continuous batching); results in request order."""
+        queue = deque(enumerate(requests))
+        results: list[BatchResult | None] = [None] * len(requests)
+        in_flight: _Launched | None = None
+        self._last_collect = time.perf_counter()
+        while queue or in_flight is not None or any(s is not None for s in self.slots):
+            for slot in range(self.B):
+                if self.slots[slot] is None and queue:
+                    index, req = queue.popleft()
+                    self._join(slot, index, req)
+            launched = self._launch() if any(s is not None for s in self.slots) else None
+            if not self.overlap and launched is not None:
+                in_flight, launched = launched, None
+            if in_flight is not None:
+                for r in self._collect(in_flight, on_done):
+                    results[r.index] = r
+            in_flight = launched
+        self._clear_state()
+        self.slots = [None] * self.B
+        return results  # type: ignore[return-value]

@@ -1,0 +1,413 @@
+"""Compiled runners: a lean Llama forward over a static KV cache, replayed as CUDA graphs.
+
+Why: on a GPU a small model's eager forward costs the Python dispatch and launch of about a
+thousand kernels, not arithmetic (SmolLM2-135M on an H100: ~30 ms eager; its bf16 weights are
+read in ~0.1 ms). This module
+
+1. runs the forward of any Hugging Face ``LlamaForCausalLM`` from that model's own weights, with
+   the q/k/v and gate/up projections fused and the residual adds folded into the output GEMMs
+   (gpt-fast style, ~15 kernels a layer; no modeling file is copied);
+2. keeps keys and values in a preallocated cache, ``[layers, batch, positions, 2 * kv_heads,
+   head_dim]``; rolling back is a length update: a query at position p attends only keys at
+   positions <= p, and the same or an earlier forward wrote all of those, so stale entries past
+   the length are never read;
+3. captures one CUDA graph per (query-length bucket, KV-length bucket) at load and replays it.
+   Query lengths are padded up to their bucket; the padding writes cache entries past the new
+   length (never read, see 2) and its logits are dropped.
+
+On CPU (or with ``use_graphs=False``) the same code runs eagerly: that is what CI tests, against
+the Hugging Face model's logits and through ``speculative_generate``. The batched engine in
+``batch.py`` drives the same `LeanLlama.forward` with its own buffers and graphs.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.types import Step
+
+DEFAULT_QUERY_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+ROPE_SLACK = 1024  # rope table rows past max_position_embeddings, for padded and scratch positions
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= n (buckets sorted ascending)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} is over the largest bucket {buckets[-1]}")
+
+
+def kv_buckets_for(positions: int, smallest: int = 256) -> tuple[int, ...]:
+    """KV-length buckets: powers of two from `smallest` below `positions`, then `positions` itself.
+
+    Attention reads only the first bucket-many cache entries, so a short context does not pay for
+    a long cache: one graph per bucket.
+    """
+    out, b = [], smallest
+    while b < positions:
+        out.append(b)
+        b *= 2
+    return (*out, positions)
+
+
+@dataclass(frozen=True)
+class LlamaDims:
+    """The shape numbers of a Llama model, read from its HF config."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_positions: int  # max_position_embeddings
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config) -> "LlamaDims":
+        if getattr(config, "model_type", "llama") not in ("llama",):
+            raise SpecDeployError(f"the compiled runner supports Llama-family models, not {config.model_type!r}")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise SpecDeployError("the compiled runner does not support attention or MLP biases")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise SpecDeployError(f"the compiled runner supports silu MLPs, not {config.hidden_act!r}")
+        heads = int(config.num_attention_heads)
+        return cls(
+            num_layers=int(config.num_hidden_layers),
+            hidden=int(config.hidden_size),
+            num_heads=heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            vocab=int(config.vocab_size),
+            eps=float(config.rms_norm_eps),
+            max_positions=int(getattr(config, "max_position_embeddings", 2048)),
+        )
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights, fused for fewer GEMMs (no copies of the norms)."""
+
+    attn_norm: torch.Tensor  # [hidden]
+    wqkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden]: q, then k, then v rows
+    wo: torch.Tensor  # [hidden, heads * head_dim]
+    mlp_norm: torch.Tensor  # [hidden]
+    w_gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows, then up rows
+    w_down: torch.Tensor  # [hidden, intermediate]
+
+
+# fused weights per HF decoder layer, so that a layerskip draft (the target's first layers)
+# shares the target's fused tensors instead of concatenating its own copies
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, LayerWeights]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def fuse_layer(layer: nn.Module) -> LayerWeights:
+    """Fused weights of an HF LlamaDecoderLayer (made once per layer module and dtype)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    cached = _FUSED.get(layer)
+    if cached is not None and cached.wqkv.dtype == attn.q_proj.weight.dtype and cached.wqkv.device == attn.q_proj.weight.device:
+        return cached
+    fused = LayerWeights(
+        attn_norm=layer.input_layernorm.weight,
+        wqkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
+        wo=attn.o_proj.weight,
+        mlp_norm=layer.post_attention_layernorm.weight,
+        w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+        w_down=mlp.down_proj.weight,
+    )
+    _FUSED[layer] = fused
+    return fused
+
+
+class StaticKVCache:
+    """Keys and values of every layer, preallocated once.
+
+    Layout ``[layers, batch, positions, 2 * kv_heads, head_dim]``, keys in the first kv_heads
+    slots and values in the rest, so one indexed write stores both for a whole step.
+    """
+
+    def __init__(self, dims: LlamaDims, num_layers: int, batch: int, positions: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.batch, self.positions = batch, positions
+        self.kv = torch.zeros(num_layers, batch, positions, 2 * dims.num_kv_heads, dims.head_dim, device=device, dtype=dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class LeanLlama:
+    """A Llama forward written against an HF model's weight tensors (shared, never copied,
+    except the fused q/k/v and gate/up concatenations)."""
+
+    def __init__(self, dims: LlamaDims, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
+                 lm_head: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> None:
+        self.dims = dims
+        self.embed = embed  # [vocab, hidden]
+        self.layers = layers
+        self.norm = norm  # [hidden]
+        self.lm_head = lm_head  # [vocab, hidden]
+        self.rope_cos = rope_cos  # [rope_positions, head_dim] model dtype
+        self.rope_sin = rope_sin  # [rope_positions, head_dim] sign folded: [-sin_low, sin_high], model dtype
+        self.device = embed.device
+        self.dtype = embed.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def rope_positions(self) -> int:
+        return int(self.rope_cos.shape[0])
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, model: nn.Module, num_layers: int | None = None) -> "LeanLlama":
+        """From an HF LlamaForCausalLM (any dtype or device); `num_layers` keeps the first layers."""
+        dims = LlamaDims.from_config(model.config)
+        inner = model.model
+        layers = [fuse_layer(layer) for layer in inner.layers]
+        n = num_layers or len(layers)
+        if not 1 <= n <= len(layers):
+            raise SpecDeployError(f"num_layers must be in [1, {len(layers)}], got {n}")
+        rotary = inner.rotary_emb
+        dtype = inner.embed_tokens.weight.dtype
+        device = inner.embed_tokens.weight.device
+        # as HF's LlamaRotaryEmbedding: angles in float32, cos/sin scaled, then cast to the model dtype
+        positions = torch.arange(dims.max_positions + ROPE_SLACK, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * rotary.inv_freq.to(device=device, dtype=torch.float32)[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [positions, head_dim]
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        cos = (emb.cos() * scale).to(dtype)
+        sin = (emb.sin() * scale).to(dtype)
+        half = dims.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]: one roll instead of neg + cat
+        sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return cls(dims, inner.embed_tokens.weight, layers[:n], inner.norm.weight, model.lm_head.weight, cos, sin_signed)
+
+    def truncated(self, num_layers: int) -> "LeanLlama":
+        """The first `num_layers` layers + final norm + LM head, sharing every tensor (layerskip draft)."""
+        if not 1 <= num_layers <= self.num_layers:
+            raise SpecDeployError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
+        return LeanLlama(self.dims, self.embed, self.layers[:num_layers], self.norm, self.lm_head, self.rope_cos, self.rope_sin)
+
+    def new_cache(self, batch: int, positions: int) -> StaticKVCache:
+        if positions > self.rope_positions:
+            raise SpecDeployError(f"cache of {positions} positions is over the rope table ({self.rope_positions})")
+        return StaticKVCache(self.dims, self.num_layers, batch, positions, self.device, self.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        seen: dict[int, int] = {}
+        tensors = [self.embed, self.norm, self.lm_head]
+        for w in self.layers:
+            tensors += [w.attn_norm, w.wqkv, w.wo, w.mlp_norm, w.w_gate_up, w.w_down]
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def forward(
+        self,
+        cache: StaticKVCache,
+        tokens: torch.Tensor,  # [rows, m] int64
+        pos: torch.Tensor,  # [rows, m] int64 cache position of each token
+        rows: torch.Tensor | None,  # [rows] int64 cache rows fed, or None for every row in order
+        kv_len: int,  # attention reads cache positions [0, kv_len); every pos must be < kv_len
+        logits: str = "all",  # "all" | "last" | "none"
+        want_hidden: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Write the tokens' keys/values at `pos` and return (logits [rows, m or 1, vocab], hidden).
+
+        No host synchronisation and no data-dependent shapes: safe to capture in a CUDA graph.
+        """
+        d = self.dims
+        R, m = tokens.shape
+        g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
+        h = F.embedding(tokens, self.embed).view(R * m, d.hidden)  # [R*m, hidden]
+
+        # once per forward, shared by every layer:
+        # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv)
+        cos = self.rope_cos[pos][:, :, None, :]  # [R, m, 1, hd]
+        sin = self.rope_sin[pos][:, :, None, :]
+        cos = torch.cat([cos.expand(R, m, hq + hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)  # [R, m, hq+2hkv, hd]
+        sin = torch.cat([sin.expand(R, m, hq + hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
+        # additive mask: query at pos p sees keys at positions <= p; queries of the g heads sharing a
+        # KV head are stacked along the query axis ([R, hkv, g*m, hd]), so the mask repeats g times
+        keys = torch.arange(kv_len, device=tokens.device)
+        allowed = keys[None, None, :] <= pos[:, :, None]  # [R, m, kv_len]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, float("-inf"))
+        mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
+        row_idx = (rows if rows is not None else torch.arange(R, device=tokens.device))[:, None]  # [R, 1]
+        half = hd // 2
+
+        for layer, w in enumerate(self.layers):
+            # attention
+            x = F.rms_norm(h, (d.hidden,), w.attn_norm, d.eps)
+            qkv = (x @ w.wqkv.t()).view(R, m, hq + 2 * hkv, hd)
+            qkv = torch.addcmul(qkv * cos, qkv.roll(half, dims=-1), sin)  # rope on q and k, v unchanged
+            layer_kv = cache.kv[layer]  # [B, positions, 2*hkv, hd]
+            layer_kv.index_put_((row_idx, pos), qkv[:, :, hq:])
+            kv = layer_kv[:, :kv_len] if rows is None else layer_kv[:, :kv_len].index_select(0, rows)
+            k = kv[:, :, :hkv].transpose(1, 2)  # [R, hkv, kv_len, hd]
+            v = kv[:, :, hkv:].transpose(1, 2)
+            q = qkv[:, :, :hq].reshape(R, m, hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(R, hkv, g * m, hd)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [R, hkv, g*m, hd]
+            o = o.view(R, hkv, g, m, hd).permute(0, 3, 1, 2, 4).reshape(R * m, hq * hd)
+            h = torch.addmm(h, o, w.wo.t())  # residual folded into the GEMM
+            # MLP
+            x = F.rms_norm(h, (d.hidden,), w.mlp_norm, d.eps)
+            gate, up = (x @ w.w_gate_up.t()).chunk(2, dim=-1)
+            h = torch.addmm(h, F.silu(gate) * up, w.w_down.t())
+
+        h = h.view(R, m, d.hidden)
+        if logits == "last":
+            h = h[:, -1:]
+        normed = F.rms_norm(h, (d.hidden,), self.norm, d.eps) if (logits != "none" or want_hidden) else None
+        out = normed @ self.lm_head.t() if logits != "none" else None  # [R, m or 1, vocab]
+        return out, (normed if want_hidden else None)
+
+
+class CapturedFn:
+    """A zero-argument function over static buffers, captured once as a CUDA graph and replayed
+    per call; off CUDA, or with graphs off, it is simply called.
+
+    Warm-up runs the function twice (on a side stream, as CUDA graph capture requires), so it
+    must tolerate running on whatever its buffers hold. Tensors the function returns live in the
+    graph's memory: read or copy them before the next replay of any graph of the same pool.
+    """
+
+    def __init__(self, fn: Callable[[], object], use_graph: bool, pool=None) -> None:
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: object = None
+        if use_graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+                self.out = fn()
+
+    def __call__(self):
+        if self.graph is None:
+            with torch.no_grad():
+                return self.fn()
+        self.graph.replay()
+        return self.out
+
+
+def graphs_default(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+class CudaGraphRunner:
+    """Runner (see runner.py) for one request over a `LeanLlama`: static KV cache, query lengths
+    bucketed, each (query bucket, KV bucket) a CUDA graph captured at load.
+
+    `forward(tokens)` pads the tokens to the next query bucket (longer inputs go in chunks of the
+    largest bucket); `rollback(keep)` only sets the length.
+    """
+
+    def __init__(self, model: LeanLlama, *, max_length: int | None = None,
+                 query_buckets: Sequence[int] = DEFAULT_QUERY_BUCKETS, kv_buckets: Sequence[int] | None = None,
+                 use_graphs: bool | None = None, output_hidden: bool = False, capture: bool = True,
+                 pool=None) -> None:
+        self.model = model
+        self.device = model.device
+        self.vocab_size = model.dims.vocab
+        self.max_length = int(max_length or min(model.dims.max_positions, 4096))
+        self.output_hidden = output_hidden
+        self.query_buckets = tuple(sorted(set(query_buckets)))
+        self.positions = self.max_length + self.query_buckets[-1]  # room for the padding of a last chunk
+        self.kv_buckets = tuple(sorted(kv_buckets)) if kv_buckets else kv_buckets_for(self.positions)
+        if self.kv_buckets[-1] < self.positions:
+            raise SpecDeployError(f"the largest KV bucket must cover {self.positions} positions")
+        self.use_graphs = graphs_default(self.device) if use_graphs is None else use_graphs
+        self._pool = pool if pool is not None else (torch.cuda.graph_pool_handle() if self.use_graphs else None)
+        self.cache = model.new_cache(1, self.positions)
+        maxq = self.query_buckets[-1]
+        self._tokens = torch.zeros(1, maxq, dtype=torch.long, device=self.device)  # [1, maxq] static input
+        self._pos = torch.zeros(1, maxq, dtype=torch.long, device=self.device)  # [1, maxq] static input
+        self._offsets = torch.arange(maxq, device=self.device)  # [maxq]
+        self._fns: dict[tuple[int, int], CapturedFn] = {}
+        self._length = 0
+        if capture and self.use_graphs:
+            self.capture_all()
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, num_layers: int | None = None, **kw) -> "CudaGraphRunner":
+        return cls(LeanLlama.from_hf(model, num_layers), **kw)
+
+    def capture_all(self) -> None:
+        """Capture every (query bucket, KV bucket) graph now (at load), not at first use."""
+        for q in self.query_buckets:
+            for kv in self.kv_buckets:
+                if kv >= q:
+                    self._fn(q, kv)
+        self._length = 0
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(f.graph is not None for f in self._fns.values())
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._length = 0
+
+    def rollback(self, keep: int) -> None:
+        if not 0 <= keep <= self._length:
+            raise ValueError(f"cannot keep {keep} of {self._length} cache entries")
+        self._length = keep
+
+    def _fn(self, q: int, kv: int) -> CapturedFn:
+        fn = self._fns.get((q, kv))
+        if fn is None:
+            def step():
+                return self.model.forward(self.cache, self._tokens[:, :q], self._pos[:, :q], None, kv,
+                                          logits="all", want_hidden=self.output_hidden)
+
+            fn = self._fns[(q, kv)] = CapturedFn(step, self.use_graphs, self._pool)
+        return fn
+
+    def forward(self, tokens: torch.Tensor) -> Step:  # tokens: [m] int64
+        m = int(tokens.numel())
+        if m == 0:
+            raise ValueError("forward needs at least one token")
+        if self._length + m > self.max_length:
+            raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
+        tokens = tokens.reshape(-1)
+        maxq = self.query_buckets[-1]
+        logits, hidden = [], []
+        for start in range(0, m, maxq):
+            chunk = tokens[start : start + maxq]
+            c = int(chunk.numel())
+            q = bucket(c, self.query_buckets)
+            kv = bucket(self._length + q, self.kv_buckets)
+            self._tokens[0, :c].copy_(chunk, non_blocking=True)  # padding keeps old (valid) ids
+            torch.add(self._offsets[:q], self._length, out=self._pos[0, :q])
+            out, hid = self._fn(q, kv)()
+            logits.append(out[0, :c].to(torch.float32, copy=True))  # copied before the next replay
+            if self.output_hidden:
+                hidden.append(hid[0, :c].clone())
+            self._length += c
+        return Step(logits=logits[0] if len(logits) == 1 else torch.cat(logits),
+                    hidden=(torch.cat(hidden) if self.output_hidden else None))
