@@ -1,0 +1,126 @@
+"""CLI for the deployment half: `export`, `build`, and `generate --engine DIR`.
+
+    specdeploy export --format onnx [--target smollm2] [--draft PATH|layerskip[:N]] --out DIR
+    specdeploy export --format trtllm ...          (specdeploy.export.trtllm_checkpoint)
+    specdeploy build  --from DIR | --target smollm2 --quant none|int8|int8_wo|fp8
+                      [--target-quant Q] [--draft-quant Q] [--draft PATH] [--smooth-alpha 0.5] --out DIR
+    specdeploy generate --engine DIR ...           (the generate command, on built artifacts)
+
+Engine directories are recognised by their manifest (specdeploy.build.manifest) alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from specdeploy.errors import SpecDeployError
+
+
+def add_cli(subparsers: Any) -> None:
+    e = subparsers.add_parser("export", help="export the target (and draft) as ONNX graphs or a TensorRT-LLM checkpoint")
+    e.add_argument("--format", choices=["onnx", "trtllm"], default="onnx")
+    e.add_argument("--target", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
+    e.add_argument("--draft", help="draft model to export too (ONNX): a model path, or layerskip[:N]")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    e.add_argument("--quant", help="trtllm: none | fp8 | int8 (SmoothQuant) | int8_wo")
+    e.add_argument("--dtype", help="trtllm: checkpoint dtype (default bfloat16)")
+    try:
+        from specdeploy.export.trtllm_checkpoint import add_export_arguments
+
+        add_export_arguments(e)
+    except ImportError:
+        pass
+    e.set_defaults(func=cmd_export)
+
+    b = subparsers.add_parser("build", help="build engines (quantized weights + manifest) from a model or an ONNX export")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--from", dest="src", help="an `export --format onnx` directory (builds ONNX Runtime engines)")
+    src.add_argument("--target", help="model to quantize for the torch runtime: 'smollm2', .gguf or HF directory")
+    b.add_argument("--draft", help="draft to build too (torch): a model path, or layerskip[:N]")
+    b.add_argument("--quant", default="none", help="none | int8 | int8_wo | fp8 (for target and draft)")
+    b.add_argument("--target-quant", help="quantization of the target (overrides --quant)")
+    b.add_argument("--draft-quant", help="quantization of the draft (overrides --quant)")
+    b.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    b.add_argument("--calib-samples", type=int, default=32, help="calibration texts")
+    b.add_argument("--calib-tokens", type=int, default=256, help="max tokens per calibration text")
+    b.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
+    b.add_argument("--out", required=True, help="output directory")
+    b.set_defaults(func=cmd_build)
+
+    g = subparsers.choices.get("generate")
+    if g is not None:
+        g.add_argument("--engine", help="an export/build output directory to run instead of the torch target")
+        g.set_defaults(func=_with_engine(g.get_default("func")))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "trtllm":
+        from specdeploy.export.trtllm_checkpoint import trtllm_export_cli
+
+        return int(trtllm_export_cli(args) or 0)
+    from specdeploy.export.onnx import OnnxExportConfig, export_onnx, resolve_draft
+    from specdeploy.models.loader import load_model
+
+    target = load_model(args.target)
+    draft = resolve_draft(args.draft, target) if args.draft else None
+    out = export_onnx(target, args.out, draft, OnnxExportConfig(opset=args.opset))
+    from specdeploy.build.manifest import read_manifest
+
+    parity = read_manifest(out).info.get("parity", {})
+    print(f"ONNX export written to {out} (max |logit diff| vs torch: "
+          + ", ".join(f"{r} {v:.2g}" for r, v in parity.items()) + ")")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from specdeploy.build.engine import BuildConfig, build_from_onnx, build_torch_engines
+
+    tq = args.target_quant or args.quant
+    dq = args.draft_quant or args.quant
+    config = BuildConfig(smooth_alpha=args.smooth_alpha, calib_samples=args.calib_samples,
+                         calib_tokens=args.calib_tokens, device=args.device)
+    if args.src:
+        out = build_from_onnx(args.src, args.out, target_quant=tq, draft_quant=dq)
+    else:
+        out = build_torch_engines(args.target or "smollm2", args.out, draft=args.draft, target_quant=tq,
+                                  draft_quant=dq, config=config)
+    print(f"engine written to {out}")
+    return 0
+
+
+def _with_engine(generate):
+    """Wrap the generate command: with --engine, run the built artifacts; else as before."""
+
+    def cmd(args: argparse.Namespace) -> int:
+        if not getattr(args, "engine", None):
+            return generate(args)
+        return _generate_engine(args)
+
+    return cmd
+
+
+def _generate_engine(args: argparse.Namespace) -> int:
+    from specdeploy.bench.tasks import Prompt, load_prompts
+    from specdeploy.build.engine import load_engine
+    from specdeploy.cli import _sampling, _spec
+
+    params, spec = _sampling(args), _spec(args)
+    prompts = load_prompts(args.prompts) if args.prompts else [Prompt(args.task, args.prompt)]
+    if not args.prompts and not args.prompt.strip():
+        raise SpecDeployError("empty prompt")
+    engine = load_engine(args.engine, spec, args.target, device=args.device)
+    for p in prompts:
+        task = args.task if args.task != "default" else p.task
+        r = engine.generate_ids(engine.encode(p.prompt, args.raw, params.max_new_tokens), params, task)
+        if args.json:
+            print(json.dumps(r.as_json()), flush=True)
+            continue
+        s = r.stats
+        print(r.text, flush=True)
+        alpha = "-" if s.alpha is None else f"{s.alpha:.2f}"
+        print(f"[{spec.method} @ {args.engine}] α={alpha} acceptance_length={s.acceptance_length:.2f} "
+              f"tokens={s.emitted} tokens/s={s.tokens_per_s:.1f} finish={r.finish_reason}", file=sys.stderr)
+    return 0
