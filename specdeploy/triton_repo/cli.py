@@ -23,6 +23,8 @@ def add_cli(sub) -> None:
     r.add_argument("--gpus", help="GPU ids for --instance-kind gpu, e.g. 0 (verify/draft use the first)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on cpu, bfloat16 on gpu")
     r.add_argument("--policy", help="JSON: per-task enabled / k, e.g. {\"tasks\": {\"chat\": {\"enabled\": false}}}")
+    r.add_argument("--python-path", action="append", default=[],
+                   help="folder to put first on the models' sys.path (repeatable), e.g. a numpy<2 target dir")
     r.add_argument("--out", required=True, help="repository folder to write")
     r.set_defaults(func=cmd_repo)
 
@@ -72,7 +74,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
     except ValueError:
         raise SpecDeployError(f"--gpus takes comma-separated integers, got {args.gpus!r}") from None
     rs = RepoSpec(target=args.target, spec=spec, instances=InstanceSpec(args.instance_kind, args.instance_count, gpus),
-                  dtype=args.dtype, policy=Policy.load(args.policy) if args.policy else Policy())
+                  dtype=args.dtype, policy=Policy.load(args.policy) if args.policy else Policy(),
+                  extra_python_path=tuple(args.python_path))
     out = write_repository(args.out, rs)
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
     print(f"wrote {out}: {', '.join(models)} (method {spec.method}, k={spec.k}, {rs.torch_dtype}, {rs.instances.kind})")

@@ -32,7 +32,14 @@ _PY_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 
 def pytriton_root() -> Path:
-    """The `pytriton/tritonserver` folder of the installed nvidia-pytriton wheel."""
+    """The server folder (bin/, backends/, python_backend_stubs/): $SPECDEPLOY_TRITONSERVER,
+    else `pytriton/tritonserver` of the installed nvidia-pytriton wheel."""
+    override = os.environ.get("SPECDEPLOY_TRITONSERVER")
+    if override:
+        root = Path(override)
+        if not (root / "bin" / "tritonserver").is_file():
+            raise SpecDeployError(f"SPECDEPLOY_TRITONSERVER={override}: no bin/tritonserver there")
+        return root
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise SpecDeployError('tritonserver is not installed: pip install nvidia-pytriton "tritonclient[all]" (or .[triton])')

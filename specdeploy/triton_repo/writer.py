@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import specdeploy
-from specdeploy.config import MAX_K, METHODS, SpecConfig
+from specdeploy.config import MAX_K, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.triton_repo.pbtxt import Tensor, instance_group, model_config, ensemble_config
 
@@ -88,15 +88,16 @@ class RepoSpec:
     max_sequences: int = 256  # KV caches a verify/draft instance keeps before evicting the oldest
     max_concurrency: int = 64  # requests spec_decode runs at once (threads)
     cpu_threads: int = 1  # torch threads per model process: several processes share the cores
+    extra_python_path: tuple[str, ...] = ()  # folders put before the venv's on the stub's sys.path
 
     @property
     def torch_dtype(self) -> str:
         return self.dtype or ("float32" if self.instances.kind == "cpu" else "bfloat16")
 
 
-def python_path() -> list[str]:
-    """Folders the stub must see: specdeploy's own root, then this interpreter's site-packages."""
-    paths = [str(Path(specdeploy.__file__).resolve().parent.parent)]
+def python_path(extra: tuple[str, ...] = ()) -> list[str]:
+    """Folders the stub must see: `extra`, specdeploy's own root, this interpreter's site-packages."""
+    paths = [str(Path(p).resolve()) for p in extra] + [str(Path(specdeploy.__file__).resolve().parent.parent)]
     for key in ("purelib", "platlib"):
         p = sysconfig.get_paths()[key]
         if p not in paths:
@@ -149,9 +150,9 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
     tmp = out.with_name(f".{out.name}.tmp-{time.time_ns()}")
     tmp.mkdir(parents=True)
     try:
-        common = {"python_path": python_path(), "cpu_threads": rs.cpu_threads}
+        common = {"python_path": python_path(rs.extra_python_path), "cpu_threads": rs.cpu_threads}
         groups = _groups(rs.instances)
-        tok = {"tokenizer": "tokenizer"}  # relative to the model's folder
+        tok = {"tokenizer": "1/tokenizer"}  # relative to the model's folder (inside the version: not a version itself)
 
         _python_model(tmp, "preprocessing", groups["light"], common | tok | {"max_length": max_length},
                       inputs=[Tensor("text_input", "STRING", [1])],
@@ -199,7 +200,7 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
             outputs=[Tensor("text_output", "STRING", [1])] + stats_outputs,
         )
         for name in ("preprocessing", "spec_decode", "postprocessing"):
-            target.tokenizer.save_pretrained(tmp / name / "tokenizer")
+            target.tokenizer.save_pretrained(tmp / name / tok["tokenizer"])
         _write_ensemble(tmp, request_inputs, stats_outputs)
         manifest = {
             "written_by": f"specdeploy {getattr(specdeploy, '__version__', '?')}",

@@ -14,22 +14,27 @@ from specdeploy.triton_repo.pbtxt import SETTINGS_KEY
 
 def settings(args: dict) -> dict:
     """The JSON settings the writer put into config.pbtxt, plus the model's folder."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no progress bars in the server log
     config = json.loads(args["model_config"])
     data = json.loads(config["parameters"][SETTINGS_KEY]["string_value"])
     data["model_dir"] = str(Path(args["model_repository"]))
+    return data
+
+
+def setup_torch(data: dict) -> None:
+    """No progress bars in the server log; torch threads as the repository says."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no progress bars in the server log
     if data.get("cpu_threads"):
         import torch
 
         torch.set_num_threads(int(data["cpu_threads"]))  # 2 threads in 3 busy processes on 2 cores is 4x slower
-    return data
 
 
 def tokenizer_from(s: dict):
     from transformers import AutoTokenizer
 
+    setup_torch(s)
     return AutoTokenizer.from_pretrained(Path(s["model_dir"]) / s["tokenizer"])
 
 

@@ -72,7 +72,12 @@ class TritonPythonModel:
         self.log = logger("spec_decode")
         self.tokenizer = tokenizer_from(s)
         self.counters = Counters()
-        self.decoder = SpecDecoder.from_settings(s, bls_transport, lambda ids: decode(self.tokenizer, ids),
+        # One message between this stub and the server at a time: concurrent BLS calls and
+        # response sends from several threads crash the Python backend of Triton 2.51
+        # (SIGSEGV / boost lock_exception in libtriton_python.so; upstream server issue 8882).
+        # verify and draft run one request at a time anyway, so little is lost.
+        self._ipc = threading.Lock()
+        self.decoder = SpecDecoder.from_settings(s, self._transport, lambda ids: decode(self.tokenizer, ids),
                                                  on_fallback=self._fallback)
         self.pool = ThreadPoolExecutor(max_workers=int(s.get("max_concurrency", 64)), thread_name_prefix="spec_decode")
         self.log.info("spec_decode ready: method=%s k=%d target=%s draft=%s", s["method"], s["k"], s["target_model"], s.get("draft_model"))
@@ -85,6 +90,15 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=False)
 
+    def _transport(self, model, request):
+        with self._ipc:
+            return bls_transport(model, request)
+
+    def _send(self, sender, build, flags: int = 0) -> None:
+        """Build the response (its tensors live in shared memory too) and send it, under the IPC lock."""
+        with self._ipc:
+            sender.send(build(), flags=flags)
+
     def _fallback(self, task: str, error: BaseException) -> None:
         self.log.warning("draft model failed (task %s), finishing the request with plain decoding: %s", task, error)
 
@@ -94,7 +108,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - never leave a request without its final response
             self.log.error("request failed: %s", e)
             try:
-                sender.send(error_response(f"spec_decode: {e}"), flags=FINAL)
+                self._send(sender, lambda: error_response(f"spec_decode: {e}"), FINAL)
             except Exception:  # noqa: BLE001 - already completed or cancelled
                 pass
 
@@ -109,17 +123,17 @@ class TritonPythonModel:
                 k=scalar(request, "num_draft_tokens"), stream=bool(scalar(request, "stream", False)),
             )
         except (SpecDeployError, UnicodeDecodeError, TypeError, ValueError) as e:
-            sender.send(error_response(f"spec_decode: {e}"), flags=FINAL)
+            self._send(sender, lambda: error_response(f"spec_decode: {e}"), FINAL)
             return
         sent = 0
 
         def partial(generated: list[int]) -> None:
             nonlocal sent
-            sender.send(self._response(generated, sent, job.params.stop))
+            self._send(sender, lambda: self._response(generated, sent, job.params.stop))
             sent = len(generated)
 
         outcome = self.decoder.run(job, partial)
-        sender.send(self._response(outcome.generation.token_ids, sent, job.params.stop, outcome), flags=FINAL)
+        self._send(sender, lambda: self._response(outcome.generation.token_ids, sent, job.params.stop, outcome), FINAL)
         self.counters.record(job.task, outcome.generation.stats, outcome.fallback is not None)
 
     @staticmethod

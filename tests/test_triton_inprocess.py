@@ -1,0 +1,184 @@
+"""The Triton serving path without a server: the same loop through TritonRunner and an
+in-process transport, the repository writer, text streaming and the metrics parser."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdeploy.cli import main
+from specdeploy.client.monitor import flagged, parse_metrics
+from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.errors import SpecDeployError
+from specdeploy.models.layerskip import layerskip_model
+from specdeploy.runtime.engine import SpecEngine
+from specdeploy.triton_repo.decoder import SpecDecoder
+from specdeploy.triton_repo.kvstore import SequenceCaches
+from specdeploy.triton_repo.runner import LocalTransport, failing_transport
+from specdeploy.triton_repo.text import encode_prompt, text_delta
+from specdeploy.triton_repo.weights import check_files
+from specdeploy.triton_repo.writer import MARKER, RepoSpec, write_repository
+
+PROMPTS = ["What is the capital of France?", "Repeat exactly: red, green, blue, red, green, blue"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Other test processes share the 2 cores: one torch thread is several times faster then."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _decoder(smollm2, method: str, transport, k: int = 4) -> SpecDecoder:
+    engine = SpecEngine(smollm2, SpecConfig(method="none"))
+    return SpecDecoder(method=method, k=k, eos_ids=engine.eos_ids, max_length=8192,
+                       vocab_size=smollm2.model.config.vocab_size, transport=transport, decode=engine._decode,
+                       draft_model="draft" if method == "layerskip" else None)
+
+
+@pytest.mark.parametrize("method", ["none", "ngram", "layerskip"])
+def test_served_loop_equals_engine(smollm2, method):
+    """TritonRunner + SequenceCaches reproduce SpecEngine exactly: tokens and acceptance counts."""
+    caches = {"verify": SequenceCaches(smollm2.model), "draft": SequenceCaches(layerskip_model(smollm2.model))}
+    transport = LocalTransport(caches)
+    decoder = _decoder(smollm2, method, transport)
+    engine = SpecEngine(smollm2, SpecConfig(method=method, k=4))
+    params = SamplingParams(max_new_tokens=8)
+    for prompt in PROMPTS if method == "ngram" else PROMPTS[:1]:
+        ids = encode_prompt(smollm2.tokenizer, prompt)
+        assert ids == engine.encode(prompt)
+        ref = engine.generate_ids(ids, params)
+        out = decoder.run(decoder.make_job(ids, max_tokens=8))
+        assert out.generation.token_ids == ref.token_ids
+        assert (out.generation.stats.proposed, out.generation.stats.accepted) == (ref.stats.proposed, ref.stats.accepted)
+    assert all(len(c) == 0 for c in caches.values())  # every request released its caches
+    if method == "layerskip":
+        assert transport.calls["draft"] > 0
+
+
+def test_draft_failure_falls_back_to_plain_decoding(smollm2):
+    caches = SequenceCaches(smollm2.model)
+    good = LocalTransport({"verify": caches})
+    broken = failing_transport("draft model unavailable")
+    failures = []
+
+    def transport(model, request):
+        return good(model, request) if model == "verify" else broken(model, request)
+
+    decoder = _decoder(smollm2, "layerskip", transport)
+    decoder.on_fallback = lambda task, e: failures.append((task, str(e)))
+    ids = encode_prompt(smollm2.tokenizer, PROMPTS[0])
+    out = decoder.run(decoder.make_job(ids, max_tokens=8, task="qa"))
+    ref = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8))
+    assert out.generation.token_ids == ref.token_ids
+    assert out.fallback is not None and failures == [("qa", "draft model unavailable")]
+    assert out.generation.stats.proposed == 0
+
+
+@pytest.mark.parametrize("bad", [
+    dict(max_tokens=0), dict(max_tokens=9000), dict(temperature=-1.0), dict(top_p=1.5), dict(top_k=-2),
+    dict(task="no spaces please"), dict(k=65), dict(temperature=float("nan")),
+])
+def test_bad_requests_are_refused(smollm2, bad):
+    decoder = _decoder(smollm2, "ngram", failing_transport("unused"))
+    kw = {"max_tokens": 8} | bad
+    with pytest.raises(SpecDeployError):
+        decoder.make_job([1, 2, 3], **kw)
+
+
+def test_streamed_pieces_add_up_to_the_final_text(smollm2):
+    tok = smollm2.tokenizer
+    ids = tok("Héllo wörld — ünïcode ✓ done. END here", add_special_tokens=False)["input_ids"]
+    for stop in [(), ("END",), ("wörld",)]:
+        sent, pieces = 0, []
+        for n in range(1, len(ids)):
+            pieces.append(text_delta(tok, ids[:n], sent, stop, final=False))
+            sent = n
+        pieces.append(text_delta(tok, ids, sent, stop, final=True))
+        full = tok.decode(ids, skip_special_tokens=True)
+        cut = min((full.find(s) for s in stop if s in full), default=-1)
+        assert "".join(pieces) == (full[:cut] if cut >= 0 else full)
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_writer_refuses_foreign_dirs_and_rewrites_its_own(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["repo", "--method", "ngram", "--out", str(foreign)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+    repo = tmp_path / "repo"
+    write_repository(repo, RepoSpec(spec=SpecConfig(method="ngram", k=3)))
+    manifest = json.loads((repo / MARKER).read_text())
+    assert manifest["method"] == "ngram" and manifest["models"] == ["ensemble", "postprocessing", "preprocessing", "spec_decode", "verify"]
+    write_repository(repo, RepoSpec(spec=SpecConfig(method="layerskip", k=2)))  # its own: rewritten
+    assert (repo / "draft" / "config.pbtxt").is_file()
+    ensemble = (repo / "ensemble" / "config.pbtxt").read_text()
+    for name in ("text_input", "max_tokens", "temperature", "top_p", "top_k", "random_seed", "stop_words", "stream",
+                 "task", "num_draft_tokens", "text_output", "acceptance_rate", "total_accepted_draft_tokens",
+                 "total_draft_tokens", "acceptance_length"):
+        assert f'name: "{name}"' in ensemble
+    assert "decoupled: true" in (repo / "spec_decode" / "config.pbtxt").read_text()
+
+
+def test_missing_and_corrupt_weight_files_are_named(tmp_path):
+    good = tmp_path / "w.safetensors"
+    good.write_bytes(b"weights")
+    from specdeploy.models.loader import file_sha256
+
+    files = {str(good): file_sha256(good), str(tmp_path / "gone.safetensors"): "0" * 64}
+    with pytest.raises(SpecDeployError, match="model file missing: .*gone.safetensors"):
+        check_files(files)
+    good.write_bytes(b"w3ights")
+    with pytest.raises(SpecDeployError, match="model file corrupt: .*w.safetensors"):
+        check_files({str(good): files[str(good)]})
+
+
+METRICS = """# HELP spec_decode_num_draft_tokens Draft tokens proposed to the target
+# TYPE spec_decode_num_draft_tokens counter
+spec_decode_num_draft_tokens{task="code"} 40
+spec_decode_num_draft_tokens{task="chat"} 20
+# HELP spec_decode_num_accepted_tokens Draft tokens the target accepted
+# TYPE spec_decode_num_accepted_tokens counter
+spec_decode_num_accepted_tokens{task="code"} 30
+spec_decode_num_accepted_tokens{task="chat"} 2
+# TYPE spec_decode_num_accepted_tokens_per_pos counter
+spec_decode_num_accepted_tokens_per_pos{position="0",task="code"} 10
+spec_decode_num_accepted_tokens_per_pos{position="1",task="code"} 8
+# TYPE spec_decode_num_emitted_tokens counter
+spec_decode_num_emitted_tokens{task="code"} 40
+# TYPE spec_decode_num_target_forwards counter
+spec_decode_num_target_forwards{task="code"} 10
+# TYPE nv_inference_count counter
+nv_inference_count{model="verify",version="1"} 7
+"""
+
+
+def test_metrics_parser_and_alpha_flag():
+    tasks = parse_metrics(METRICS)
+    assert set(tasks) == {"code", "chat"}
+    assert tasks["code"].alpha == 0.75 and tasks["code"].acceptance_length == 4.0
+    assert tasks["code"].accepted_per_pos == {0: 10, 1: 8}
+    assert flagged(tasks["chat"], None, 0.2)[0] and not flagged(tasks["code"], None, 0.2)[0]
+    assert torch.isclose(torch.tensor(tasks["chat"].alpha), torch.tensor(0.1))
+
+
+def test_policy_sets_k_per_task(smollm2, tmp_path):
+    from specdeploy.triton_repo.writer import Policy
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"default": {"k": 3}, "tasks": {"chat": {"enabled": False}, "code": {"k": 6}}}))
+    policy = Policy.load(path)
+    decoder = _decoder(smollm2, "ngram", failing_transport("unused"))
+    decoder.policy = {"default": policy.default, "tasks": policy.tasks}
+    job = lambda task, k=None: decoder.make_job([1, 2], max_tokens=4, task=task, k=k)  # noqa: E731
+    assert [decoder.resolve_k(job(t)) for t in ("chat", "code", "other")] == [0, 6, 3]
+    assert decoder.resolve_k(job("chat", k=2)) == 2  # the request's num_draft_tokens wins
+    path.write_text(json.dumps({"tasks": {"chat": {"k": 0}}}))
+    with pytest.raises(SpecDeployError, match="k must be"):
+        Policy.load(path)
