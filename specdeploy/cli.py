@@ -12,7 +12,8 @@ from typing import NoReturn
 from specdeploy.errors import SpecDeployError
 
 # modules that add their own subcommands: each has add_cli(subparsers)
-COMMAND_MODULES: list[str] = ["specdeploy.build.estimate", "specdeploy.triton_repo.cli", "specdeploy.build.cli"]
+COMMAND_MODULES: list[str] = ["specdeploy.build.estimate", "specdeploy.triton_repo.cli", "specdeploy.build.cli",
+                              "specdeploy.training.cli"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from specdeploy.errors import SpecDeployError
 
-METHODS = ("none", "ngram", "draft", "layerskip")
+METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi")
+TRAINED = ("draft", "medusa", "eagle", "multi")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
 
 
@@ -51,10 +52,14 @@ class SpecConfig:
 
     method: str = "ngram"
     k: int = 4
-    draft: str | None = None  # path of a draft model (method "draft")
+    draft: str | None = None  # path of a draft model or artifact (draft, medusa, eagle, multi); None = shipped default
     ngram_min: int = 1
     ngram_max: int = 4
     layerskip_layers: int | None = None  # None: a quarter of the target's layers
+    # token trees (medusa, eagle, multi): nodes per tree, 0 = a chain of k; None = the method's default
+    # (medusa: the artifact's tree, eagle: 48, multi: 48 + k). EAGLE trees are k deep, `tree_topk` wide.
+    tree_size: int | None = None
+    tree_topk: int = 8
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,10 @@ class SpecConfig:
             raise SpecDeployError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.layerskip_layers is not None and self.layerskip_layers < 1:
             raise SpecDeployError(f"layerskip_layers must be >= 1, got {self.layerskip_layers}")
+        if self.tree_size is not None and not (isinstance(self.tree_size, int) and 0 <= self.tree_size <= 1024):
+            raise SpecDeployError(f"tree_size must be an integer in [0, 1024], got {self.tree_size!r}")
+        if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 64:
+            raise SpecDeployError(f"tree_topk must be an integer in [1, 64], got {self.tree_topk!r}")
 
     @classmethod
     def from_vllm(cls, cfg: dict) -> "SpecConfig":
@@ -75,7 +84,7 @@ class SpecConfig:
         return cls(
             method=method,
             k=int(cfg.get("num_speculative_tokens", 4)),
-            draft=cfg.get("model") if method == "draft" else None,
+            draft=cfg.get("model") if method in TRAINED else None,
             ngram_min=int(cfg.get("prompt_lookup_min", 1)),
             ngram_max=int(cfg.get("prompt_lookup_max", 4)),
         )

@@ -11,6 +11,7 @@ import torch
 
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.artifacts import is_artifact
 from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import LoadedModel, load_model
 from specdeploy.models.tokenizers import check_compatible
@@ -69,10 +70,16 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
     if spec.method == "layerskip":
         return DraftModelProposer(TorchRunner(layerskip_model(target.model, spec.layerskip_layers)))
     if spec.method == "draft":
-        if draft is None:
-            raise SpecDeployError("method 'draft' needs a draft model: pass --draft PATH")
+        if draft is None:  # a trained DraftLM artifact: --draft PATH, or the shipped default
+            from specdeploy.models import draft_lm
+
+            return DraftModelProposer(TorchRunner(draft_lm.load(spec.draft, target)))
         check_compatible(target.tokenizer, draft.tokenizer)
         return DraftModelProposer(TorchRunner(draft.model))
+    if spec.method in ("medusa", "eagle", "multi"):
+        from specdeploy.runtime.head_proposers import build_head_proposer
+
+        return build_head_proposer(spec, target)
     raise SpecDeployError(f"unknown method {spec.method!r}")
 
 
@@ -84,8 +91,14 @@ class SpecEngine:
         self.target = target
         self.spec = spec
         self.tokenizer = target.tokenizer
-        self.runner = runner or TorchRunner(target.model)
         self.proposer = build_proposer(spec, target, draft)
+        needs_hidden = getattr(self.proposer, "needs_hidden", False)
+        if runner is not None and needs_hidden and not getattr(runner, "output_hidden", False):
+            if not isinstance(runner, TorchRunner):
+                raise SpecDeployError(f"method {spec.method!r} needs the target's hidden states, "
+                                      f"which {type(runner).__name__} does not return")
+            runner = None  # a runner of our own over the same model, returning hidden states
+        self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
         self.task_stats = TaskStats()
         eos = target.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -95,7 +108,9 @@ class SpecEngine:
     def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None) -> "SpecEngine":
         device, torch_dtype = resolve_device(device, dtype)
         loaded = load_model(target, device=device, dtype=torch_dtype)
-        draft = load_model(spec.draft, device=device, dtype=torch_dtype) if spec.method == "draft" and spec.draft else None
+        draft = None
+        if spec.method == "draft" and spec.draft and not is_artifact(spec.draft):
+            draft = load_model(spec.draft, device=device, dtype=torch_dtype)
         return cls(loaded, spec, draft)
 
     def encode(self, prompt: str, raw: bool = False, max_new_tokens: int = 0) -> list[int]:

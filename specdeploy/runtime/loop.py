@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from specdeploy.config import SamplingParams
+from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.runner import Runner
 from specdeploy.runtime.stats import SpecStats
@@ -67,23 +68,35 @@ def speculative_generate(
     target.reset()
     proposer.reset()
     if len(prompt_ids) > 1:
-        target.forward(torch.tensor(prompt_ids[:-1], dtype=torch.long))
+        ctx.target_hidden = target.forward(torch.tensor(prompt_ids[:-1], dtype=torch.long)).hidden
 
     reason = None
     while reason is None:
         # 1. draft, never past max_new_tokens or the context window
         budget = min(k, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
         draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
-        if draft.k > budget:
-            draft = Draft(draft.tokens[:budget], None if draft.probs is None else draft.probs[:budget])
-        # 2. verify: one target forward scores the pending token and every draft token
+        draft = _fit(draft, budget, target.max_length - target.length - 1)
+        # 2. verify: one target forward scores the pending token and every draft token (chain or tree)
         base = target.length
         feed = torch.cat([torch.tensor(ctx.token_ids[-1:], dtype=torch.long), draft.tokens.cpu()])
-        step = target.forward(feed)
+        if draft.is_tree:
+            if not getattr(target, "supports_tree", False):
+                raise SpecDeployError(f"{type(target).__name__} cannot score token trees; use a chain draft")
+            step = target.forward(feed, tree_parents=torch.cat([torch.tensor([-1]), draft.parents.cpu() + 1]))
+        else:
+            step = target.forward(feed)
         verdict = verify(draft, step.logits, params, generator)
-        # 3. roll back the KV entries of rejected draft tokens
-        target.rollback(base + 1 + verdict.num_accepted)
-        stats.record_step(draft.k, verdict.num_accepted)
+        # 3. roll back the KV entries of rejected draft tokens (a tree keeps its accepted branch)
+        if draft.is_tree:
+            target.keep_path(base + 1, [base + 1 + i for i in verdict.path])
+            rows = [0] + [1 + i for i in verdict.path]
+        else:
+            target.rollback(base + 1 + verdict.num_accepted)
+            rows = list(range(1 + verdict.num_accepted))
+        stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
+        if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
+            new = step.hidden[rows]
+            ctx.target_hidden = new if ctx.target_hidden is None else torch.cat([ctx.target_hidden, new])
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
         for token in verdict.emitted(draft):
             generated.append(token)
@@ -95,3 +108,22 @@ def speculative_generate(
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)
+
+
+def _fit(draft: Draft, max_depth: int, max_nodes: int) -> Draft:
+    """Cut a draft to at most `max_depth` tokens per path and `max_nodes` tokens in all."""
+    if not draft.is_tree:
+        if draft.k <= max_depth:
+            return draft
+        return Draft(draft.tokens[:max_depth], None if draft.probs is None else draft.probs[:max_depth])
+    depths = draft.depths()
+    keep = [i for i, d in enumerate(depths) if d <= max_depth][:max_nodes]
+    if len(keep) == draft.k:
+        return draft
+    if not keep:
+        return Draft.empty()
+    # nodes stay in order and a kept node's parent is kept too (it is shallower and earlier)
+    new_index = {old: new for new, old in enumerate(keep)}
+    parents = [new_index.get(p, -1) for p in draft.parents[keep].tolist()]
+    return Draft(tokens=draft.tokens[keep], probs=None if draft.probs is None else draft.probs[keep],
+                 parents=torch.tensor(parents, dtype=torch.long))

@@ -4,6 +4,10 @@ The loop only sees the `Runner` protocol, so in-process torch, ONNX Runtime and 
 Triton models are interchangeable. Contract: `forward(tokens)` appends len(tokens)
 entries to the cache and returns the logits at each of those positions; `rollback(keep)`
 drops every entry past the first `keep`.
+
+Token trees (optional, `supports_tree = True`): `forward(tokens, tree_parents)` scores a
+tree in one pass, token i attending to the cache and to its ancestors only, at position
+(cache length + its depth); `keep_path(keep, path)` then keeps the accepted branch.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class TorchRunner:
         self.vocab_size = int(model.config.vocab_size)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.output_hidden = output_hidden
+        self.supports_tree = True
         self._cache_kw = _cache_kwarg(model)
         self.reset()
 
@@ -62,19 +67,50 @@ class TorchRunner:
         self._length = 0
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor) -> Step:
+    def forward(self, tokens: torch.Tensor, tree_parents: torch.Tensor | None = None) -> Step:
+        """tokens: [m] int64; tree_parents: [m] int64 index of each token's parent among `tokens`
+        (-1 = the last cache entry), or None for a plain causal chain."""
         m = int(tokens.numel())
         if self._length + m > self.max_length:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
+        tree_kwargs = {} if tree_parents is None else self._tree_inputs(tree_parents)
         out = self.model(
             input_ids=tokens.to(self.device).view(1, m),
             use_cache=True,
             output_hidden_states=self.output_hidden,
             **{self._cache_kw: self._cache},
+            **tree_kwargs,
         )
         self._length += m
         hidden = out.hidden_states[-1][0] if self.output_hidden else None
         return Step(logits=out.logits[0].float(), hidden=hidden)
+
+    def _tree_inputs(self, tree_parents: torch.Tensor) -> dict:
+        """A 4D additive attention mask and position ids for a token tree after the cache."""
+        from specdeploy.runtime.tree import ancestor_matrix
+
+        anc = ancestor_matrix(tree_parents).to(self.device)  # [m, m] bool, self included
+        m = anc.shape[0]
+        allowed = torch.cat([torch.ones(m, self._length, dtype=torch.bool, device=self.device), anc], dim=1)
+        dtype = self.model.dtype
+        mask = torch.zeros(1, 1, m, self._length + m, dtype=dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        position_ids = (self._length - 1 + anc.sum(-1)).view(1, m)  # cache length + depth (root depth 0)
+        return {"attention_mask": mask, "position_ids": position_ids}
+
+    @torch.inference_mode()
+    def keep_path(self, keep: int, path: list[int]) -> None:
+        """Keep the first `keep` cache entries, then the entries at positions `path` (ascending,
+        all >= keep) moved down behind them; drop the rest."""
+        if not 0 <= keep <= self._length or any(not keep <= p < self._length for p in path):
+            raise ValueError(f"cannot keep {keep} + {path} of {self._length} cache entries")
+        n = len(path)
+        if path != list(range(keep, keep + n)):
+            idx = torch.tensor(path, dtype=torch.long, device=self.device)
+            for layer in self._cache.layers:
+                layer.keys[:, :, keep : keep + n] = layer.keys.index_select(2, idx)
+                layer.values[:, :, keep : keep + n] = layer.values.index_select(2, idx)
+        self.rollback(keep + n)
 
     def rollback(self, keep: int) -> None:
         if not 0 <= keep <= self._length:

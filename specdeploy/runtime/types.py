@@ -20,18 +20,44 @@ class Step:
 
 @dataclass(frozen=True)
 class Draft:
-    """Draft tokens proposed for the positions after the pending token.
+    """Draft tokens proposed for the positions after the pending token: a chain or a token tree.
 
     "No draft" is an empty tensor (k = 0), never None. ``probs is None`` means the
-    draft is deterministic (n-gram lookup): verification treats it as a point mass.
+    draft is deterministic (n-gram lookup, top-k trees): verification treats each token
+    as a point mass.
+
+    A token tree sets ``parents``: node i continues node parents[i] (-1 = the pending
+    token), parents[i] < i, so nodes come in topological order. Siblings are tried in
+    index order; with ``probs``, they were drawn one after the other WITHOUT replacement
+    from the same parent distribution (probs rows of siblings are equal), which is what
+    the verifier assumes. ``parents is None`` is a chain (parents[i] = i - 1).
     """
 
     tokens: torch.Tensor  # [k] int64
     probs: torch.Tensor | None = None  # [k, vocab] the draft distribution each token was sampled from
+    parents: torch.Tensor | None = None  # [k] int64 parent node index, -1 = pending token; None = chain
 
     @property
     def k(self) -> int:
         return int(self.tokens.numel())
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
+
+    def depths(self) -> list[int]:
+        """Depth of each node (1 = a child of the pending token)."""
+        if self.parents is None:
+            return list(range(1, self.k + 1))
+        out: list[int] = []
+        for p in self.parents.tolist():
+            out.append(1 if p < 0 else out[p] + 1)
+        return out
+
+    @property
+    def depth(self) -> int:
+        """Longest root-to-leaf path: the most draft tokens one step can accept."""
+        return max(self.depths(), default=0)
 
     @classmethod
     def empty(cls) -> "Draft":
@@ -42,11 +68,14 @@ class Draft:
 class Verdict:
     """The verifier's decision for one step."""
 
-    num_accepted: int  # leading draft tokens kept
+    num_accepted: int  # leading draft tokens kept (nodes on the accepted path of a tree)
     next_token: int  # recovered token (after a rejection) or bonus token (all accepted)
+    path: tuple[int, ...] | None = None  # tree drafts: accepted node indices, root to leaf
 
     def emitted(self, draft: Draft) -> list[int]:
         """Tokens this step commits, in order."""
+        if self.path is not None:
+            return [int(draft.tokens[i]) for i in self.path] + [self.next_token]
         return draft.tokens[: self.num_accepted].tolist() + [self.next_token]
 
 
@@ -58,4 +87,6 @@ class Context:
     prompt_len: int
     params: "object"  # SamplingParams; typed loosely to keep this module import-free
     generator: torch.Generator | None = None
-    target_hidden: torch.Tensor | None = None  # [hidden] target's last hidden state, for EAGLE/Medusa
+    # target's last hidden state (after the final norm) at every position fed to it so far,
+    # i.e. for token_ids[:-1]; set only when the runner returns hidden states (EAGLE, Medusa)
+    target_hidden: torch.Tensor | None = None  # [len(token_ids) - 1, hidden]

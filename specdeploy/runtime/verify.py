@@ -11,6 +11,20 @@ accepted the bonus token is drawn from target_probs[k]. A deterministic draft (n
 ``draft.probs is None``) is a point mass: accept with probability target_probs[i, d_i],
 recover from target_probs[i] with d_i removed. Either way the emitted tokens follow the
 target's own distribution exactly.
+
+Token trees (``draft.parents`` set): the same rules along the accepted path. Greedy walks
+from the pending token to the child whose token is the target's argmax, as long as one
+exists. Sampling is recursive rejection sampling (SpecInfer; Yang et al. 2024; Jeon et al.
+2024): at a node, the children are tried in index order; child c is accepted with
+probability min(1, target_probs(c) / draft_probs(c)); after a rejection the target
+distribution becomes the residual norm(max(0, target_probs - draft_probs)) and c leaves
+the draft distribution (siblings were drawn without replacement, so the next one
+follows draft_probs with the tried tokens removed). Each try is one ordinary
+rejection-sampling round whose output follows its current target distribution, so the
+token leaving the node follows target_probs. Deterministic children (``probs is None``)
+are point masses: accept with probability target_probs(c), else zero c out and renormalise.
+If no child is accepted the recovered token is drawn from what is left; after a leaf the
+bonus token is drawn from target_probs at the leaf.
 """
 from __future__ import annotations
 
@@ -44,6 +58,8 @@ def verify(
     generator: torch.Generator | None = None,
 ) -> Verdict:
     """Decide how many draft tokens to keep and which token follows them."""
+    if draft.is_tree:
+        return verify_tree(draft, target_logits, params, generator)
     k = draft.k
     tokens = draft.tokens.to(target_logits.device)
     if params.greedy:
@@ -72,3 +88,59 @@ def verify(
             dist = target_probs[n]
     next_token = int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
     return Verdict(num_accepted=n, next_token=next_token)
+
+
+def verify_tree(
+    draft: Draft,
+    target_logits: torch.Tensor,  # [k + 1, vocab] target scores after pending (row 0) and each node i (row i + 1)
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """The accepted root-to-leaf path of a token tree and the token that follows it."""
+    from specdeploy.runtime.tree import children_of
+
+    tokens = draft.tokens.tolist()
+    kids = children_of(draft.parents.tolist())
+    path: list[int] = []
+    node = -1
+    if params.greedy:
+        target_tokens = target_logits.argmax(-1).tolist()  # [k + 1]
+        while True:
+            want = target_tokens[node + 1]
+            node = next((c for c in kids[node] if tokens[c] == want), None)
+            if node is None:
+                return Verdict(num_accepted=len(path), next_token=want, path=tuple(path))
+            path.append(node)
+
+    target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
+    device = target_probs.device
+    while True:
+        probs = target_probs[node + 1].clone()  # [vocab] current target distribution at this node
+        draft_probs = None  # [vocab] current draft distribution (tried siblings removed)
+        accepted = None
+        for c in kids[node]:
+            tok = tokens[c]
+            u = float(torch.rand(1, generator=generator, device=device))
+            if draft.probs is None:  # point mass at tok
+                if u < float(probs[tok]):
+                    accepted = c
+                    break
+                probs[tok] = 0.0
+            else:
+                if draft_probs is None:
+                    draft_probs = draft.probs[c].to(probs).clone()
+                if u * float(draft_probs[tok]) < float(probs[tok]):
+                    accepted = c
+                    break
+                residual = (probs - draft_probs).clamp_min(0.0)
+                if float(residual.sum()) > 0.0:  # else p == q up to rounding: keep p
+                    probs = residual
+                draft_probs[tok] = 0.0
+                if float(draft_probs.sum()) > 0.0:
+                    draft_probs = draft_probs / draft_probs.sum()
+            probs = probs / probs.sum()
+        if accepted is None:
+            next_token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+            return Verdict(num_accepted=len(path), next_token=next_token, path=tuple(path))
+        path.append(accepted)
+        node = accepted

@@ -1,0 +1,216 @@
+"""Proposers that draft from the target's own hidden states (Medusa, EAGLE) and multi-draft trees.
+
+They read `ctx.target_hidden` (the target's last hidden state at every committed position
+but the pending one), which the loop fills when the runner returns hidden states;
+`needs_hidden = True` tells the engine to ask for them.
+
+- MedusaProposer: a fixed sparse tree of the heads' top-k candidates (deterministic).
+- EagleProposer: EAGLE-1 chains, or EAGLE-2 dynamic trees: expand the `topk` most
+  confident nodes at each depth, then keep the `tree_size` nodes of highest cumulative
+  draft log-probability (a parent always scores at least as high as its children).
+- MultiDraftProposer: SpecInfer-style merge of several proposers' drafts into one tree.
+
+Tree drafts are deterministic (``probs is None``): the verifier treats each candidate as
+a point mass, which is lossless whatever the candidates (EAGLE's own choice too).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from specdeploy.models.eagle import EagleHead
+from specdeploy.models.medusa import MedusaHeads
+from specdeploy.runtime.proposers import Proposer
+from specdeploy.runtime.tree import merge_drafts, shape_parents
+from specdeploy.runtime.types import Context, Draft
+from specdeploy.runtime.verify import sampling_probs
+
+
+def _last_feature(ctx: Context) -> torch.Tensor | None:
+    h = ctx.target_hidden
+    return None if h is None or h.shape[0] == 0 else h[-1]
+
+
+class MedusaProposer:
+    """Medusa-1: head d guesses the token d + 1 places after the pending token; candidates form a sparse tree."""
+
+    needs_hidden = True
+
+    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, tree: Sequence[tuple[int, ...]] | None = None) -> None:
+        self.heads, self.lm_head = heads, lm_head
+        # None: a chain of each head's top-1 guess
+        self.tree = list(tree) if tree else None
+        self.parents = shape_parents(self.tree) if self.tree else None
+        self.max_rank = 1 + max((r for p in self.tree for r in p), default=0) if self.tree else 1
+
+    def reset(self) -> None:
+        pass
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, k: int) -> Draft:
+        feature = _last_feature(ctx)
+        if feature is None or k <= 0:
+            return Draft.empty()
+        depth = min(k, self.heads.num_heads)
+        logits = self.lm_head(self.heads(feature[None])[:depth, 0])  # [depth, vocab]
+        top = logits.topk(self.max_rank, dim=-1).indices.tolist()  # [depth, max_rank]
+        if self.tree is None:
+            return Draft(tokens=torch.tensor([t[0] for t in top], dtype=torch.long))
+        keep = [i for i, p in enumerate(self.tree) if len(p) <= depth]  # parents precede children
+        index = {old: new for new, old in enumerate(keep)}
+        tokens = [top[len(self.tree[i]) - 1][self.tree[i][-1]] for i in keep]
+        parents = [index.get(self.parents[i], -1) for i in keep]
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
+
+
+class EagleProposer:
+    """EAGLE drafting with a KV cache of its own over the committed (feature, next token) pairs."""
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module, tree_size: int = 48,
+                 topk: int = 8) -> None:
+        self.head, self.embed, self.lm_head = head, embed, lm_head
+        self.tree_size, self.topk = tree_size, topk  # tree_size 0: chains
+        self.reset()
+
+    def reset(self) -> None:
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, kv_heads, L, head_dim] each
+        self._fed = 0  # committed pairs whose entries the cache holds
+
+    def _cache_len(self) -> int:
+        return 0 if self._cache is None else self._cache[0].shape[2]
+
+    def _forward(self, features, tokens, positions, allowed):
+        """Feed pairs (features [n, H], tokens [n]) at `positions` [n]; allowed: [n, L + n] bool."""
+        out, self._cache = self.head(features[None], self.embed(tokens)[None], positions, allowed, self._cache)
+        return out[0]  # [n, H]
+
+    def _sync(self, ctx: Context) -> torch.Tensor | None:
+        """Bring the cache to every committed pair; the predicted feature at the pending position."""
+        n_pairs = len(ctx.token_ids) - 1
+        hidden = ctx.target_hidden
+        if n_pairs <= 0 or hidden is None or hidden.shape[0] < n_pairs:
+            return None
+        if self._cache is not None:  # drop the previous step's draft entries
+            self._cache = (self._cache[0][:, :, : self._fed], self._cache[1][:, :, : self._fed])
+        device = hidden.device
+        new = n_pairs - self._fed
+        positions = torch.arange(self._fed, n_pairs, device=device)
+        tokens = torch.tensor(ctx.token_ids[self._fed + 1 : n_pairs + 1], dtype=torch.long, device=device)
+        allowed = torch.ones(new, self._fed + new, dtype=torch.bool, device=device).tril(self._fed)
+        out = self._forward(hidden[self._fed : n_pairs], tokens, positions, allowed)
+        self._fed = n_pairs
+        return out[-1]
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, k: int) -> Draft:
+        root = self._sync(ctx)
+        if root is None or k <= 0:
+            return Draft.empty()
+        if self.tree_size <= 0:
+            return self._chain(ctx, root, k)
+        return self._tree(root, k)
+
+    def _chain(self, ctx: Context, feature: torch.Tensor, k: int) -> Draft:
+        device = feature.device
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            logits = self.lm_head(feature).float()  # [vocab]
+            if ctx.params.greedy:
+                token = int(logits.argmax())
+            else:
+                q = sampling_probs(logits[None], ctx.params)[0]
+                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+                probs.append(q)
+            tokens.append(token)
+            if i == k - 1:
+                break
+            allowed = torch.ones(1, self._cache_len() + 1, dtype=torch.bool, device=device)
+            pos = torch.tensor([self._fed + i], device=device)
+            feature = self._forward(feature[None], torch.tensor([token], device=device), pos, allowed)[0]
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs) if probs else None)
+
+    def _tree(self, root: torch.Tensor, depth: int) -> Draft:
+        """EAGLE-2: expand the `topk` best nodes per depth, keep the `tree_size` best overall."""
+        device = root.device
+        tok: list[int] = []  # per node
+        parent: list[int] = []
+        score: list[float] = []  # cumulative draft log-probability
+        cache_pos: dict[int, int] = {}  # expanded node -> its entry in the head's cache
+
+        logp = torch.log_softmax(self.lm_head(root).float(), -1)  # [vocab]
+        top = logp.topk(self.topk)
+        frontier = list(range(self.topk))
+        tok += top.indices.tolist()
+        parent += [-1] * self.topk
+        score += top.values.tolist()
+        feats = root[None].expand(self.topk, -1)  # [frontier, H] the parent's feature of each frontier node
+        for d in range(1, depth):
+            base = self._cache_len()
+            n = len(frontier)
+            allowed = torch.zeros(n, base + n, dtype=torch.bool, device=device)
+            allowed[:, : self._fed] = True
+            for row, node in enumerate(frontier):
+                cache_pos[node] = base + row
+                a = parent[node]
+                while a >= 0:
+                    allowed[row, cache_pos[a]] = True
+                    a = parent[a]
+            allowed[torch.arange(n), base + torch.arange(n)] = True
+            positions = torch.full((n,), self._fed - 1 + d, device=device)
+            tokens = torch.tensor([tok[i] for i in frontier], device=device)
+            out = self._forward(feats, tokens, positions, allowed)  # [n, H]
+            logp = torch.log_softmax(self.lm_head(out).float(), -1)  # [n, vocab]
+            top = logp.topk(self.topk, dim=-1)
+            cand = (torch.tensor([score[i] for i in frontier], device=device)[:, None] + top.values).flatten()
+            first = len(tok)
+            tok += top.indices.flatten().tolist()
+            parent += [frontier[i // self.topk] for i in range(n * self.topk)]
+            score += cand.tolist()
+            best = cand.topk(min(self.topk, cand.numel())).indices
+            frontier = [first + int(i) for i in best]
+            feats = out[best // self.topk]
+        # the best nodes overall; ties go to the shallower, earlier node, so parents come with their children
+        chosen = sorted(range(len(tok)), key=lambda i: (-score[i], i))[: self.tree_size]
+        chosen.sort()
+        index = {old: new for new, old in enumerate(chosen)}
+        return Draft(tokens=torch.tensor([tok[i] for i in chosen], dtype=torch.long),
+                     parents=torch.tensor([index[parent[i]] if parent[i] >= 0 else -1 for i in chosen], dtype=torch.long))
+
+
+class MultiDraftProposer:
+    """SpecInfer's multi-draft tree: several proposers' drafts merged into one tree, verified in one pass."""
+
+    def __init__(self, proposers: Sequence[Proposer], budget: int) -> None:
+        self.proposers, self.budget = list(proposers), budget
+        self.needs_hidden = any(getattr(p, "needs_hidden", False) for p in self.proposers)
+
+    def reset(self) -> None:
+        for p in self.proposers:
+            p.reset()
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
+
+
+def build_head_proposer(spec, target) -> Proposer:
+    """The medusa / eagle / multi proposer a SpecConfig names, from its artifact (default: shipped)."""
+    from specdeploy.models import eagle, medusa
+    from specdeploy.runtime.proposers import NGramProposer
+
+    embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    if spec.method == "medusa":
+        heads, tree, _ = medusa.load(spec.draft, target)
+        if spec.tree_size is not None:
+            tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
+        return MedusaProposer(heads, lm_head, tree or None)
+    head, _ = eagle.load(spec.draft, target)
+    size = 48 if spec.tree_size is None else spec.tree_size
+    if spec.method == "eagle":
+        return EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
+    eagle_proposer = EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
+    return MultiDraftProposer([NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer], budget=size + spec.k)

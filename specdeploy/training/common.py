@@ -1,0 +1,257 @@
+"""What every draft trainer shares: the distillation data on disk, batches, the target's
+features, the optimisation loop (AdamW, warm-up + cosine, a wall-clock budget), loss curves
+and the artifact manifest.
+
+Data folder (written by `specdeploy train data`): ``tokens.safetensors`` holds every
+sequence (prompt + the target's answer) back to back: ``ids`` [total] int32, ``offsets``
+[n + 1] int64, ``prompt_lens`` [n] int32, ``task`` [n] int32 (index in bench.tasks.TASKS),
+``mode`` [n] int32 (index in `manifest["modes"]`); ``manifest.json`` says how it was made.
+The target's hidden states are not stored: trainers recompute them (one forward of a
+135M target costs less than reading them back).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from specdeploy.errors import SpecDeployError
+from specdeploy.models.artifacts import tokenizer_hash
+from specdeploy.models.loader import LoadedModel
+
+TOKENS_FILE, DATA_MANIFEST = "tokens.safetensors", "manifest.json"
+
+
+@dataclass
+class DistillData:
+    ids: torch.Tensor  # [total] int32
+    offsets: torch.Tensor  # [n + 1] int64
+    prompt_lens: torch.Tensor  # [n] int32
+    manifest: dict
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DistillData":
+        folder = Path(folder)
+        if not (folder / TOKENS_FILE).is_file():
+            raise SpecDeployError(f"{folder}: no {TOKENS_FILE}; make the data first with `specdeploy train data`")
+        t = load_file(str(folder / TOKENS_FILE))
+        return cls(t["ids"], t["offsets"], t["prompt_lens"], json.loads((folder / DATA_MANIFEST).read_text()))
+
+    def __len__(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    def sequence(self, i: int) -> torch.Tensor:
+        return self.ids[int(self.offsets[i]) : int(self.offsets[i + 1])].long()
+
+    def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+        """Train and validation sequence indices (at least one validation sequence)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = max(1, int(len(order) * val_fraction))
+        return order[n_val:], order[:n_val]
+
+    def summary(self) -> dict:
+        """What an artifact's manifest records about its training data."""
+        keep = ("kind", "target_hash", "num_sequences", "num_tokens", "n_per_task", "seed", "modes",
+                "max_new_tokens", "counts", "sha256", "command")
+        return {k: self.manifest[k] for k in keep if k in self.manifest}
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: torch.Tensor  # [B, T] int64, right-padded
+    valid: torch.Tensor  # [B, T] bool, True on real tokens
+
+
+def batches(data: DistillData, indices: list[int], batch_size: int, seq_len: int, device: torch.device,
+            seed: int) -> Iterator[Batch]:
+    """Endless shuffled batches of whole sequences (cut to seq_len), padded on the right.
+
+    Right padding needs no attention mask: with causal attention, real tokens never see it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield make_batch(data, order[start : start + batch_size], seq_len, device)
+        if len(order) < batch_size:
+            yield make_batch(data, order, seq_len, device)
+
+
+def make_batch(data: DistillData, rows: list[int], seq_len: int, device: torch.device) -> Batch:
+    seqs = [data.sequence(i)[:seq_len] for i in rows]
+    t = max(s.numel() for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    valid = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        ids[r, : s.numel()] = s
+        valid[r, : s.numel()] = True
+    return Batch(ids.to(device), valid.to(device))
+
+
+@torch.no_grad()
+def target_features(target: LoadedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The target's last hidden state after its final norm (the input of lm_head): [B, T, H]."""
+    return target.model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x [B, T] over positions where mask [B, T] is True."""
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # upper bound; the wall-clock budget may end training sooner
+    minutes: float | None = None  # wall-clock budget for the optimisation loop
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 512
+    lr: float = 5e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    val_fraction: float = 0.02
+    val_batches: int = 4
+    log_every: int = 25
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    curve: list[dict] = field(default_factory=list)  # {"step", metric: value} every log_every steps
+    final: dict = field(default_factory=dict)  # metrics averaged over the last 10% of steps
+    val: dict = field(default_factory=dict)
+
+
+def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]],
+               data: DistillData, cfg: TrainConfig, device: torch.device, log: Callable[[str], None] = print,
+               ) -> tuple[TrainResult, list[int]]:
+    """AdamW with warm-up and cosine decay; stops at cfg.steps or when cfg.minutes are spent.
+
+    The schedule's length is re-planned after 20 steps from the measured step time, so a
+    time-bound run still ends its cosine decay. Returns the result and the validation indices.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    train_idx, val_idx = data.split(cfg.val_fraction, cfg.seed)
+    stream = batches(data, train_idx, cfg.batch_size, cfg.seq_len, device, cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    total = cfg.steps
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    curve, window = [], []
+    start = time.perf_counter()
+    step = 0
+    bar = tqdm(total=total, desc="training", unit="step", mininterval=5, file=sys.stderr)
+    while step < total:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            loss, metrics = loss_fn(next(stream))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        window.append({k: float(v) for k, v in metrics.items()})
+        if step == 20 and cfg.minutes:
+            elapsed = time.perf_counter() - start
+            total = max(step + 1, min(cfg.steps, int(cfg.minutes * 60 / (elapsed / step))))
+            bar.total = total
+            log(f"{elapsed / step * 1000:.0f} ms/step: planning {total} steps for {cfg.minutes} min")
+        if step % cfg.log_every == 0 or step == total:
+            point = {"step": step, "lr": lr, **_average(window[-cfg.log_every :])}
+            curve.append(point)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in point.items() if k not in ("step", "lr")})
+    bar.close()
+    seconds = time.perf_counter() - start
+    final = _average(window[-max(1, step // 10) :])
+    return TrainResult(steps=step, seconds=seconds, curve=curve, final=final), val_idx
+
+
+@torch.no_grad()
+def evaluate(loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], data: DistillData, val_idx: list[int],
+             cfg: TrainConfig, device: torch.device) -> dict:
+    """Metrics averaged over up to cfg.val_batches validation batches."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    out = []
+    for start in range(0, min(len(val_idx), cfg.val_batches * cfg.batch_size), cfg.batch_size):
+        with autocast:
+            _, metrics = loss_fn(make_batch(data, val_idx[start : start + cfg.batch_size], cfg.seq_len, device))
+        out.append({k: float(v) for k, v in metrics.items()})
+    return _average(out)
+
+
+def _average(rows: list[dict]) -> dict:
+    keys = rows[0].keys() if rows else []
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plot_curve(curve: list[dict], path: Path, title: str) -> None:
+    """Loss curves (one panel per metric) saved as a PNG next to the artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in (curve[0] if curve else {}) if k not in ("step", "lr")]
+    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.5), squeeze=False)
+    steps = [p["step"] for p in curve]
+    for ax, m in zip(axes[0], metrics):
+        ax.plot(steps, [p[m] for p in curve])
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def artifact_manifest(target: LoadedModel, data: DistillData, cfg: TrainConfig, result: TrainResult,
+                      command: str, **extra) -> dict:
+    """The manifest fields every trained draft records."""
+    import transformers
+
+    from specdeploy import __version__
+
+    return {
+        "target": target.source,
+        "target_hash": target.source_hash,
+        "tokenizer_hash": tokenizer_hash(target.tokenizer),
+        "data": data.summary(),
+        "training": {**{k: v for k, v in vars(cfg).items()}, "steps_done": result.steps,
+                     "seconds": round(result.seconds, 1), "device": _device_name(),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "final_losses": result.final,
+        "validation": result.val,
+        "loss_curve": result.curve,
+        "command": command,
+        "specdeploy": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

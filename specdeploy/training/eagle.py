@@ -1,0 +1,72 @@
+"""Train an EAGLE head on the frozen target: feature regression + token cross-entropy (EAGLE-1).
+
+Pass 1 (EAGLE-1): at every position j the head sees (f_j + noise, embedding of t_{j+1})
+and predicts f_{j+1}; loss = smooth L1 to the target's feature + `ce_weight` x
+cross-entropy of lm_head(prediction) against the target's own distribution for t_{j+2}.
+
+With `unroll=2` (as HASS / EAGLE-3's "training-time test"), pass 2 feeds the head its
+own predicted feature with the next token, attending to the true-feature entries of pass 1
+plus itself: exactly what the head sees when drafting its second token. Pass 2's loss is
+weighted 0.8.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from specdeploy.models import eagle
+from specdeploy.models.loader import LoadedModel
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, masked_mean,
+                                        plot_curve, target_features, train_loop)
+
+
+def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
+                noise: float = 0.2, unroll: int = 2, command: str = "", log=print) -> dict:
+    if unroll not in (1, 2):
+        raise ValueError(f"unroll must be 1 or 2, got {unroll}")
+    device = next(target.model.parameters()).device
+    target.model.requires_grad_(False)
+    embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    head = eagle.EagleHead.init_from_target(target.model).to(device)
+
+    def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict]:
+        feats = target_features(target, batch.ids)  # [B, T, H] f_j: the target's feature after t_j
+        with torch.no_grad():
+            teacher = F.softmax(lm_head(feats).float(), -1)  # [B, T, V] row j: distribution of t_{j+1}
+            embeds = embed(batch.ids)  # [B, T, H]
+        t = batch.ids.shape[1]
+        x = feats[:, :-1].float()
+        if head.training and noise > 0:
+            x = x + (torch.rand_like(x) - 0.5) * noise
+        pred, cache = head(x, embeds[:, 1:], torch.arange(t - 1, device=device))  # pred_j ~ f_{j+1}
+        total, metrics = 0.0, {}
+        for step in range(1, unroll + 1):
+            n = pred.shape[1]  # pred_j ~ f_{j + step}
+            want, mask = feats[:, step : step + n].float(), batch.valid[:, step : step + n]
+            reg = masked_mean(F.smooth_l1_loss(pred, want, reduction="none").mean(-1), mask)
+            logp = F.log_softmax(lm_head(pred.to(feats.dtype)).float(), -1)
+            ce = masked_mean(-(teacher[:, step : step + n] * logp).sum(-1), mask)
+            acc = masked_mean((logp.argmax(-1) == teacher[:, step : step + n].argmax(-1)).float(), mask)
+            total = total + 0.8 ** (step - 1) * (reg + ce_weight * ce)
+            metrics.update({f"reg{step}": reg, f"ce{step}": ce, f"top1_{step}": acc})
+            if step == unroll or n < 2:
+                break
+            # pass 2: (pred_j ~ f_{j+1}, t_{j+2}) at position j + 1, attending to pass 1's entries 0..j and itself
+            m = n - 1
+            allowed = torch.cat([torch.ones(m, t - 1, dtype=torch.bool, device=device).tril(),
+                                 torch.eye(m, dtype=torch.bool, device=device)], dim=1)
+            pred, _ = head(pred[:, :-1], embeds[:, 2 : 2 + m], torch.arange(1, 1 + m, device=device), allowed, cache)
+        return total, metrics
+
+    result, val_idx = train_loop(list(head.parameters()), loss_fn, data, cfg, device, log)
+    head.eval()
+    result.val = evaluate(loss_fn, data, val_idx, cfg, device)
+    log(f"eagle: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")
+    manifest = artifact_manifest(target, data, cfg, result, command, architecture={
+        "layers": 1, "init_layer": len(target.model.model.layers) - 1, "ce_weight": ce_weight, "noise": noise,
+        "unroll": unroll})
+    eagle.save(head, out, manifest)
+    plot_curve(result.curve, out / "loss.png", "EAGLE head: feature regression + cross-entropy")
+    return manifest

@@ -1,0 +1,259 @@
+"""Token trees: shapes and merges, greedy tree verification, and the sampling distribution through trees.
+
+The statistical tests reuse the bigram target of test_sampling_distribution (sequence
+probabilities known in closed form) with tree-shaped drafts: children drawn WITHOUT
+replacement from a draft distribution (recursive rejection sampling with probs), top-k
+children (point masses), and a multi-draft merge. A chi-square test compares whole
+3-token continuations with the exact distribution; a deliberately wrong tree rule
+(after a rejected child, keep the target distribution instead of the residual) must fail
+the same test, or the test could not catch a real bug.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+
+import specdeploy.runtime.verify as verify_module
+from specdeploy.config import SamplingParams
+from specdeploy.runtime.loop import StopCondition, _fit, speculative_generate
+from specdeploy.runtime.proposers import NGramProposer
+from specdeploy.runtime.tree import TreeBuilder, ancestor_matrix, draft_paths, merge_drafts, shape_parents, sparse_tree
+from specdeploy.runtime.types import Context, Draft
+from specdeploy.runtime.verify import sampling_probs, verify
+from table_runner import BigramRunner
+
+VOCAB = 4
+NEW = 3
+N = 2000
+
+
+def _tables() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(VOCAB, VOCAB, generator=g) * 1.5
+    draft = torch.randn(VOCAB, VOCAB, generator=g) * 1.5  # a poor draft: many rejections
+    return target, draft
+
+
+def _exact(table: torch.Tensor, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
+    probs = sampling_probs(table, params)  # [vocab, vocab]: row = previous token
+    out = {}
+    for seq in itertools.product(range(VOCAB), repeat=NEW):
+        p, prev = 1.0, prompt[-1]
+        for t in seq:
+            p *= float(probs[prev, t])
+            prev = t
+        out[seq] = p
+    return out
+
+
+def chi_square_pvalue(counts: Counter, exact: dict, n: int) -> float:
+    """p-value of Pearson's chi-square, cells with expected < 5 pooled into one."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0.0, 0.0
+    for cell, p in exact.items():
+        expected = p * n
+        if expected < 5:
+            pooled_obs += counts.get(cell, 0)
+            pooled_exp += expected
+            continue
+        stat += (counts.get(cell, 0) - expected) ** 2 / expected
+        df += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
+        df += 1
+    assert sum(counts.values()) == n and set(counts) <= set(exact)
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+class TreeBigramRunner(BigramRunner):
+    """The bigram target scoring token trees: a token's logits depend on that token only."""
+
+    supports_tree = True
+
+    def forward(self, tokens, tree_parents=None):
+        return super().forward(tokens)
+
+    def keep_path(self, keep: int, path: list[int]) -> None:
+        self.tokens = self.tokens[:keep] + [self.tokens[p] for p in path]
+
+
+class SampledTree:
+    """Draws `width` children per node without replacement from a bigram draft, `depth` levels deep."""
+
+    def __init__(self, table: torch.Tensor, width: int, depth: int, with_probs: bool = True) -> None:
+        self.table, self.width, self.depth, self.with_probs = table, width, depth, with_probs
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        tokens, parents, probs = [], [], []
+        level = [(-1, ctx.token_ids[-1])]
+        for _ in range(min(k, self.depth)):
+            nxt = []
+            for node, tok in level:
+                q = sampling_probs(self.table[tok][None], ctx.params)[0]
+                left = q.clone()
+                for _ in range(self.width):
+                    if float(left.sum()) <= 0:
+                        break
+                    child = int(torch.multinomial(left / left.sum(), 1, generator=ctx.generator))
+                    left[child] = 0.0
+                    tokens.append(child)
+                    parents.append(node)
+                    probs.append(q)
+                    nxt.append((len(tokens) - 1, child))
+            level = nxt
+        return Draft(torch.tensor(tokens, dtype=torch.long), torch.stack(probs) if self.with_probs else None,
+                     torch.tensor(parents, dtype=torch.long))
+
+
+class TopTree(SampledTree):
+    """Deterministic: the `width` most likely draft tokens under each node (no probs: point masses)."""
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        b = TreeBuilder()
+        level = [(-1, ctx.token_ids[-1])]
+        for _ in range(min(k, self.depth)):
+            level = [(b.add(node, c), c) for node, tok in level for c in self.table[tok].topk(self.width).indices.tolist()]
+        return b.draft()
+
+
+class Merged:
+    def __init__(self, *proposers, budget: int) -> None:
+        self.proposers, self.budget = proposers, budget
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
+
+
+def _sample(proposer, prompt: list[int], params: SamplingParams, n: int, k: int) -> Counter:
+    target, _ = _tables()
+    runner = TreeBigramRunner(target)
+    counts: Counter = Counter()
+    for i in range(n):
+        p = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=i, max_new_tokens=NEW)
+        counts[tuple(speculative_generate(runner, proposer, prompt, p, StopCondition(frozenset(), NEW), k=k).token_ids)] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- shapes and merges
+
+def test_ancestor_matrix_and_order():
+    anc = ancestor_matrix(torch.tensor([-1, 0, 0, 1, -1]))
+    assert anc[3].tolist() == [True, True, False, True, False]
+    assert anc[4].tolist() == [False, False, False, False, True]
+    with pytest.raises(ValueError):
+        ancestor_matrix(torch.tensor([1, -1]))
+
+
+def test_merge_shares_prefixes_and_respects_budget():
+    chain = Draft(torch.tensor([5, 6, 7]))
+    tree = Draft(torch.tensor([5, 9, 6, 8]), parents=torch.tensor([-1, -1, 0, 2]))
+    merged = merge_drafts([chain, tree], budget=10)
+    assert sorted(map(tuple, draft_paths(merged))) == [(5, 6, 7), (5, 6, 8), (9,)]
+    assert merged.k == 5  # 5, 6, 7, 9, 8: the shared prefix 5, 6 appears once
+    small = merge_drafts([chain, tree], budget=4)
+    assert small.k == 4 and (small.parents < torch.arange(4)).all()
+
+
+def test_sparse_tree_keeps_prefixes_and_likeliest_paths():
+    acc = [[0.7, 0.2, 0.05], [0.5, 0.3], [0.4]]
+    shape = sparse_tree(acc, 6)
+    assert len(shape) == 6 and (0,) in shape and (0, 0) in shape and (0, 0, 0) in shape
+    assert all(p[:-1] in shape for p in shape if len(p) > 1)
+    parents = shape_parents(shape)
+    assert all(p < i for i, p in enumerate(parents))
+
+
+def test_fit_cuts_depth_and_nodes():
+    d = Draft(torch.tensor([1, 2, 3, 4, 5]), parents=torch.tensor([-1, 0, 1, -1, 3]))
+    cut = _fit(d, max_depth=2, max_nodes=10)
+    assert cut.tokens.tolist() == [1, 2, 4, 5] and cut.parents.tolist() == [-1, 0, -1, 2]
+    assert _fit(d, max_depth=5, max_nodes=2).tokens.tolist() == [1, 2]
+    assert d.depth == 3 and cut.depth == 2
+
+
+# ---------------------------------------------------------------- greedy verification
+
+def _onehot_logits(tokens: list[int], vocab: int = 10) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(tokens), vocab).float() * 10
+
+
+def test_greedy_tree_walks_the_matching_branch():
+    # pending -> {3: node0, 4: node1}; node1 -> {5: node2, 6: node3}; node3 -> {7: node4}
+    d = Draft(torch.tensor([3, 4, 5, 6, 7]), parents=torch.tensor([-1, -1, 1, 1, 3]))
+    # rows: after pending, after node 0..4: target wants 4, then 6, then 7, then 9 (bonus)
+    logits = _onehot_logits([4, 0, 0, 0, 7, 9])
+    logits[2] = _onehot_logits([6])[0]  # after node1 (token 4) the target says 6
+    v = verify(d, logits, SamplingParams())
+    assert v.path == (1, 3, 4) and v.num_accepted == 3 and v.next_token == 9
+    assert v.emitted(d) == [4, 6, 7, 9]
+
+
+def test_greedy_tree_no_match_emits_target_token():
+    d = Draft(torch.tensor([3, 4]), parents=torch.tensor([-1, -1]))
+    v = verify(d, _onehot_logits([8, 0, 0]), SamplingParams())
+    assert v.path == () and v.emitted(d) == [8]
+
+
+def test_greedy_tree_loop_equals_plain_decoding():
+    target, draft = _tables()
+    runner = TreeBigramRunner(target)
+    stop = StopCondition(frozenset(), 12)
+    plain = speculative_generate(runner, TopTree(draft, 1, 1), [0], SamplingParams(), stop, k=1)
+    for proposer, k in ((TopTree(draft, 2, 3), 3), (TopTree(target, 2, 2), 2), (SampledTree(draft, 3, 2), 2)):
+        g = speculative_generate(runner, proposer, [0], SamplingParams(seed=0), stop, k=k)
+        assert g.token_ids == plain.token_ids
+    perfect = speculative_generate(runner, TopTree(target, 2, 3), [0], SamplingParams(), stop, k=3)
+    assert perfect.stats.acceptance_length > 3.0  # the target's own argmax is always in the tree
+
+
+# ---------------------------------------------------------------- sampling distribution
+
+PARAMS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=3), SamplingParams(temperature=1.2, top_p=0.8)]
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["T1", "T0.8-topk3", "T1.2-topp0.8"])
+def test_sampled_tree_matches_target(params):
+    _, draft = _tables()
+    counts = _sample(SampledTree(draft, width=2, depth=2), [0], params, N, k=2)
+    assert chi_square_pvalue(counts, _exact(_tables()[0], [0], params), N) > 1e-3
+
+
+@pytest.mark.parametrize("params", PARAMS[:2], ids=["T1", "T0.8-topk3"])
+def test_top_k_tree_matches_target(params):
+    _, draft = _tables()
+    counts = _sample(TopTree(draft, width=2, depth=3), [0], params, N, k=3)
+    assert chi_square_pvalue(counts, _exact(_tables()[0], [0], params), N) > 1e-3
+
+
+def test_multi_draft_tree_matches_target():
+    _, draft = _tables()
+    prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(Merged(NGramProposer(1, 3), TopTree(draft, 2, 2), budget=6), prompt, params, N, k=3)
+    assert chi_square_pvalue(counts, _exact(_tables()[0], prompt, params), N) > 1e-3
+
+
+def test_wrong_tree_rule_is_caught(monkeypatch):
+    """After a rejected child, keeping the full target distribution (no residual) is biased."""
+    real = verify_module.verify_tree
+
+    def wrong(draft, target_logits, params, generator=None):
+        v = real(draft, target_logits, params, generator)
+        if v.num_accepted == 0:  # recover from the target itself, ignoring the rejections
+            probs = sampling_probs(target_logits, params)[0]
+            return type(v)(0, int(torch.multinomial(probs, 1, generator=generator)), ())
+        return v
+
+    monkeypatch.setattr(verify_module, "verify_tree", wrong)
+    _, draft = _tables()
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(SampledTree(draft, width=2, depth=2), [0], params, N, k=2)
+    assert chi_square_pvalue(counts, _exact(_tables()[0], [0], params), N) < 1e-6
