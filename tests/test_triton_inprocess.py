@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from specdeploy.cli import main
-from specdeploy.client.monitor import flagged, parse_metrics
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.layerskip import layerskip_model
@@ -160,6 +159,9 @@ nv_inference_count{model="verify",version="1"} 7
 
 
 def test_metrics_parser_and_alpha_flag():
+    pytest.importorskip("prometheus_client", reason="the triton extra is not installed")
+    from specdeploy.client.monitor import flagged, parse_metrics
+
     tasks = parse_metrics(METRICS)
     assert set(tasks) == {"code", "chat"}
     assert tasks["code"].alpha == 0.75 and tasks["code"].acceptance_length == 4.0

@@ -40,7 +40,7 @@ def add_cli(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("client", help="send a prompt to a served repository")
-    c.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP URL (or host:port for --protocol grpc)")
+    c.add_argument("--url", help="server address (default: http://127.0.0.1:8000, or 127.0.0.1:8001 with --protocol grpc)")
     c.add_argument("--protocol", default="http", choices=["http", "grpc"])
     c.add_argument("--prompt", required=True)
     c.add_argument("--task", default="default")
@@ -110,7 +110,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     from specdeploy.client import SpecClient
 
-    client = SpecClient(args.url, protocol=args.protocol)
+    url = args.url or ("127.0.0.1:8001" if args.protocol == "grpc" else "http://127.0.0.1:8000")
+    client = SpecClient(url, protocol=args.protocol)
     kw = dict(task=args.task, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), num_draft_tokens=args.num_draft_tokens)
     if args.stream:
