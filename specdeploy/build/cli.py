@@ -44,6 +44,8 @@ def add_cli(subparsers: Any) -> None:
     b.add_argument("--target-quant", help="quantization of the target (overrides --quant)")
     b.add_argument("--draft-quant", help="quantization of the draft (overrides --quant)")
     b.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
+    b.add_argument("--int8-activations", choices=["per-token", "static"], default="per-token",
+                   help="int8 activation scales: per-token (dynamic) or static (calibrated per-tensor)")
     b.add_argument("--calib-samples", type=int, default=32, help="calibration texts")
     b.add_argument("--calib-tokens", type=int, default=256, help="max tokens per calibration text")
     b.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
@@ -80,7 +82,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     tq = args.target_quant or args.quant
     dq = args.draft_quant or args.quant
-    config = BuildConfig(smooth_alpha=args.smooth_alpha, calib_samples=args.calib_samples,
+    config = BuildConfig(smooth_alpha=args.smooth_alpha, int8_activations=args.int8_activations, calib_samples=args.calib_samples,
                          calib_tokens=args.calib_tokens, device=args.device)
     if args.src:
         out = build_from_onnx(args.src, args.out, target_quant=tq, draft_quant=dq)

@@ -95,6 +95,15 @@ def kernel_path(algo: str, device: torch.device | str) -> str:
     return "dense"
 
 
+def model_kernels(model: nn.Module, device: torch.device | str | None = None) -> dict[str, str]:
+    """{algorithm: kernel} of the QuantLinear layers of a model (on `device`, default its own)."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            out[m.algo] = m.kernel or kernel_path(m.algo, device or m.qweight.device)
+    return out or {"none": "dense"}
+
+
 def _pad_rows(x: torch.Tensor, multiple: int, minimum: int) -> tuple[torch.Tensor, int]:
     m = x.shape[0]
     rows = max(minimum, -(-m // multiple) * multiple)
@@ -139,6 +148,7 @@ class QuantLinear(nn.Module):
             raise SpecDeployError(f"activation scaling must be one of {ACT_SCALING}, got {act_scaling!r}")
         self.in_features, self.out_features, self.algo = in_features, out_features, algo
         self.act_scaling = act_scaling if algo == "int8" else "static"
+        self.kernel: str | None = None  # None: kernel_path(algo, device); tests force the CUDA kernels on CPU
         wdtype = FP8_DTYPE if algo == "fp8" else torch.int8
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=wdtype))
         self.register_buffer("weight_scale", torch.ones(() if algo == "fp8" else (out_features,)))
@@ -169,7 +179,7 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         out_dtype = x.dtype
-        kernel = kernel_path(self.algo, x.device)
+        kernel = self.kernel or kernel_path(self.algo, x.device)
         if self.algo == "int8_wo":
             w = self.qweight.to(out_dtype) * self.weight_scale.to(out_dtype)[:, None]
             y = x2 @ w.t()

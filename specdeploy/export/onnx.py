@@ -25,6 +25,7 @@ the measured logit parity with torch on a prompt plus a few decode steps).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class OnnxExportConfig:
     parity_prompt: str = PARITY_PROMPT
     parity_decode_steps: int = 3  # greedy decode steps after the prompt, each one ORT call
     parity_tolerance: float = 1e-3  # max abs logit difference accepted in float32
+    optimize: bool = True  # onnxscript graph optimizer (fewer nodes; ORT optimizes at load either way)
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -75,6 +77,9 @@ class KVCacheWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = int(model.config.num_hidden_layers)
+        # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes)
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past_key_values: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -83,7 +88,7 @@ class KVCacheWrapper(nn.Module):
         for i in range(self.num_layers):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=cache, use_cache=True)
+                               use_cache=True, **{self._cache_kw: cache})
         hidden = out.last_hidden_state  # [batch, seq, hidden]
         logits = self.model.lm_head(hidden).float()  # [batch, seq, vocab]
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
@@ -132,7 +137,7 @@ def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxEx
     with torch.no_grad():
         program = torch.onnx.export(KVCacheWrapper(model), _example_inputs(model), dynamo=True, verbose=False,
                                     dynamic_shapes=_dynamic_shapes(num_layers), input_names=inputs,
-                                    output_names=outputs, opset_version=config.opset, optimize=True)
+                                    output_names=outputs, opset_version=config.opset, optimize=config.optimize)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=external)
     log.info("exported %s in %.1f s", path, time.perf_counter() - start)
@@ -184,6 +189,7 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, name: str = "target",
         kind="onnx", name=name, source=loaded.source, source_hash=loaded.source_hash,
         tokenizer_hash=tokenizer_hash(loaded.tokenizer), files=files,
         info={"opset": config.opset, "dtype": "float32", "exporter": "torch.onnx.export(dynamo=True)",
+              "optimized": config.optimize,
               "num_layers": int(model.config.num_hidden_layers), "kv_heads": heads, "head_dim": head_dim,
               "hidden_size": int(model.config.hidden_size), "vocab_size": int(model.config.vocab_size),
               "max_length": int(getattr(model.config, "max_position_embeddings", 2048)),
