@@ -1,0 +1,421 @@
+"""The advisor: will speculation pay on YOUR prompts, for which tasks, with which method and k?
+
+It measures, on this machine and the user's prompts,
+
+1. step costs: the target's verify step at query length 1 and k + 1 (forward + argmax + host
+   copy, what a decoding step pays), one draft-model token, one n-gram lookup;
+2. acceptance per task, from ONE run per method at the largest k (K).
+
+Predicting any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding steps whose
+first i + 1 draft tokens were all accepted (`SpecStats.accepted_at[i] / target_forwards`) and
+``drafted[i]`` = fraction of steps whose draft had at least i + 1 tokens. A draft of k tokens
+is the first k tokens of the draft of K tokens (draft models and n-gram lookup both extend
+their draft token by token), so at k:
+
+    acceptance length  L(k) = 1 + sum(reach[:k])           (tokens per target forward)
+    α(k)                    = sum(reach[:k]) / sum(drafted[:k])
+    mean verify length q(k) = 1 + sum(drafted[:k])
+
+(assumption: the mix of contexts the steps see does not depend on k; exact for greedy output,
+which is the same for every k). With i.i.d. acceptance of rate α, reach[i] = α^(i+1) and
+L(k) = (1 − α^(k+1)) / (1 − α).
+
+Expected speedup over plain decoding (same runner): tokens per step over time per step, in
+units of a plain step,
+
+    S(k) = L(k) / (draft cost of a step / T_target(1) + T_target(q(k)) / T_target(1))
+
+A draft model pays k forwards a step: draft cost / T_target(1) = k·c, c = T_draft(1) /
+T_target(1); an n-gram lookup pays c once a step. With T_target(k + 1) = T_target(1) (verify
+as cheap as one token, memory-bound hardware) and i.i.d. acceptance this is the textbook
+(1 − α^(k+1)) / ((1 − α)(1 + k·c)); on a CPU the verify step of k + 1 tokens costs more than
+one token, which the measured ratio v(k) = T_target(k + 1) / T_target(1) accounts for.
+
+Recommendation per task: the (method, k) of highest S; "off" when even that is below
+`min_speedup` (1.0 by default).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.stats import SpecStats
+
+DRAFT_MODEL_METHODS = ("draft", "layerskip")  # drafting costs k draft forwards a step
+
+
+# ---- arithmetic ----------------------------------------------------------------------------
+def expected_speedup(alpha: float, k: int, c: float, verify_ratio: float = 1.0, per_token: bool = True) -> float:
+    """(1 − α^(k+1)) / ((1 − α)(1 + k·c)), generalised: the denominator is k·c + v (v = T_target(k+1) /
+    T_target(1), 1 in the textbook formula); `per_token=False` charges c once a step (n-gram lookup)."""
+    if not 0 <= alpha <= 1:
+        raise SpecDeployError(f"alpha must be in [0, 1], got {alpha}")
+    if k < 0 or c < 0 or verify_ratio <= 0:
+        raise SpecDeployError("need k >= 0, cost ratio >= 0 and verify ratio > 0")
+    if k == 0:
+        return 1.0
+    return geometric_length(alpha, k) / ((k * c if per_token else c) + verify_ratio)
+
+
+def geometric_length(alpha: float, k: int) -> float:
+    """Expected tokens per target forward with i.i.d. acceptance α: (1 − α^(k+1)) / (1 − α)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def fit_alpha(acceptance_length: float, k: int) -> float:
+    """The i.i.d. per-token α whose expected acceptance length at k equals `acceptance_length` (bisection)."""
+    target = min(max(acceptance_length, 1.0), k + 1.0)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if geometric_length(mid, k) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Per-position acceptance of one method on one task, measured at k = len(reach)."""
+
+    steps: int  # target forwards (decoding steps)
+    reach: tuple[float, ...]  # [K] fraction of steps whose first i+1 draft tokens were accepted
+    drafted: tuple[float, ...]  # [K] fraction of steps whose draft had at least i+1 tokens
+
+    @classmethod
+    def from_stats(cls, stats: SpecStats) -> "Profile":
+        n = stats.target_forwards
+        if n == 0:
+            return cls(0, (), ())
+        return cls(n, tuple(a / n for a in stats.accepted_at), tuple(p / n for p in stats.proposed_at))
+
+    @property
+    def max_k(self) -> int:
+        return len(self.reach)
+
+    def acceptance_length(self, k: int) -> float:
+        return 1.0 + sum(self.reach[:k])
+
+    def alpha(self, k: int) -> float | None:
+        proposed = sum(self.drafted[:k])
+        return sum(self.reach[:k]) / proposed if proposed else None
+
+    def query_length(self, k: int) -> float:
+        return 1.0 + sum(self.drafted[:k])
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured milliseconds: the target's verify step by query length, and one draft unit."""
+
+    target_ms: dict[int, float]  # {query length: ms}, 1 included
+    draft_ms: float = 0.0  # one draft-model forward (per_token) or one lookup (per step)
+    per_token: bool = True
+
+    def target(self, q: float) -> float:
+        """Linear interpolation between measured query lengths (clamped at the ends)."""
+        pts = sorted(self.target_ms.items())
+        if q <= pts[0][0]:
+            return pts[0][1]
+        for (q0, t0), (q1, t1) in zip(pts, pts[1:]):
+            if q <= q1:
+                return t0 + (t1 - t0) * (q - q0) / (q1 - q0)
+        return pts[-1][1]
+
+    @property
+    def c(self) -> float:
+        """Cost ratio: draft unit / target step at query length 1."""
+        return self.draft_ms / self.target_ms[1]
+
+    def verify_ratio(self, q: float) -> float:
+        return self.target(q) / self.target_ms[1]
+
+    def as_dict(self) -> dict:
+        return {"target_ms": {str(q): round(t, 4) for q, t in sorted(self.target_ms.items())},
+                "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
+
+
+def predicted_speedup(profile: Profile, k: int, costs: StepCosts) -> float:
+    """S(k) from a measured acceptance profile (k <= profile.max_k) and measured costs (module docstring)."""
+    if k == 0:
+        return 1.0
+    if k > profile.max_k:
+        raise SpecDeployError(f"cannot predict k={k} from a run at k={profile.max_k}")
+    drafted = sum(profile.drafted[:k])
+    draft = costs.c * (drafted if costs.per_token else 1.0)  # a draft model pays one forward per token drafted
+    return profile.acceptance_length(k) / (draft + costs.verify_ratio(profile.query_length(k)))
+
+
+# ---- measuring costs -----------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall milliseconds of fn() (fn must sync with the device itself, e.g. by a host copy)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def runner_step_ms(runner, context: list[int], query: int, reps: int) -> float:
+    """One decoding step of `runner` at `query` tokens after `context`: forward, argmax, host copy, rollback."""
+    runner.reset()
+    if len(context) > 1:
+        runner.forward(torch.tensor(context[:-1], dtype=torch.long))
+    base = runner.length
+    feed = torch.tensor((context * (query // len(context) + 1))[-query:], dtype=torch.long)
+
+    def step():
+        runner.forward(feed).logits.argmax(-1).tolist()
+        runner.rollback(base)
+
+    return time_ms(step, reps)
+
+
+def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_runners: dict[str, object] | None = None,
+                  ngram: object | None = None, reps: int = 5) -> dict[str, StepCosts]:
+    """StepCosts per method: 'none' (target only), each draft model in `draft_runners`, and 'ngram'."""
+    queries = sorted({1, *(k + 1 for k in ks if k > 0)})
+    target = {q: runner_step_ms(target_runner, context, q, reps) for q in queries}
+    out = {"none": StepCosts(target, 0.0)}
+    for method, runner in (draft_runners or {}).items():
+        out[method] = StepCosts(target, runner_step_ms(runner, context, 1, reps), per_token=True)
+    if ngram is not None:
+        from specdeploy.config import SamplingParams
+        from specdeploy.runtime.types import Context
+
+        ctx = Context(token_ids=list(context) * 4, prompt_len=len(context), params=SamplingParams())
+        kmax = max(ks)
+        out["ngram"] = StepCosts(target, time_ms(lambda: ngram.propose(ctx, kmax), max(reps, 20)), per_token=False)
+    return out
+
+
+# ---- recommendations -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    task: str
+    method: str
+    k: int
+    alpha: float | None  # α(k), predicted from the run at K
+    acceptance_length: float  # L(k)
+    c: float
+    verify_ratio: float
+    expected_speedup: float
+
+
+@dataclass
+class Advice:
+    options: list[Option]  # every (task, method, k) considered
+    costs: dict[str, StepCosts]
+    measured: dict[str, dict[str, SpecStats]]  # method -> task -> stats of the run at K
+    min_speedup: float = 1.0
+    notes: list[str] = field(default_factory=list)
+
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(o.task for o in self.options))
+
+    def best(self, task: str) -> Option | None:
+        opts = [o for o in self.options if o.task == task]
+        return max(opts, key=lambda o: o.expected_speedup, default=None)
+
+    def choice(self, task: str) -> tuple[str, int, Option | None]:
+        """(method, k) for the task; ("none", 0) when no option reaches min_speedup."""
+        b = self.best(task)
+        if b is None or b.expected_speedup < self.min_speedup:
+            return "none", 0, b
+        return b.method, b.k, b
+
+    def policy(self, adaptive: bool = False):
+        from specdeploy.runtime.policy import Adaptation, Policy, TaskRule
+
+        tasks, evidence = {}, {}
+        for t in self.tasks():
+            method, k, b = self.choice(t)
+            tasks[t] = TaskRule(method, k)
+            evidence[t] = {"expected_speedup": None if b is None else round(b.expected_speedup if k else 1.0, 3),
+                           "best_option": None if b is None else {"method": b.method, "k": b.k, "expected_speedup": round(b.expected_speedup, 3),
+                                                                  "alpha": _r(b.alpha), "acceptance_length": round(b.acceptance_length, 3)}}
+        # default for unseen tasks: the (method, k) with the best mean expected speedup over tasks
+        pool: dict[tuple[str, int], list[float]] = {}
+        for o in self.options:
+            pool.setdefault((o.method, o.k), []).append(o.expected_speedup)
+        (dm, dk), scores = max(pool.items(), key=lambda kv: statistics.mean(kv[1]), default=(("none", 0), [1.0]))
+        default = TaskRule(dm, dk) if statistics.mean(scores) >= self.min_speedup else TaskRule("none", 0)
+        extra = {"tasks": evidence, "costs": {m: c.as_dict() for m, c in self.costs.items()}, "min_speedup": self.min_speedup,
+                 "advisor": "specdeploy advise: speedup predicted from acceptance per position and measured step costs"}
+        ks = sorted({o.k for o in self.options})
+        return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra)
+
+    def table(self, title: str = "advisor: expected speedup per task (best k per method)"):
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("task", "method", "α at K", "acc. len at K", "c", "best k", "v(k)", "expected speedup", "decision"):
+            table.add_column(col, justify="left" if col in ("task", "method", "decision") else "right")
+        for t in self.tasks():
+            method, k, _ = self.choice(t)
+            methods = list(dict.fromkeys(o.method for o in self.options if o.task == t))
+            for i, m in enumerate(methods):
+                opts = [o for o in self.options if o.task == t and o.method == m]
+                top = max(opts, key=lambda o: o.expected_speedup)
+                at_k = max(opts, key=lambda o: o.k)
+                chosen = method == m and k == top.k
+                decision = ("→ " + (f"{m} k={k}" if k else "off")) if (chosen or (k == 0 and i == 0)) else ""
+                table.add_row(t if i == 0 else "", m, _f(at_k.alpha), f"{at_k.acceptance_length:.2f}", f"{top.c:.3f}",
+                              str(top.k), f"{top.verify_ratio:.2f}", f"{top.expected_speedup:.2f}x", decision,
+                              end_section=i == len(methods) - 1)
+        return table
+
+
+def recommend(measured: dict[str, dict[str, SpecStats]], costs: dict[str, StepCosts], ks: Sequence[int],
+              min_speedup: float = 1.0) -> Advice:
+    """Options for every task × method × k from the runs at K = max(ks), and the advice built on them."""
+    options = []
+    for method, by_task in measured.items():
+        cost = costs[method]
+        for task, stats in by_task.items():
+            prof = Profile.from_stats(stats)
+            for k in sorted(ks):
+                if k > prof.max_k and prof.max_k > 0:
+                    continue
+                if prof.max_k == 0:  # nothing was ever drafted: no gain, only cost
+                    options.append(Option(task, method, k, None, 1.0, cost.c, 1.0, 1.0 / (1.0 + (k * cost.c if cost.per_token else cost.c))))
+                    continue
+                options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), cost.c,
+                                      cost.verify_ratio(prof.query_length(k)), predicted_speedup(prof, k, cost)))
+    return Advice(options, costs, measured, min_speedup)
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+# ---- running it ----------------------------------------------------------------------------
+def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], ks: Sequence[int], params,
+           min_speedup: float = 1.0, progress=None, reps: int | None = None) -> Advice:
+    """Measure costs and acceptance on `backend` (see bench.run.Backend) and recommend per task."""
+    from specdeploy.runtime.stats import TaskStats
+
+    K = max(ks)
+    notes, measured, engines = [], {}, {}
+    for m in methods:
+        try:
+            engines[m] = backend.engine(m, K)
+        except SpecDeployError as e:
+            notes.append(f"{m}: skipped ({e})")
+    if not engines:
+        raise SpecDeployError("no method to advise on: " + "; ".join(notes))
+    reps = reps or (20 if backend.device.startswith("cuda") else 3)
+    context = max(encoded, key=len)
+    draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
+    costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
+                          ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
+    for m in engines:
+        if m not in costs:  # medusa / eagle heads: charged as free drafting (their cost is a small head forward)
+            costs[m] = StepCosts(costs["none"].target_ms, 0.0, per_token=False)
+            notes.append(f"{m}: draft cost not measured (counted as 0)")
+    for m, engine in engines.items():
+        stats = TaskStats()
+        for p, ids in zip(prompts, encoded):
+            stats.add(p.task, engine.generate_ids(ids, params, p.task).stats)
+            if progress:
+                progress()
+        measured[m] = stats.by_task
+    advice = recommend(measured, costs, ks, min_speedup)
+    advice.notes.extend(notes)
+    return advice
+
+
+def what_if(alpha: float, ks: Sequence[int], c: float, verify_ratio: float = 1.0) -> list[tuple[int, float]]:
+    return [(k, expected_speedup(alpha, k, c, verify_ratio)) for k in ks]
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    console = Console()
+    ks = _int_list(args.k, "--k")
+    if args.what_if:
+        if args.alpha is None or args.cost_ratio is None:
+            raise SpecDeployError("--what-if needs --alpha and --cost-ratio (and --k)")
+        from rich.table import Table
+
+        table = Table(title=f"what if: α={args.alpha}, c={args.cost_ratio}, v={args.verify_ratio}  "
+                            "S = (1 − α^(k+1)) / ((1 − α)(k·c + v))")
+        for col in ("k", "acceptance length", "expected speedup", "pays?"):
+            table.add_column(col, justify="right")
+        for k, s in what_if(args.alpha, ks, args.cost_ratio, args.verify_ratio):
+            table.add_row(str(k), f"{geometric_length(args.alpha, k):.3f}", f"{s:.3f}x", "yes" if s >= 1 else "no (off)")
+        console.print(table)
+        if args.json:
+            print(json.dumps([{"k": k, "expected_speedup": s} for k, s in what_if(args.alpha, ks, args.cost_ratio, args.verify_ratio)]))
+        return 0
+    if not args.prompts:
+        raise SpecDeployError("advise needs --prompts FILE.jsonl (or --what-if)")
+    from specdeploy.bench.run import Backend, encode_all, progress_bar, select_prompts
+    from specdeploy.config import SamplingParams
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
+    prompts = select_prompts(args.prompts, args.prompts_per_task)
+    backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner,
+                           max_new_tokens=args.max_new_tokens, max_k=max(ks))
+    encoded = encode_all(backend, prompts, args.max_new_tokens)
+    with progress_bar() as bar:
+        task = bar.add_task("advise: measuring α at k=%d" % max(ks), total=len(methods) * len(prompts))
+        advice = advise(backend, prompts, encoded, methods, ks, params, args.min_speedup, lambda: bar.advance(task))
+    for n in advice.notes:
+        console.print(f"[yellow]note:[/] {n}")
+    costs = "; ".join(f"{m}: {c.draft_ms:.3f} ms (c={c.c:.3f})" for m, c in advice.costs.items() if m != "none")
+    tm = advice.costs["none"].target_ms
+    console.print("target verify step: " + ", ".join(f"q={q}: {t:.2f} ms" for q, t in sorted(tm.items())) + f"; draft: {costs}")
+    console.print(advice.table())
+    policy = advice.policy(adaptive=args.adaptive)
+    policy.save(args.out)
+    console.print(f"wrote {args.out} (default for other tasks: {policy.default.as_dict()})")
+    return 0
+
+
+def _int_list(s: str, flag: str) -> list[int]:
+    try:
+        out = [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise SpecDeployError(f"{flag} takes comma-separated integers, got {s!r}") from None
+    if not out or any(k < 1 for k in out):
+        raise SpecDeployError(f"{flag} needs integers >= 1, got {s!r}")
+    return out
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("advise", help="measure α per task on your prompts and write policy.json (method, k or off per task)")
+    p.add_argument("--prompts", help="JSONL prompts with task labels, or 'eval' / 'demo' (built-in sets)")
+    p.add_argument("--prompts-per-task", type=int, default=0, help="use at most N prompts per task (0: all)")
+    p.add_argument("--methods", default="ngram,layerskip,draft", help="comma-separated methods to consider")
+    p.add_argument("--k", default="1,2,4,8", help="k values to consider (α measured once at the largest)")
+    p.add_argument("--out", default="policy.json")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--min-speedup", type=float, default=1.0, help="below this expected speedup a task gets 'off'")
+    p.add_argument("--adaptive", action="store_true", help="enable online adaptation in the written policy")
+    p.add_argument("--target", default="smollm2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--runner", choices=["auto", "torch", "graph"], default="auto", help="auto: CUDA graphs on cuda, eager torch on cpu")
+    p.add_argument("--what-if", action="store_true", help="only evaluate the formula for --alpha, --k, --cost-ratio")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--cost-ratio", type=float, help="c = draft step cost / target step cost")
+    p.add_argument("--verify-ratio", type=float, default=1.0, help="v = target cost at k+1 tokens / at 1 token")
+    p.add_argument("--json", action="store_true", help="with --what-if: also print JSON")
+    p.set_defaults(func=cmd_advise)

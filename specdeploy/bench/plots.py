@@ -1,0 +1,139 @@
+"""PNG plots of a bench.json (matplotlib, Agg): speedup by task, α by task, speedup vs k, speedup vs batch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from specdeploy.bench.report import best_configs, cell, label, tasks_of
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def make_plots(result: dict, out: str | Path) -> list[Path]:
+    out = Path(out)
+    made = []
+    for fn in (speedup_by_task, alpha_by_task, speedup_vs_k, speedup_vs_batch):
+        path = fn(result, out)
+        if path is not None:
+            made.append(path)
+    return made
+
+
+def _title(result: dict, what: str) -> str:
+    return f"{what}\n{result['device']}, {result['dtype']}, {result.get('num_prompts', '?')} prompts"
+
+
+def _grouped(result: dict, cfgs: list[dict], value, ylabel: str, title: str, path: Path, hline: float | None = None):
+    plt = _plt()
+    tasks = tasks_of(result) + ["all"]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks) + 2), 4.8))
+    width = 0.8 / max(1, len(cfgs))
+    for i, c in enumerate(cfgs):
+        ys = [(value(x) if (x := cell(result, c, t)) is not None and value(x) is not None else 0.0) for t in tasks]
+        ax.bar([j + i * width - 0.4 + width / 2 for j in range(len(tasks))], ys, width, label=label(c))
+    if hline is not None:
+        ax.axhline(hline, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def speedup_by_task(result: dict, out: Path) -> Path | None:
+    cfgs = [c for c in best_configs(result, 0.0, 1) if c["method"] != "none"]
+    if not cfgs:
+        return None
+    return _grouped(result, cfgs, lambda r: r["speedup_vs_plain"], "speedup over specdeploy plain (x)",
+                    _title(result, "Speedup by task and method (batch 1, greedy; each method at its best k)"),
+                    out / "speedup_by_task.png", hline=1.0)
+
+
+def alpha_by_task(result: dict, out: Path) -> Path | None:
+    cfgs = [c for c in best_configs(result, 0.0, 1) if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
+    if not cfgs:
+        return None
+    return _grouped(result, cfgs, lambda r: r["alpha"], "α (accepted / proposed)",
+                    _title(result, "α by task (batch 1, greedy)"), out / "alpha_by_task.png")
+
+
+def speedup_vs_k(result: dict, out: Path) -> Path | None:
+    from specdeploy.bench.advisor import expected_speedup
+
+    rows = [r for r in result["rows"] if r["task"] == "all" and r["batch"] == 1 and r["temperature"] == 0
+            and r["system"] == "specdeploy" and r["method"] not in ("none", "policy")]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    costs = result.get("costs") or {}
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        mine = sorted((r for r in rows if r["method"] == m), key=lambda r: r["k"])
+        color = f"C{i}"
+        ax.plot([r["k"] for r in mine], [r["speedup_vs_plain"] for r in mine], "o-", color=color, label=f"{m} measured")
+        big = mine[-1]
+        a = big.get("alpha_token_fit")
+        if a is not None and m in costs:
+            c, per_token = costs[m]["c"], costs[m]["per_token"]
+            ks = [x / 4 for x in range(4, 4 * big["k"] + 1)]
+            ax.plot(ks, [expected_speedup(a, k, c, 1.0, per_token) if per_token else _nonint(a, k, c) for k in ks], ":",
+                    color=color, label=f"{m} (1−α^(k+1))/((1−α)(1+kc)), α={a:.2f}, c={c:.3f}")
+        pred = [(r["k"], r["predicted_speedup"]) for r in mine if r.get("predicted_speedup") is not None]
+        if pred:
+            ax.plot(*zip(*pred), "x--", color=color, alpha=0.6, label=f"{m} predicted (per-position α, measured verify cost)")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("k (draft tokens per step)")
+    ax.set_ylabel("speedup over plain (x)")
+    ax.set_title(_title(result, "Measured speedup against k, with the analytic expectation (all tasks, greedy)"), fontsize=10)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "speedup_vs_k.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _nonint(a: float, k: float, c: float) -> float:
+    """The formula at a fractional k (smooth curve), n-gram flavour: c charged once a step."""
+    return (1 - a ** (k + 1)) / (1 - a) / (1 + c) if a < 1 else (k + 1) / (1 + c)
+
+
+def speedup_vs_batch(result: dict, out: Path) -> Path | None:
+    rows = [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == 0 and r["method"] != "none"]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    peer_k = result.get("peer_k")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["batch"] == 1 and r["system"] == "specdeploy" and r["method"] != "policy" and r["k"] != peer_k:
+            continue  # batch > 1 runs use peer_k: compare like with like
+        series.setdefault(label(r) if r["system"] == "hf" else f"{r['method']} k={r['k']}" if r["k"] else r["method"], []).append(
+            (r["batch"], r["speedup_vs_plain"]))
+    for name, pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over plain at the same batch (x)")
+    batches = sorted({r["batch"] for r in rows})
+    note = "" if len(batches) > 1 else " (batch > 1 not run: see bench.md, Skipped)"
+    ax.set_title(_title(result, "Speedup against batch size (greedy, all tasks)" + note), fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "speedup_vs_batch.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,691 @@
+"""`specdeploy bench`: every method and its peers, side by side, on the same prompts, in one run.
+
+Rows, per task (and "all") × method × k × temperature × batch:
+- specdeploy, batch 1: `speculative_generate` over one shared target runner (eager torch on
+  CPU; CUDA graphs, `CudaGraphRunner`, on a GPU), each method's proposer; "none" is plain
+  decoding through the same runner: the baseline of `speedup_vs_plain`;
+- specdeploy, batch > 1 (greedy): `specdeploy.runtime.batch.BatchSpeculator` when that module
+  exists (recorded as skipped otherwise), against its own plain rows at the same batch;
+- peers (`--peers hf`): Hugging Face `generate` eager, assisted generation with the same draft
+  models (`assistant_model=`), prompt lookup (`prompt_lookup_num_tokens=`);
+- "policy" (a method name): an engine obeying `--policy FILE`, or the advisor's policy measured
+  on held-out prompts of the same set.
+
+Per row: tokens/s (a task's tokens over the sum of its requests' wall times, prefill included;
+batch > 1: all tokens over the run's wall time), α, acceptance length, acceptance per
+position, latency p50/p95, speedup vs plain, greedy outputs differing from plain, and the
+analytic expectation (see advisor.py). Writes DIR/bench.json, DIR/bench.md and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
+from specdeploy.config import METHODS, SamplingParams, SpecConfig
+from specdeploy.errors import SpecDeployError
+from specdeploy.models.loader import LoadedModel
+from specdeploy.runtime.stats import SpecStats
+
+SPEC_METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle")
+BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft"}  # ours -> BatchSpeculator's
+
+
+# ---- prompts and progress ------------------------------------------------------------------
+def select_prompts(source: str, per_task: int = 0, skip: int = 0) -> list[Prompt]:
+    """Prompts from a JSONL file or a built-in set ('eval', 'demo'); per task, skip `skip` then keep `per_task` (0: all)."""
+    prompts = builtin_prompts(source) if source in ("eval", "demo") else load_prompts(source)
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for p in prompts:
+        seen[p.task] += 1
+        if seen[p.task] > skip and (per_task <= 0 or seen[p.task] <= skip + per_task):
+            out.append(p)
+    if not out:
+        raise SpecDeployError(f"no prompts selected from {source}")
+    return out
+
+
+def progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from rich.console import Console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))
+
+
+def encode_all(backend: "Backend", prompts: list[Prompt], max_new_tokens: int) -> list[list[int]]:
+    engine = backend.engine("none", 1)
+    return [engine.encode(p.prompt, False, max_new_tokens) for p in prompts]
+
+
+# ---- the loaded target and every method over it --------------------------------------------
+class Backend:
+    """The target loaded once, its runner (eager torch, or CUDA graphs) and each method's proposer.
+
+    kind "graph": `CudaGraphRunner` for the target and the draft models (layerskip = the first
+    quarter of the target's layers, draft = the trained DraftLM artifact); Medusa/EAGLE draft
+    chains then (trees need the eager runner's tree attention). kind "torch": `TorchRunner`.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str, dtype: str, kind: str = "torch", max_length: int = 1024,
+                 layerskip_layers: int | None = None, draft_path: str | None = None) -> None:
+        self.loaded, self.device, self.dtype, self.kind = loaded, device, dtype, kind
+        self.max_length = max_length
+        n = loaded.model.config.num_hidden_layers
+        self.layerskip_layers = layerskip_layers or max(1, n // 4)
+        self.draft_path = draft_path
+        self._runners: dict[bool, object] = {}
+        self._drafts: dict[str, object] = {}  # method -> draft runner
+        self._draft_hf: dict[str, object] = {}  # method -> HF draft model (assisted generation, batch engines)
+        self._lean = None
+
+    @classmethod
+    def load(cls, target: str, device: str, dtype: str | None, runner: str = "auto", max_new_tokens: int = 128,
+             max_k: int = 8, **kw) -> "Backend":
+        from specdeploy.models.loader import load_model
+        from specdeploy.runtime.engine import DTYPES, resolve_device
+
+        device, torch_dtype = resolve_device(device, dtype)
+        kind = runner
+        if kind == "auto":
+            kind = "graph" if device.startswith("cuda") and _has_module("specdeploy.runtime.cuda_runner") else "torch"
+        loaded = load_model(target, device=device, dtype=torch_dtype)
+        name = next(n for n, d in DTYPES.items() if d == torch_dtype)
+        max_length = max(1024, 512 + max_new_tokens + max_k + 8)
+        return cls(loaded, device, name, kind, max_length, **kw)
+
+    @property
+    def lean(self):
+        if self._lean is None:
+            from specdeploy.runtime.cuda_runner import LeanLlama
+
+            self._lean = LeanLlama.from_hf(self.loaded.model)
+        return self._lean
+
+    def runner(self, hidden: bool = False):
+        if hidden not in self._runners:
+            if self.kind == "graph":
+                from specdeploy.runtime.cuda_runner import CudaGraphRunner
+
+                self._runners[hidden] = CudaGraphRunner(self.lean, max_length=self.max_length, output_hidden=hidden)
+            else:
+                from specdeploy.runtime.runner import TorchRunner
+
+                self._runners[hidden] = TorchRunner(self.loaded.model, output_hidden=hidden)
+        return self._runners[hidden]
+
+    def draft_hf(self, method: str):
+        """The Hugging Face model of a draft-model method (layerskip: shares the target's modules)."""
+        if method not in self._draft_hf:
+            if method == "layerskip":
+                from specdeploy.models.layerskip import layerskip_model
+
+                self._draft_hf[method] = layerskip_model(self.loaded.model, self.layerskip_layers)
+            elif method == "draft":
+                from specdeploy.models import artifacts, draft_lm
+
+                artifacts.resolve("draft_lm", self.draft_path)  # a clear error when no artifact is shipped
+                self._draft_hf[method] = draft_lm.load(self.draft_path, self.loaded)
+            else:
+                raise SpecDeployError(f"{method} is not a draft-model method")
+        return self._draft_hf[method]
+
+    def draft_lean(self, method: str):
+        from specdeploy.runtime.cuda_runner import LeanLlama
+
+        if method == "layerskip":
+            return self.lean.truncated(self.layerskip_layers)
+        return LeanLlama.from_hf(self.draft_hf(method))
+
+    def draft_runner(self, method: str):
+        if method not in ("layerskip", "draft"):
+            return None
+        if method not in self._drafts:
+            if self.kind == "graph":
+                from specdeploy.runtime.cuda_runner import CudaGraphRunner
+
+                self._drafts[method] = CudaGraphRunner(self.draft_lean(method), max_length=self.max_length)
+            else:
+                from specdeploy.runtime.runner import TorchRunner
+
+                self._drafts[method] = TorchRunner(self.draft_hf(method))
+        return self._drafts[method]
+
+    def proposer(self, method: str, k: int):
+        """The proposer of `method`; SpecDeployError when it cannot be built here (e.g. no artifact)."""
+        from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
+
+        if method == "none":
+            return NoProposer()
+        if method == "ngram":
+            return NGramProposer(1, 4)
+        if method in ("layerskip", "draft"):
+            return DraftModelProposer(self.draft_runner(method))
+        if method in ("medusa", "eagle"):
+            from specdeploy.runtime.head_proposers import build_head_proposer
+
+            tree = 0 if self.kind == "graph" else None  # CUDA-graph runners score chains only
+            try:
+                return build_head_proposer(SpecConfig(method=method, k=k, tree_size=tree), self.loaded)
+            except (OSError, ValueError, KeyError) as e:
+                raise SpecDeployError(f"{method} artifact not loadable: {e}") from None
+        raise SpecDeployError(f"unknown method {method!r}; choose from {', '.join(SPEC_METHODS)}")
+
+    def engine(self, method: str, k: int, policy=None):
+        from specdeploy.runtime.engine import SpecEngine
+
+        proposer = self.proposer(method, k)
+        hidden = getattr(proposer, "needs_hidden", False)
+        spec = SpecConfig(method=method if method in METHODS else "none", k=max(1, k))
+        return SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# ---- runs ----------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One configuration over the prompts: what each request produced and its stats."""
+
+    system: str  # "specdeploy" | "hf"
+    method: str
+    k: int
+    temperature: float
+    batch: int
+    path: str  # "loop" | "fused" | "hf"
+    prompts: list[Prompt]
+    token_ids: list[list[int]]
+    stats: list[SpecStats]
+    wall_s: float | None = None  # batch > 1: the whole run's wall time
+    decisions: list[dict] = field(default_factory=list)
+    notes: str = ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, backend: Backend, prompts: list[Prompt], encoded: list[list[int]]) -> None:
+        self.args, self.backend, self.prompts, self.encoded = args, backend, prompts, encoded
+        self.runs: list[Run] = []
+        self.skipped: list[dict] = []
+        self.costs: dict = {}
+        self.bar = None
+        self.bar_task = None
+        model = backend.loaded.model
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = sorted({int(e) for e in eos + [backend.loaded.tokenizer.eos_token_id] if e is not None})
+
+    def skip(self, what: str, reason: str) -> None:
+        self.skipped.append({"what": what, "reason": reason})
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]skipped[/] {what}: {reason}")
+
+    def _advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.bar_task, n)
+
+    def _describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar_task, description=text)
+
+    def params(self, temperature: float, max_new_tokens: int | None = None) -> SamplingParams:
+        return SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens or self.args.max_new_tokens,
+                              seed=0 if temperature > 0 else None)
+
+    # specdeploy, batch 1
+    def loop(self, engine, method: str, k: int, temperature: float, label: str | None = None) -> Run:
+        self._describe(f"specdeploy {label or method} k={k} T={temperature}")
+        if engine.policy is None:  # (a policy engine reuses runners the other runs warmed up)
+            engine.generate_ids(self.encoded[0], self.params(temperature, 4), "warmup")  # first-call allocations
+        ids, stats, decisions = [], [], []
+        for p, enc in zip(self.prompts, self.encoded):
+            r = engine.generate_ids(enc, self.params(temperature), p.task)
+            ids.append(r.token_ids)
+            stats.append(r.stats)
+            if r.decision is not None:
+                decisions.append(r.decision.as_dict())
+            self._advance()
+        run = Run("specdeploy", label or method, k, temperature, 1, "loop", self.prompts, ids, stats, decisions=decisions)
+        self.runs.append(run)
+        return run
+
+    # specdeploy, batch > 1
+    def fused(self, method: str, k: int, batch: int) -> None:
+        from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+
+        self._describe(f"specdeploy {method} k={k} batch {batch}")
+        draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
+        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
+                              max_length=self.backend.max_length, eos_ids=self.eos, switch="on")
+        eng.run([BatchRequest(self.encoded[0], 4)])  # warm-up
+        reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.prompts, self.encoded)]
+        _sync(self.backend.device)
+        t = time.perf_counter()
+        res = sorted(eng.run(reqs), key=lambda r: r.index)
+        _sync(self.backend.device)
+        wall = time.perf_counter() - t
+        self.runs.append(Run("specdeploy", method, k, 0.0, batch, "fused", self.prompts, [r.token_ids for r in res],
+                             [r.stats for r in res], wall_s=wall))
+        self._advance(len(self.prompts))
+        del eng
+
+    # peers
+    def hf(self, name: str, temperature: float, extra: dict, batch: int = 1, k: int = 0) -> None:
+        model = self.backend.loaded.model
+        params = self.params(temperature)
+        kw = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.eos[0], eos_token_id=self.eos, **extra)
+        if temperature > 0:
+            kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        self._describe(f"hf {name} T={temperature} batch {batch}")
+        cap = self.args.peer_time_cap
+        order = _round_robin(self.prompts)  # under a time cap, every task still gets its first prompts
+        dev = self.backend.device
+        self._hf_call(model, [self.encoded[order[0]]], {**kw, "max_new_tokens": 4})  # warm-up
+        done: dict[int, tuple[list[int], float]] = {}
+        start = time.perf_counter()
+        total_wall = 0.0
+        for i in range(0, len(order), batch):
+            if cap and time.perf_counter() - start > cap:
+                break
+            chunk = order[i : i + batch]
+            if temperature > 0:
+                torch.manual_seed(0)
+            t = time.perf_counter()
+            outs = self._hf_call(model, [self.encoded[j] for j in chunk], kw)
+            _sync(dev)
+            wall = time.perf_counter() - t
+            total_wall += wall
+            for j, out in zip(chunk, outs):
+                done[j] = (out, wall)
+            self._advance(len(chunk))
+        self._advance(len(order) - len(done))
+        idx = sorted(done)
+        stats = []
+        for j in idx:
+            s = SpecStats(requests=1)
+            s.emitted, s.wall_s = len(done[j][0]), done[j][1]
+            stats.append(s)
+        note = "" if len(idx) == len(self.prompts) else f"{len(idx)} of {len(self.prompts)} prompts (time cap {cap:g}s)"
+        self.runs.append(Run("hf", name, k, temperature, batch, "hf", [self.prompts[j] for j in idx],
+                             [done[j][0] for j in idx], stats, wall_s=total_wall if batch > 1 else None, notes=note))
+
+    def _hf_call(self, model, batch_ids: list[list[int]], kw: dict) -> list[list[int]]:
+        dev = self.backend.device
+        width = max(len(x) for x in batch_ids)
+        ids = torch.full((len(batch_ids), width), self.eos[0], dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, x in enumerate(batch_ids):  # left padding
+            ids[r, width - len(x):] = torch.tensor(x)
+            mask[r, width - len(x):] = 1
+        with torch.inference_mode():
+            out = model.generate(ids.to(dev), attention_mask=mask.to(dev), **kw)
+        return [_until_eos(row[width:].tolist(), self.eos) for row in out]
+
+
+def _round_robin(prompts: list[Prompt]) -> list[int]:
+    by: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by[p.task].append(i)
+    order, lists = [], list(by.values())
+    for r in range(max(len(v) for v in lists)):
+        order += [v[r] for v in lists if r < len(v)]
+    return order
+
+
+def _until_eos(ids: list[int], eos: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- rows ----------------------------------------------------------------------------------
+def _merge(stats: list[SpecStats]) -> SpecStats:
+    out = SpecStats()
+    for s in stats:
+        out.merge(s)
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def build_rows(runs: list[Run], costs: dict) -> list[dict]:
+    """Rows per task and 'all' for every run, with speedups against the matching plain run."""
+    from specdeploy.bench.advisor import Profile, StepCosts, expected_speedup, fit_alpha, predicted_speedup
+
+    def plain_for(run: Run) -> Run | None:
+        path = "fused" if run.batch > 1 else "loop"
+        return next((r for r in runs if r.system == "specdeploy" and r.method == "none" and r.batch == run.batch
+                     and r.temperature == run.temperature and r.path == path), None)
+
+    def largest_k(run: Run) -> Run:
+        same = [r for r in runs if r.system == run.system and r.method == run.method and r.batch == run.batch
+                and r.temperature == run.temperature and r.path == run.path]
+        return max(same, key=lambda r: r.k)
+
+    hf_generate = {(r.temperature, r.batch): r for r in runs if r.system == "hf" and r.method == "generate"}
+    rows = []
+    for run in runs:
+        plain = plain_for(run)
+        tasks = list(dict.fromkeys(p.task for p in run.prompts))
+        groups = ([(t, [i for i, p in enumerate(run.prompts) if p.task == t]) for t in tasks] if run.batch == 1 else []) \
+            + [("all", list(range(len(run.prompts))))]
+        cost = _costs_of(costs, run.method)
+        big = largest_k(run)
+        for task, idx in groups:
+            s = _merge([run.stats[i] for i in idx])
+            tps = _tps(run, s, task)
+            row = {"system": run.system, "method": run.method, "k": int(run.k), "task": task,
+                   "temperature": float(run.temperature), "batch": int(run.batch), "tokens_per_s": round(tps, 3),
+                   "alpha": _round(s.alpha), "acceptance_length": _round(s.acceptance_length) if run.system == "specdeploy" else None,
+                   "speedup_vs_plain": 0.0, "greedy_mismatches": 0,
+                   "path": run.path, "prompts": len(idx), "tokens": s.emitted,
+                   "latency_p50_s": _round(_pct([run.stats[i].wall_s for i in idx], 0.5)),
+                   "latency_p95_s": _round(_pct([run.stats[i].wall_s for i in idx], 0.95)),
+                   "acceptance_by_position": [round(x, 4) for x in s.acceptance_by_position] if s.proposed else None}
+            if plain is not None:
+                pidx = _matching(plain, run, idx)
+                ps = _merge([plain.stats[i] for i in pidx])
+                ptps = _tps(plain, ps, task)
+                row["speedup_vs_plain"] = round(tps / ptps, 4) if ptps > 0 else 0.0
+                if run.temperature == 0:
+                    row["greedy_mismatches"] = sum(run.token_ids[i] != plain.token_ids[j] for i, j in zip(idx, pidx))
+            row["mismatch_checked"] = plain is not None and run.temperature == 0
+            gen = hf_generate.get((run.temperature, run.batch))
+            if gen is not None and gen is not run:
+                gidx = _matching(gen, run, idx)
+                gtps = _tps(gen, _merge([gen.stats[i] for i in gidx]), task) if gidx else 0.0
+                row["speedup_vs_hf_generate"] = round(tps / gtps, 4) if gtps > 0 else None
+            if run.system == "specdeploy" and run.method not in ("none", "policy") and cost is not None and s.target_forwards:
+                bs = _merge([big.stats[i] for i in _matching(big, run, idx)])
+                prof = Profile.from_stats(bs)
+                if prof.max_k >= run.k and bs.acceptance_length:
+                    a_tok = fit_alpha(bs.acceptance_length, big.k)
+                    row["alpha_token_fit"] = round(a_tok, 4)
+                    row["expected_speedup"] = round(expected_speedup(a_tok, run.k, cost.c, 1.0, cost.per_token), 4)
+                    row["predicted_speedup"] = round(predicted_speedup(prof, run.k, cost), 4)
+            if run.decisions:
+                ks = [d["k"] for i, d in enumerate(run.decisions) if i in set(idx)]
+                row["policy_decisions"] = dict(sorted({str(x): ks.count(x) for x in ks}.items()))
+            if run.notes:
+                row["notes"] = run.notes
+            rows.append(row)
+    return rows
+
+
+def _costs_of(costs: dict, method: str):
+    from specdeploy.bench.advisor import StepCosts
+
+    c = costs.get(method)
+    return c if isinstance(c, StepCosts) else None
+
+
+def _tps(run: Run, s: SpecStats, task: str) -> float:
+    if run.batch > 1 and task == "all" and run.wall_s:
+        return s.emitted / run.wall_s  # throughput of the whole batched run
+    return s.tokens_per_s
+
+
+def _matching(ref: Run, run: Run, idx: list[int]) -> list[int]:
+    """Indices in `ref` of the prompts run[idx] (runs may cover different prompt subsets)."""
+    pos = {id(p): i for i, p in enumerate(ref.prompts)}
+    return [pos[id(run.prompts[i])] for i in idx if id(run.prompts[i]) in pos]
+
+
+def _round(x: float | None, n: int = 4) -> float | None:
+    return None if x is None else round(float(x), n)
+
+
+# ---- the command ---------------------------------------------------------------------------
+def _list(s: str, cast=str) -> list:
+    try:
+        return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise SpecDeployError(f"cannot parse the list {s!r}") from None
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The exact command, rebuilt from the parsed arguments (defaults spelled out)."""
+    parts = ["specdeploy", "bench"]
+    for name in ("prompts", "prompts_per_task", "methods", "k", "temperature", "batch", "peers", "peer_k", "peer_time_cap",
+                 "target", "device", "dtype", "runner", "max_new_tokens", "policy", "out"):
+        v = getattr(args, name, None)
+        if v not in (None, ""):
+            parts += [f"--{name.replace('_', '-')}", str(v)]
+    return shlex.join(parts)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    from rich.console import Console
+
+    from specdeploy.bench import advisor, plots, report
+
+    console = Console(stderr=True)
+    methods = _list(args.methods)
+    unknown = [m for m in methods if m not in (*SPEC_METHODS, "policy")]
+    if unknown:
+        raise SpecDeployError(f"unknown methods {unknown}; choose from {', '.join(SPEC_METHODS)}, policy")
+    ks = _list(args.k, int)
+    temps = _list(args.temperature, float)
+    batches = _list(args.batch, int)
+    peers = _list(args.peers) if args.peers else []
+    if not ks or min(ks) < 1 or not temps or min(temps) < 0 or not batches or min(batches) < 1:
+        raise SpecDeployError("--k and --batch need integers >= 1, --temperature numbers >= 0")
+    if any(p != "hf" for p in peers):
+        raise SpecDeployError("--peers: only 'hf' is known")
+    peer_k = args.peer_k or (4 if 4 in ks else max(ks))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = select_prompts(args.prompts, args.prompts_per_task)
+    backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner, max_new_tokens=args.max_new_tokens,
+                           max_k=max(ks))
+    encoded = encode_all(backend, prompts, args.max_new_tokens)
+    bench = Bench(args, backend, prompts, encoded)
+    spec_methods = ["none"] + [m for m in methods if m not in ("none", "policy")]
+
+    # which methods can run here: build each once (a missing artifact skips the method with a note)
+    available = []
+    for m in spec_methods:
+        try:
+            backend.proposer(m, max(ks))
+            available.append(m)
+        except SpecDeployError as e:
+            bench.skip(f"specdeploy {m}", str(e))
+    batch_ok = _has_module("specdeploy.runtime.batch")
+
+    # measured step costs (for the analytic expectation)
+    n_queries = len({1, *(k + 1 for k in ks)})
+    console.print(f"measuring step costs ({n_queries} query lengths) on {backend.device} ({backend.kind} runner)")
+    ngram = backend.proposer("ngram", max(ks)) if "ngram" in available else None
+    costs = advisor.measure_costs(backend.runner(), ks, max(encoded, key=len),
+                                  {m: backend.draft_runner(m) for m in available if m in ("layerskip", "draft")},
+                                  ngram=ngram, reps=20 if backend.device.startswith("cuda") else 2)
+    bench.costs = costs
+
+    policy = None
+    if "policy" in methods:
+        policy = _bench_policy(args, backend, [m for m in available if m != "none"], ks, console)
+
+    n = len(prompts)
+    loops = sum(1 + sum(len(ks) for m in available if m != "none") + (policy is not None) for _ in temps)
+    fused_sizes = [b for b in batches if b > 1]
+    fused_methods = [m for m in available if m in BATCH_METHODS]
+    total = n * (loops + (len(fused_methods) * len(fused_sizes) if batch_ok and 0.0 in temps else 0))
+    if peers:
+        assisted = [m for m in available if m in ("layerskip", "draft")]
+        total += n * (len(temps) * (2 + len(assisted)) + (len(fused_sizes) if 0.0 in temps else 0))
+    with progress_bar() as bar:
+        bench.bar, bench.bar_task = bar, bar.add_task("bench", total=total)
+        for t in temps:
+            for m in available:
+                for k in ([0] if m == "none" else ks):
+                    bench.loop(backend.engine(m, k), m, k, t)
+            if policy is not None:
+                from specdeploy.runtime.policy import Policy
+
+                p = Policy.from_dict(policy.to_dict())  # fresh counters per temperature
+                engine = backend.engine("none", 1, policy=p)
+                for m in {r.method for r in p.tasks.values()} | {p.default.method}:
+                    if m != "none":
+                        engine.add_proposer(m, backend.proposer(m, max(ks)))
+                bench.loop(engine, "policy", 0, t, label="policy")
+            if peers:
+                _peers(bench, backend, t, peer_k, available, batch=1)
+        for b in fused_sizes:
+            if 0.0 not in temps:
+                break
+            if not batch_ok:
+                bench.skip(f"specdeploy batch {b}", "specdeploy.runtime.batch is not available")
+                continue
+            for m in fused_methods:
+                try:
+                    bench.fused(m, 0 if m == "none" else peer_k, b)
+                except (SpecDeployError, RuntimeError) as e:
+                    bench.skip(f"specdeploy {m} batch {b}", f"{type(e).__name__}: {e}")
+            if peers:
+                bench.hf("generate", 0.0, {}, batch=b)
+        for t in temps:
+            if t > 0:
+                for b in fused_sizes:
+                    bench.skip(f"batch {b} at temperature {t}", "the batched engine is greedy only")
+        for m in methods:
+            if m in ("medusa", "eagle") and m in available:
+                for b in fused_sizes:
+                    bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
+
+    rows = build_rows(bench.runs, costs)
+    result = {
+        "device": _device_name(backend.device), "dtype": backend.dtype,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(args),
+        "rows": rows,
+        "runner": backend.kind, "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "num_prompts": n,
+        "tasks": list(dict.fromkeys(p.task for p in prompts)),
+        "peer_k": peer_k, "torch": torch.__version__, "transformers": _version("transformers"),
+        "costs": {m: c.as_dict() for m, c in costs.items()},
+        "skipped": bench.skipped,
+        "policy": policy.to_dict() if policy is not None else None,
+    }
+    import json
+
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "bench.md").write_text(report.render_markdown(result))
+    (out / "command.txt").write_text(result["command"] + "\n")
+    made = plots.make_plots(result, out)
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {len(made)} plots")
+    return result
+
+
+def _peers(bench: Bench, backend: Backend, t: float, k: int, available: list[str], batch: int) -> None:
+    import copy
+
+    bench.hf("generate", t, {}, batch=batch)
+    bench.hf("prompt_lookup", t, {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 4}, batch=batch, k=k)
+    for m in (x for x in available if x in ("layerskip", "draft")):
+        assistant = backend.draft_hf(m)
+        assistant.generation_config = copy.deepcopy(backend.loaded.model.generation_config)
+        assistant.generation_config.num_assistant_tokens = k
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        bench.hf(f"assisted_{m}", t, {"assistant_model": assistant}, batch=batch, k=k)
+
+
+def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], console):
+    """--policy FILE, or the advisor's policy measured on held-out prompts (the ones after the bench's)."""
+    from specdeploy.bench import advisor
+    from specdeploy.runtime.policy import Policy
+
+    if args.policy:
+        return Policy.load(args.policy)
+    if not methods:
+        raise SpecDeployError("method 'policy' needs at least one speculative method to advise on")
+    try:
+        held = select_prompts(args.prompts, args.prompts_per_task or 0, skip=args.prompts_per_task) if args.prompts_per_task else []
+    except SpecDeployError:
+        held = []
+    note = "held-out prompts"
+    if not held:
+        held, note = select_prompts(args.prompts, args.prompts_per_task), "the bench's own prompts (no held-out ones left)"
+    console.print(f"policy: advising on {len(held)} {note}")
+    enc = encode_all(backend, held, args.max_new_tokens)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    # a 5% margin: a task whose predicted gain is within noise of plain stays off
+    advice = advisor.advise(backend, held, enc, methods, ks, params, min_speedup=args.policy_min_speedup)
+    console.print(advice.table())
+    policy = advice.policy()
+    policy.extra["advised_on"] = f"{len(held)} {note}"
+    return policy
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (cuda)"
+    import platform
+
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    run_bench(args)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="every method and HF peers side by side: bench.json, bench.md, plots")
+    p.add_argument("--prompts", default="eval", help="JSONL prompts with task labels, or 'eval' / 'demo'")
+    p.add_argument("--prompts-per-task", type=int, default=0, help="at most N prompts per task (0: all)")
+    p.add_argument("--methods", default="none,ngram,layerskip,draft,medusa,eagle",
+                   help="comma-separated: none, ngram, draft, layerskip, medusa, eagle, policy")
+    p.add_argument("--k", default="1,2,4,8", help="draft lengths (comma-separated)")
+    p.add_argument("--temperature", default="0", help="comma-separated temperatures (0 = greedy)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (> 1: the batched greedy engine)")
+    p.add_argument("--peers", default="", help="'hf': HF generate, assisted generation and prompt lookup")
+    p.add_argument("--peer-k", type=int, default=0, help="k of the peers and of batch > 1 rows (default 4, or the largest --k)")
+    p.add_argument("--peer-time-cap", type=float, default=0.0, help="seconds per peer configuration (0: no cap)")
+    p.add_argument("--policy", help="policy.json for the 'policy' method (default: advise on held-out prompts)")
+    p.add_argument("--policy-min-speedup", type=float, default=1.05,
+                   help="the advised policy turns a task off below this expected speedup")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--target", default="smollm2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--runner", choices=["auto", "torch", "graph"], default="auto",
+                   help="auto: CUDA graphs on cuda (specdeploy.runtime.cuda_runner), eager torch on cpu")
+    p.add_argument("--out", default="results/bench")
+    p.set_defaults(func=cmd_bench)

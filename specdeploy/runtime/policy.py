@@ -1,0 +1,260 @@
+"""Policy: which method and how many draft tokens (k) each task gets, or speculation off.
+
+A policy is read from ``policy.json`` (written by ``specdeploy advise``, or by hand)::
+
+    {"version": 1,
+     "default": {"method": "ngram", "k": 4},
+     "tasks": {"code": {"method": "ngram", "k": 8},
+               "creative_writing": {"method": "none", "k": "off"}},
+     "adaptive": {"enabled": true, "min_k": 1, "max_k": 8}}
+
+Extra keys (the advisor's evidence: α, expected speedup, costs) are kept and ignored.
+
+Decisions are per request: `decide(task)` before it, `observe(decision, stats)` after it.
+k never changes what is generated (verification keeps only tokens equal to the target's
+choice), so whatever the policy decides, the output stays lossless; only the speed changes.
+
+Online adaptation (``"adaptive": {"enabled": true}``), per task, from the requests' `SpecStats`:
+
+- running α = exponential moving average of accepted / proposed;
+- running last-position acceptance = fraction of full-length drafts whose LAST token was
+  accepted (the whole draft); high means k is too small (raise: k *= 2, up to max_k), low
+  means the last draft tokens are mostly wasted (lower: k //= 2, down to min_k);
+- off: a task whose running α stays below ``off_below`` (after ``min_requests`` requests)
+  stops speculating; every ``probe_every``-th request of it speculates again (a probe) and
+  turns it back on if that probe's α reaches ``off_below``. A task the policy file marks
+  off is probed the same way when adaptation is on.
+
+Every decision is a `Decision` (task, method, k, reason); `summary()` counts them per task.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from specdeploy.config import MAX_K, METHODS
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.stats import SpecStats
+
+OFF = "off"
+
+
+@dataclass(frozen=True)
+class TaskRule:
+    """The static choice for one task: a method and k (k = 0: speculation off)."""
+
+    method: str = "ngram"
+    k: int = 4
+
+    @property
+    def off(self) -> bool:
+        return self.k == 0 or self.method == "none"
+
+    def as_dict(self) -> dict:
+        return {"method": "none", "k": OFF} if self.off else {"method": self.method, "k": self.k}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TaskRule":
+        if not isinstance(d, dict):
+            raise SpecDeployError(f"policy {where}: expected an object with 'method' and 'k', got {d!r}")
+        method, k = d.get("method", "ngram"), d.get("k", 4)
+        if method not in METHODS:
+            raise SpecDeployError(f"policy {where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if k == OFF or method == "none":
+            return cls(method="none", k=0)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+            raise SpecDeployError(f"policy {where}: k must be 'off' or an integer in [1, {MAX_K}], got {k!r}")
+        return cls(method=method, k=k)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """Online adaptation settings (see the module docstring); thresholds are heuristics, tune per deployment."""
+
+    enabled: bool = False
+    min_k: int = 1
+    max_k: int = 8
+    raise_above: float = 0.6  # running last-position acceptance above which k doubles
+    lower_below: float = 0.15  # ... below which k halves
+    off_below: float = 0.1  # running α below which a task stops speculating
+    min_requests: int = 2  # requests of a task observed before it may be turned off
+    probe_every: int = 8  # while off, every N-th request of the task speculates (a probe)
+    decay: float = 0.5  # weight of the past in the moving averages (0: last request only)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_k <= self.max_k <= MAX_K:
+            raise SpecDeployError(f"policy adaptive: need 1 <= min_k <= max_k <= {MAX_K}, got {self.min_k}, {self.max_k}")
+        for name in ("raise_above", "lower_below", "off_below", "decay"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SpecDeployError(f"policy adaptive: {name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.probe_every < 1 or self.min_requests < 1:
+            raise SpecDeployError("policy adaptive: probe_every and min_requests must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Adaptation":
+        d = d or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecDeployError(f"policy adaptive: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy chose for one request. k = 0: speculation off (plain decoding)."""
+
+    task: str
+    method: str
+    k: int
+    reason: str  # "policy" | "default" | "adapted" | "off" | "probe"
+
+    @property
+    def off(self) -> bool:
+        return self.k == 0
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "method": self.method, "k": OFF if self.off else self.k, "reason": self.reason}
+
+
+@dataclass
+class _TaskState:
+    k: int  # current k when on (and the k a probe uses)
+    method: str
+    off: bool
+    alpha: float | None = None  # running α
+    last: float | None = None  # running acceptance at the last draft position
+    observed: int = 0  # speculating requests observed
+    since_off: int = 0  # requests since the task was turned off
+    changes: list[str] = field(default_factory=list)  # "k 4->8", "off", "on" (latest last)
+
+
+class Policy:
+    """Per-task method and k, with optional online adaptation. Thread-safe."""
+
+    def __init__(self, tasks: dict[str, TaskRule] | None = None, default: TaskRule | None = None,
+                 adaptive: Adaptation | None = None, extra: dict | None = None) -> None:
+        self.tasks = dict(tasks or {})
+        self.default = default or TaskRule()
+        self.adaptive = adaptive or Adaptation()
+        self.extra = dict(extra or {})  # evidence kept from the file (advisor's measurements)
+        self._state: dict[str, _TaskState] = {}
+        self._counts: dict[str, Counter] = {}
+        self._lock = threading.Lock()
+
+    # ---- file -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "Policy":
+        if not isinstance(d, dict):
+            raise SpecDeployError("policy: expected a JSON object")
+        tasks_in = d.get("tasks", {})
+        if not isinstance(tasks_in, dict):
+            raise SpecDeployError("policy: 'tasks' must be an object {task: {method, k}}")
+        tasks = {t: TaskRule.from_dict(r, f"task {t!r}") for t, r in tasks_in.items()}
+        default = TaskRule.from_dict(d["default"], "default") if "default" in d else TaskRule()
+        extra = {k: v for k, v in d.items() if k not in ("tasks", "default", "adaptive", "version")}
+        extra["tasks"] = {t: {k: v for k, v in r.items() if k not in ("method", "k")} for t, r in tasks_in.items()}
+        return cls(tasks, default, Adaptation.from_dict(d.get("adaptive")), extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Policy":
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SpecDeployError(f"{path}: policy file not found") from None
+        except (OSError, ValueError) as e:
+            raise SpecDeployError(f"{path}: cannot read policy ({e})") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        evidence = self.extra.get("tasks", {})
+        tasks = {t: {**r.as_dict(), **evidence.get(t, {})} for t, r in self.tasks.items()}
+        out = {"version": 1, "default": self.default.as_dict(), "tasks": tasks, "adaptive": asdict(self.adaptive)}
+        out.update({k: v for k, v in self.extra.items() if k != "tasks"})
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def rule(self, task: str) -> TaskRule:
+        return self.tasks.get(task, self.default)
+
+    # ---- decisions ----------------------------------------------------------------------
+    def decide(self, task: str) -> Decision:
+        """The method and k for the next request of `task`."""
+        with self._lock:
+            d = self._decide(task)
+            self._counts.setdefault(task, Counter())["off" if d.off else f"{d.method} k={d.k}"] += 1
+            return d
+
+    def _decide(self, task: str) -> Decision:
+        rule = self.rule(task)
+        static = "policy" if task in self.tasks else "default"
+        if not self.adaptive.enabled:
+            return Decision(task, "none", 0, static) if rule.off else Decision(task, rule.method, rule.k, static)
+        s = self._state_of(task)
+        if s.off:
+            s.since_off += 1
+            if s.method != "none" and s.since_off % self.adaptive.probe_every == 0:
+                return Decision(task, s.method, s.k, "probe")
+            return Decision(task, "none", 0, "off")
+        return Decision(task, s.method, s.k, "adapted" if s.changes else static)
+
+    def _state_of(self, task: str) -> _TaskState:
+        s = self._state.get(task)
+        if s is None:
+            a, rule = self.adaptive, self.rule(task)
+            # a task marked off still gets a method to probe with: the default's (or ngram)
+            method = rule.method if not rule.off else (self.default.method if not self.default.off else "ngram")
+            k = rule.k if not rule.off else (self.default.k if not self.default.off else a.min_k)
+            s = self._state[task] = _TaskState(k=min(max(k, a.min_k), a.max_k), method=method, off=rule.off)
+        return s
+
+    def observe(self, decision: Decision, stats: SpecStats) -> None:
+        """Update the running acceptance of the decision's task from one request's stats."""
+        if not self.adaptive.enabled or decision.off or stats.proposed == 0:
+            return
+        a = self.adaptive
+        with self._lock:
+            s = self._state_of(decision.task)
+            alpha = stats.accepted / stats.proposed
+            k = decision.k
+            # acceptance at the last position: drafts that reached position k, and were accepted up to it
+            reached = stats.proposed_at[k - 1] if len(stats.proposed_at) >= k else 0
+            last = stats.accepted_at[k - 1] / reached if reached else None
+            s.alpha = alpha if s.alpha is None else a.decay * s.alpha + (1 - a.decay) * alpha
+            if last is not None:
+                s.last = last if s.last is None else a.decay * s.last + (1 - a.decay) * last
+            s.observed += 1
+            if decision.reason == "probe":
+                if alpha >= a.off_below:  # the probe alone decides: the task's traffic may have changed
+                    s.off, s.alpha, s.last = False, alpha, last
+                    s.changes.append("on")
+                s.since_off = 0
+                return
+            if s.observed >= a.min_requests and s.alpha < a.off_below:
+                s.off, s.since_off = True, 0
+                s.changes.append("off")
+                return
+            if s.last is not None and s.last >= a.raise_above and s.k < a.max_k:
+                s.changes.append(f"k {s.k}->{min(2 * s.k, a.max_k)}")
+                s.k, s.last = min(2 * s.k, a.max_k), None
+            elif s.last is not None and s.last < a.lower_below and s.k > a.min_k:
+                s.changes.append(f"k {s.k}->{max(s.k // 2, a.min_k)}")
+                s.k, s.last = max(s.k // 2, a.min_k), None
+
+    def summary(self) -> dict:
+        """Per task: how many requests got each decision, and the adaptive state now."""
+        with self._lock:
+            out = {}
+            for task, counts in self._counts.items():
+                row: dict = {"decisions": dict(counts)}
+                s = self._state.get(task)
+                if s is not None:
+                    row.update({"k": s.k, "method": s.method, "off": s.off, "running_alpha": s.alpha,
+                                "running_last_position": s.last, "changes": list(s.changes)})
+                out[task] = row
+            return out
