@@ -253,6 +253,14 @@ def test_missing_engine_file_fails_the_load_naming_the_file(server, tmp_path):
         shutil.rmtree(broken)
 
 
+def test_latency_paths_agree(server):
+    from specdeploy.client.latency import measure
+
+    rows = measure(server.repo, (PROMPTS["qa"],), max_tokens=4, repeats=1, server=server)
+    assert [r.path for r in rows] == ["in-process", "http", "grpc", "grpc stream"]
+    assert all(r.mismatches == 0 and r.tokens > 0 for r in rows)
+
+
 def test_stop_leaves_no_processes_or_shared_memory(server):
     pgid = server.process.pid
     server._note_shm()

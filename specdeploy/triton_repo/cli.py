@@ -1,4 +1,4 @@
-"""CLI: `specdeploy repo`, `serve`, `client` and `monitor` (the Triton side of specdeploy)."""
+"""CLI: `specdeploy repo`, `serve`, `client`, `latency` and `monitor` (the Triton side of specdeploy)."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,15 @@ def add_cli(sub) -> None:
     c.add_argument("--num-draft-tokens", type=int, help="k for this request (0 = plain decoding)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=cmd_client)
+
+    lat = sub.add_parser("latency", help="time the same greedy requests in-process, over HTTP and over gRPC")
+    lat.add_argument("--repo", required=True, help="a repository written by `specdeploy repo`")
+    lat.add_argument("--device", default="cpu", help="device of the in-process engine (cpu or cuda)")
+    lat.add_argument("--max-tokens", type=int, default=32)
+    lat.add_argument("--repeats", type=int, default=2)
+    lat.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; default: four built-in ones)")
+    lat.add_argument("--json", action="store_true", help="one JSON object per row")
+    lat.set_defaults(func=cmd_latency)
 
     m = sub.add_parser("monitor", help="α and acceptance length per task from the server's metrics")
     m.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics")
@@ -132,6 +141,14 @@ def cmd_client(args: argparse.Namespace) -> int:
         else:
             print(result.summary(), file=sys.stderr, flush=True)
     return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from specdeploy.client.latency import DEFAULT_PROMPTS, measure, print_rows
+
+    rows = measure(args.repo, tuple(args.prompt) or DEFAULT_PROMPTS, args.max_tokens, args.repeats, args.device)
+    print_rows(rows, args.json)
+    return 1 if any(r.mismatches for r in rows) else 0
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:

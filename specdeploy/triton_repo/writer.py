@@ -206,7 +206,7 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
             "written_by": f"specdeploy {getattr(specdeploy, '__version__', '?')}",
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "target": verify_entry, "draft": draft_entry,
-            "method": spec.method, "k": spec.k, "dtype": rs.torch_dtype,
+            "method": spec.method, "k": spec.k, "dtype": rs.torch_dtype, "cpu_threads": rs.cpu_threads,
             "instances": asdict(rs.instances), "policy": asdict(rs.policy),
             "python": sys.version.split()[0], "models": sorted(p.name for p in tmp.iterdir() if p.is_dir()),
         }
