@@ -13,7 +13,7 @@ from specdeploy.errors import SpecDeployError
 
 # modules that add their own subcommands: each has add_cli(subparsers)
 COMMAND_MODULES: list[str] = ["specdeploy.build.estimate", "specdeploy.triton_repo.cli", "specdeploy.build.cli",
-                              "specdeploy.training.cli"]
+                              "specdeploy.training.cli", "specdeploy.bench.run", "specdeploy.bench.advisor"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate_each(args, spec, params, prompts) -> int:
     from specdeploy.runtime.engine import SpecEngine
 
-    engine = SpecEngine.load(spec, args.target, args.device, args.dtype)
+    engine = SpecEngine.load(spec, args.target, args.device, args.dtype, policy=args.policy)
     encoded = [engine.encode(p.prompt, args.raw, params.max_new_tokens) for p in prompts]
     for p, ids in zip(prompts, encoded):
         r = engine.generate_ids(ids, params, p.task)
@@ -98,7 +98,7 @@ def _generate_table(args, spec, params, prompts) -> int:
     from specdeploy.bench.compare import compare_methods, task_table
     from specdeploy.runtime.engine import SpecEngine
 
-    engine = SpecEngine.load(spec, args.target, args.device, args.dtype)
+    engine = SpecEngine.load(spec, args.target, args.device, args.dtype, policy=args.policy)
     engines = [("none", SpecEngine(engine.target, _spec(args, "none"), runner=engine.runner))]
     if spec.method != "none":
         engines.append((spec.method, engine))
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="JSONL file: {\"prompt\": ..., \"task\": ...} per line")
     g.add_argument("--task", default="default", help="task label for stats")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.add_argument("--policy", help="policy.json (from `specdeploy advise`): method and k, or off, per task")
     _add_model_args(g)
     _add_spec_args(g)
     _add_sampling_args(g)

@@ -5,7 +5,7 @@ This is what the CLI, the benchmarks and servers call; the decoding itself is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,6 +16,7 @@ from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import LoadedModel, load_model
 from specdeploy.models.tokenizers import check_compatible
 from specdeploy.runtime.loop import StopCondition, speculative_generate
+from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer, Proposer
 from specdeploy.runtime.runner import Runner, TorchRunner
 from specdeploy.runtime.stats import SpecStats, TaskStats
@@ -30,9 +31,11 @@ class RequestResult:
     token_ids: list[int]  # generated tokens only
     finish_reason: str
     stats: SpecStats
+    decision: Decision | None = None  # what the engine's Policy chose for this request, if it has one
 
     def as_json(self) -> dict:
         s = self.stats
+        extra = {"policy": self.decision.as_dict()} if self.decision is not None else {}
         return {
             "task": self.task,
             "text": self.text,
@@ -46,6 +49,7 @@ class RequestResult:
             "target_forwards": s.target_forwards,
             "wall_s": s.wall_s,
             "tokens_per_s": s.tokens_per_s,
+            **extra,
         }
 
 
@@ -84,14 +88,20 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
 
 
 class SpecEngine:
-    """Speculative generation for one target and one proposer, with per-task stats."""
+    """Speculative generation for one target and one proposer, with per-task stats.
+
+    With a `Policy`, each request's method and k (or plain decoding) come from the policy's
+    decision for its task; the decision is recorded in the result and in `policy.summary()`.
+    """
 
     def __init__(self, target: LoadedModel, spec: SpecConfig, draft: LoadedModel | None = None,
-                 runner: Runner | None = None) -> None:
+                 runner: Runner | None = None, policy: Policy | None = None, proposer: Proposer | None = None) -> None:
         self.target = target
         self.spec = spec
         self.tokenizer = target.tokenizer
-        self.proposer = build_proposer(spec, target, draft)
+        self.proposer = proposer or build_proposer(spec, target, draft)
+        self.policy = policy
+        self._proposers: dict[str, Proposer] = {spec.method: self.proposer, "none": NoProposer()}
         needs_hidden = getattr(self.proposer, "needs_hidden", False)
         if runner is not None and needs_hidden and not getattr(runner, "output_hidden", False):
             if not isinstance(runner, TorchRunner):
@@ -105,13 +115,16 @@ class SpecEngine:
         self.eos_ids = frozenset(int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None)
 
     @classmethod
-    def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None) -> "SpecEngine":
+    def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None,
+             policy: Policy | str | None = None) -> "SpecEngine":
+        if isinstance(policy, str):
+            policy = Policy.load(policy)
         device, torch_dtype = resolve_device(device, dtype)
         loaded = load_model(target, device=device, dtype=torch_dtype)
         draft = None
         if spec.method == "draft" and spec.draft and not is_artifact(spec.draft):
             draft = load_model(spec.draft, device=device, dtype=torch_dtype)
-        return cls(loaded, spec, draft)
+        return cls(loaded, spec, draft, policy=policy)
 
     def encode(self, prompt: str, raw: bool = False, max_new_tokens: int = 0) -> list[int]:
         """Token ids of a prompt (chat template unless raw); refuses empty or over-long prompts."""
@@ -133,10 +146,31 @@ class SpecEngine:
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, task: str = "default") -> RequestResult:
         """Generate from already encoded prompt ids."""
         stop = StopCondition(self.eos_ids, params.max_new_tokens, params.stop, self._decode)
-        k = self.spec.k if self.spec.method != "none" else 0
-        gen = speculative_generate(self.runner, self.proposer, prompt_ids, params, stop, k=k)
+        decision = self.policy.decide(task) if self.policy is not None else None
+        if decision is None:
+            proposer, k = self.proposer, (self.spec.k if self.spec.method != "none" else 0)
+        else:
+            proposer, k = self._proposer_for(decision.method), decision.k
+        gen = speculative_generate(self.runner, proposer, prompt_ids, params, stop, k=k)
+        if decision is not None:
+            self.policy.observe(decision, gen.stats)
         self.task_stats.add(task, gen.stats)
-        return RequestResult(task, self._final_text(gen.token_ids, params.stop), gen.token_ids, gen.finish_reason, gen.stats)
+        return RequestResult(task, self._final_text(gen.token_ids, params.stop), gen.token_ids, gen.finish_reason,
+                             gen.stats, decision)
+
+    def add_proposer(self, method: str, proposer: Proposer) -> None:
+        """Use `proposer` whenever the policy names `method` (e.g. one over a compiled draft runner)."""
+        self._proposers[method] = proposer
+
+    def _proposer_for(self, method: str) -> Proposer:
+        """The proposer of a method a policy names (built once, with this engine's spec otherwise)."""
+        if method not in self._proposers:
+            proposer = build_proposer(replace(self.spec, method=method), self.target, None)
+            if getattr(proposer, "needs_hidden", False) and not getattr(self.runner, "output_hidden", False):
+                raise SpecDeployError(f"the policy asks for {method!r}, which needs the target's hidden states; "
+                                      f"start the engine with --method {method} so that its runner returns them")
+            self._proposers[method] = proposer
+        return self._proposers[method]
 
     def generate(self, prompt: str, params: SamplingParams, task: str = "default", raw: bool = False) -> RequestResult:
         return self.generate_ids(self.encode(prompt, raw, params.max_new_tokens), params, task)

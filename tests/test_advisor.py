@@ -1,0 +1,105 @@
+"""The advisor's arithmetic: the speedup formula, "off" decisions, α for any k from one run at K."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdeploy.bench.advisor import (Profile, StepCosts, expected_speedup, fit_alpha, geometric_length,
+                                      predicted_speedup, recommend)
+from specdeploy.cli import main
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.stats import SpecStats
+
+
+def geometric_stats(counts: dict[int, int], k: int) -> SpecStats:
+    """Steps with k proposed tokens each, counts[n] of them accepting n."""
+    s = SpecStats(requests=1)
+    for n, times in counts.items():
+        for _ in range(times):
+            s.record_step(k, n)
+    s.emitted = sum((n + 1) * t for n, t in counts.items())
+    return s
+
+
+# i.i.d. acceptance at α = 1/2 with K = 4: P(n) = α^n (1 - α) for n < K, P(K) = α^K
+HALF = geometric_stats({0: 8, 1: 4, 2: 2, 3: 1, 4: 1}, 4)
+
+
+def test_formula_values():
+    assert expected_speedup(0.6, 4, 0.1) == pytest.approx((1 - 0.6**5) / ((1 - 0.6) * (1 + 4 * 0.1)))
+    assert expected_speedup(0.6, 4, 0.1) == pytest.approx(1.646857, abs=1e-6)
+    assert expected_speedup(0.8, 3, 0.0) == pytest.approx(1 + 0.8 + 0.64 + 0.512)
+    assert expected_speedup(1.0, 4, 0.05) == pytest.approx(5 / 1.2)
+    assert expected_speedup(0.7, 0, 0.3) == 1.0  # k = 0 is plain decoding
+    # the generalisation: verifying k + 1 tokens costs v times one token
+    assert expected_speedup(0.6, 4, 0.1, verify_ratio=2.0) == pytest.approx(geometric_length(0.6, 4) / (0.4 + 2.0))
+    # n-gram lookup: c charged once a step, not per token
+    assert expected_speedup(0.6, 4, 0.1, per_token=False) == pytest.approx(geometric_length(0.6, 4) / 1.1)
+    with pytest.raises(SpecDeployError):
+        expected_speedup(1.5, 4, 0.1)
+
+
+def test_off_when_speculation_cannot_pay():
+    assert expected_speedup(0.0, 1, 0.05) < 1  # nothing accepted, drafting costs
+    assert expected_speedup(0.2, 4, 0.3) < 1
+    assert expected_speedup(0.9, 4, 0.3) > 1
+
+
+def test_fit_alpha_inverts_the_length():
+    for a in (0.0, 0.3, 0.7, 0.95):
+        assert fit_alpha(geometric_length(a, 4), 4) == pytest.approx(a, abs=1e-6)
+
+
+def test_alpha_for_any_k_from_the_run_at_the_largest():
+    prof = Profile.from_stats(HALF)
+    assert prof.max_k == 4
+    assert prof.reach == pytest.approx((0.5, 0.25, 0.125, 0.0625))  # α^(i+1): cumulative acceptance per position
+    for k in (1, 2, 3, 4):
+        assert prof.acceptance_length(k) == pytest.approx(geometric_length(0.5, k))
+        assert prof.query_length(k) == k + 1
+    assert prof.alpha(4) == pytest.approx(HALF.alpha)  # at K it is the measured accepted / proposed
+    assert prof.alpha(1) == pytest.approx(0.5)
+    assert prof.alpha(2) == pytest.approx(0.375)  # (0.5 + 0.25) / 2
+    # flat verify cost: the generalised prediction is the textbook formula
+    flat = StepCosts({1: 10.0, 5: 10.0}, draft_ms=1.0)
+    for k in (1, 2, 4):
+        assert predicted_speedup(prof, k, flat) == pytest.approx(expected_speedup(0.5, k, 0.1))
+    with pytest.raises(SpecDeployError):
+        predicted_speedup(prof, 8, flat)
+
+
+def test_short_drafts_count_only_the_tokens_drafted():
+    """n-gram drafts are often shorter than k: a step without a match costs a plain verify."""
+    s = SpecStats(requests=1)
+    s.record_step(0, 0)  # no match
+    s.record_step(2, 2)
+    s.emitted = 1 + 3
+    prof = Profile.from_stats(s)
+    assert prof.acceptance_length(4) == pytest.approx(2.0)
+    assert prof.query_length(4) == pytest.approx(2.0)  # 1 + (2 tokens in half the steps)
+    assert prof.alpha(4) == pytest.approx(1.0)
+
+
+def test_recommend_picks_k_and_turns_tasks_off():
+    low = geometric_stats({0: 10}, 8)  # nothing accepted
+    high = geometric_stats({8: 9, 3: 1}, 8)
+    measured = {"layerskip": {"code": high, "creative_writing": low}}
+    gpu = {"layerskip": StepCosts({q: 3.0 for q in (1, 2, 3, 5, 9)}, draft_ms=0.3)}  # verify as cheap as one token
+    advice = recommend(measured, gpu, [1, 2, 4, 8])
+    assert advice.choice("code")[:2] == ("layerskip", 8)
+    assert advice.choice("creative_writing")[:2] == ("none", 0)
+    # where verifying k + 1 tokens costs k + 1 times one token (a slow CPU), nothing pays
+    cpu = {"layerskip": StepCosts({1: 60.0, 9: 540.0}, draft_ms=15.0)}
+    assert recommend(measured, cpu, [1, 2, 4, 8]).choice("code")[:2] == ("none", 0)
+    policy = advice.policy()
+    assert policy.rule("code").k == 8 and policy.rule("creative_writing").off
+    d = policy.to_dict()
+    assert d["tasks"]["creative_writing"]["k"] == "off" and d["tasks"]["code"]["expected_speedup"] > 1
+
+
+def test_what_if_cli(capsys):
+    assert main(["advise", "--what-if", "--alpha", "0.6", "--k", "4", "--cost-ratio", "0.1", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == [{"k": 4, "expected_speedup": pytest.approx(1.646857, abs=1e-6)}]
+    assert main(["advise", "--what-if", "--alpha", "0.6", "--k", "4"]) == 2  # needs --cost-ratio

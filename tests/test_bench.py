@@ -1,0 +1,79 @@
+"""`specdeploy bench` on a tiny run: the bench.json schema, bench.md, plots, the README renderer."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from specdeploy.cli import main
+
+ROW_TYPES = {"system": str, "method": str, "k": int, "task": str, "temperature": float, "batch": int,
+             "tokens_per_s": float, "alpha": (float, type(None)), "acceptance_length": (float, type(None)),
+             "speedup_vs_plain": float, "greedy_mismatches": int}
+TOP_TYPES = {"device": str, "dtype": str, "date": str, "command": str, "rows": list}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory, smollm2):
+    tmp = tmp_path_factory.mktemp("bench")
+    prompts = tmp / "p.jsonl"
+    prompts.write_text('{"task": "code", "prompt": "Write x = 1 in Python."}\n{"task": "qa", "prompt": "Say hi."}\n')
+    out = tmp / "out"
+    assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa", "--k", "1,2", "--max-new-tokens", "4",
+                 "--peers", "hf", "--batch", "1", "--out", str(out)]) == 0
+    return out
+
+
+def test_bench_json_schema(bench_dir):
+    result = json.loads((bench_dir / "bench.json").read_text())
+    for key, typ in TOP_TYPES.items():
+        assert isinstance(result[key], typ), key
+    assert result["command"].startswith("specdeploy bench ") and result["dtype"] == "float32"
+    rows = result["rows"]
+    for row in rows:
+        for key, typ in ROW_TYPES.items():
+            assert isinstance(row[key], typ) and not (typ is int and isinstance(row[key], bool)), (key, row)
+        assert row["system"] in ("specdeploy", "hf")
+    configs = {(r["system"], r["method"], r["k"]) for r in rows}
+    assert {("specdeploy", "none", 0), ("specdeploy", "ngram", 1), ("specdeploy", "ngram", 2),
+            ("hf", "generate", 0), ("hf", "prompt_lookup", 2)} <= configs
+    assert {r["task"] for r in rows} == {"code", "qa", "all"}
+    ours = [r for r in rows if r["system"] == "specdeploy"]
+    assert all(r["greedy_mismatches"] == 0 for r in ours)  # float32: lossless
+    assert all(r["speedup_vs_plain"] == 1.0 for r in ours if r["method"] == "none")
+    ngram = next(r for r in ours if r["method"] == "ngram" and r["k"] == 2 and r["task"] == "all")
+    assert ngram["acceptance_length"] >= 1.0 and len(ngram["acceptance_by_position"] or []) <= 2
+    assert ngram["latency_p50_s"] > 0 and "expected_speedup" in ngram and "predicted_speedup" in ngram
+    plain = next(r for r in ours if r["method"] == "none" and r["task"] == "all")
+    assert plain["alpha"] is None and plain["acceptance_length"] == 1.0
+    hf = [r for r in rows if r["system"] == "hf"]
+    assert all(r["alpha"] is None and r["acceptance_length"] is None for r in hf)
+    assert set(result["costs"]) >= {"none", "ngram"}
+    if importlib.util.find_spec("specdeploy.models.artifacts") and not any(
+            r["method"] == "medusa" for r in rows):  # no shipped Medusa heads: skipped with a note
+        assert any("medusa" in s["what"] for s in result["skipped"])
+
+
+def test_bench_md_and_plots(bench_dir):
+    md = (bench_dir / "bench.md").read_text()
+    assert "| task | plain tok/s |" in md and "ngram k=" in md and "HF generate" in md
+    for name in ("speedup_by_task", "alpha_by_task", "speedup_vs_k", "speedup_vs_batch"):
+        assert (bench_dir / f"{name}.png").stat().st_size > 1000
+
+
+def test_readme_block_is_rendered_from_json(bench_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("render", ROOT / "scripts" / "render_readme_results.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n<!-- bench-results -->\nstale 9.99x\n<!-- /bench-results -->\n\nafter\n")
+    assert render.main(["--bench", str(bench_dir), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.endswith("<!-- /bench-results -->\n\nafter\n")
+    assert "specdeploy bench" in text and "speedup_vs_k.png" in text
+    assert render.main(["--bench", str(bench_dir), "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("speedup_vs_k.png", "x.png"))
+    assert render.main(["--bench", str(bench_dir), "--readme", str(readme), "--check"]) == 1

@@ -1,0 +1,127 @@
+"""The policy: its file, its online adaptation, and its effect on the loop (k per task, off, lossless)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specdeploy.cli import main
+from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.engine import SpecEngine
+from specdeploy.runtime.policy import Adaptation, Policy, TaskRule
+from specdeploy.runtime.stats import SpecStats
+
+REPETITIVE = "one two three four, one two three four, one two three four, one two three four, one two three"
+
+
+def stats_of(k: int, accepted: list[int]) -> SpecStats:
+    s = SpecStats(requests=1)
+    for n in accepted:
+        s.record_step(k, n)
+    return s
+
+
+def test_policy_file_round_trip(tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"default": {"method": "ngram", "k": 4},
+                                "tasks": {"code": {"method": "layerskip", "k": 8, "expected_speedup": 2.5},
+                                          "chat": {"method": "ngram", "k": "off"}},
+                                "adaptive": {"enabled": True, "max_k": 16}}))
+    p = Policy.load(path)
+    assert p.rule("code") == TaskRule("layerskip", 8) and p.rule("chat").off and p.rule("other") == TaskRule("ngram", 4)
+    assert p.adaptive.enabled and p.adaptive.max_k == 16
+    d = p.to_dict()
+    assert d["tasks"]["code"] == {"method": "layerskip", "k": 8, "expected_speedup": 2.5}
+    assert d["tasks"]["chat"]["k"] == "off"
+    for bad in ({"tasks": {"x": {"method": "magic", "k": 2}}}, {"default": {"method": "ngram", "k": 0}},
+                {"adaptive": {"bogus": 1}}, {"adaptive": {"min_k": 4, "max_k": 2}}):
+        with pytest.raises(SpecDeployError):
+            Policy.from_dict(bad)
+    with pytest.raises(SpecDeployError, match="not found"):
+        Policy.load(tmp_path / "missing.json")
+
+
+def test_static_decisions_are_counted():
+    p = Policy({"code": TaskRule("ngram", 8), "chat": TaskRule("none", 0)}, TaskRule("ngram", 2))
+    assert (p.decide("code").k, p.decide("chat").k, p.decide("qa").k) == (8, 0, 2)
+    assert p.decide("chat").as_dict() == {"task": "chat", "method": "none", "k": "off", "reason": "policy"}
+    assert p.summary()["chat"]["decisions"] == {"off": 2}
+
+
+def test_adaptation_raises_lowers_turns_off_and_probes():
+    a = Adaptation(enabled=True, min_k=1, max_k=8, raise_above=0.6, lower_below=0.15, off_below=0.2,
+                   min_requests=1, probe_every=3, decay=0.0)
+    p = Policy({"code": TaskRule("ngram", 2)}, adaptive=a)
+    d = p.decide("code")
+    assert d.k == 2
+    p.observe(d, stats_of(2, [2, 2, 2, 1]))  # the last position accepted in 3 of 4 drafts: raise
+    d = p.decide("code")
+    assert (d.k, d.reason) == (4, "adapted")
+    p.observe(d, stats_of(4, [4, 0, 4, 0]))  # α = 0.5, last position 0.5: keep
+    assert p.decide("code").k == 4
+    p.observe(p.decide("code"), stats_of(4, [3, 2, 2, 1, 3]))  # α 0.55, last position never reached: lower
+    assert p.decide("code").k == 2
+    p.observe(p.decide("code"), stats_of(2, [0, 0, 0, 1]))  # α 0.125 < 0.2: off
+    decisions = [p.decide("code") for _ in range(3)]
+    assert [d.k for d in decisions] == [0, 0, 2] and decisions[-1].reason == "probe"
+    p.observe(decisions[-1], stats_of(2, [0, 0, 0, 0]))  # the probe fails: stays off
+    decisions = [p.decide("code") for _ in range(3)]
+    assert [d.k for d in decisions] == [0, 0, 2]
+    p.observe(decisions[-1], stats_of(2, [2, 1]))
+    assert p.decide("code").k == 2  # the probe succeeded: on again
+    summary = p.summary()["code"]
+    assert summary["changes"][:3] == ["k 2->4", "k 4->2", "off"] and summary["changes"][-1] == "on"
+
+
+def test_policy_task_marked_off_is_probed_when_adaptive():
+    p = Policy({"chat": TaskRule("none", 0)}, TaskRule("ngram", 4), Adaptation(enabled=True, probe_every=2))
+    assert [p.decide("chat").k for _ in range(4)] == [0, 4, 0, 4]
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2):
+    plain = SpecEngine(smollm2, SpecConfig(method="none"))
+    policy = Policy({"code": TaskRule("ngram", 2), "chat": TaskRule("none", 0)}, TaskRule("ngram", 4))
+    return plain, SpecEngine(smollm2, SpecConfig(method="ngram", k=4), runner=plain.runner, policy=policy)
+
+
+def test_policy_sets_k_per_task_and_off_in_the_loop(engines):
+    plain, spec = engines
+    params = SamplingParams(max_new_tokens=8)
+    ids = spec.encode(REPETITIVE, raw=True)
+    ref = plain.generate_ids(ids, params).token_ids
+    code = spec.generate_ids(ids, params, task="code")
+    chat = spec.generate_ids(ids, params, task="chat")
+    other = spec.generate_ids(ids, params, task="qa")
+    assert code.token_ids == chat.token_ids == other.token_ids == ref  # lossless whatever the policy decides
+    assert code.decision.k == 2 and len(code.stats.proposed_at) <= 2 and code.stats.proposed > 0
+    assert max(len(other.stats.proposed_at), 0) <= 4 and other.decision.k == 4
+    assert chat.decision.off and chat.stats.proposed == 0 and chat.stats.acceptance_length == 1.0
+    assert chat.as_json()["policy"] == {"task": "chat", "method": "none", "k": "off", "reason": "policy"}
+    assert spec.policy.summary()["code"]["decisions"] == {"ngram k=2": 1}
+
+
+def test_adaptive_policy_is_lossless(engines, smollm2):
+    plain, _ = engines
+    # this prompt's drafts of 1 token are accepted 40% of the time: over raise_above = 0.3, k grows
+    pol = Policy({}, TaskRule("ngram", 1), Adaptation(enabled=True, max_k=8, min_requests=1, decay=0.0, raise_above=0.3))
+    spec = SpecEngine(smollm2, SpecConfig(method="ngram"), runner=plain.runner, policy=pol)
+    params = SamplingParams(max_new_tokens=8)
+    ids = spec.encode(REPETITIVE, raw=True)
+    ref = plain.generate_ids(ids, params).token_ids
+    ks = []
+    for _ in range(3):
+        r = spec.generate_ids(ids, params, task="code")
+        assert r.token_ids == ref
+        ks.append(r.decision.k)
+    assert ks == [1, 2, 4] or ks[:2] == [1, 2]
+
+
+def test_generate_cli_policy(capsys, tmp_path, smollm2):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"default": {"method": "ngram", "k": 2}, "tasks": {"math": {"method": "none", "k": "off"}}}))
+    assert main(["generate", "--prompt", "What is 2+2?", "--task", "math", "--json", "--max-new-tokens", "4",
+                 "--policy", str(path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["policy"]["k"] == "off" and r["proposed"] == 0
