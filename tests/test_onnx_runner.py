@@ -82,11 +82,13 @@ def test_rollback_matches_fresh_forward(smollm2, smollm2_onnx):
 def test_ort_speculative_greedy_equals_plain_and_torch(smollm2, smollm2_onnx):
     params = SamplingParams(max_new_tokens=MAX_NEW)
     torch_plain = SpecEngine(smollm2, SpecConfig(method="none"))
+    plain = load_onnx_engine(smollm2_onnx, SpecConfig(method="none"), smollm2)
     engines = {
-        "ort-none": load_onnx_engine(smollm2_onnx, SpecConfig(method="none"), smollm2),
-        "ort-ngram": load_onnx_engine(smollm2_onnx, SpecConfig(method="ngram", k=4), smollm2),
+        "ort-none": plain,
+        "ort-ngram": SpecEngine(smollm2, SpecConfig(method="ngram", k=4), runner=plain.runner),  # one ORT session
         "ort-draft": load_onnx_engine(smollm2_onnx, SpecConfig(method="draft", k=3), smollm2),
     }
+    assert isinstance(plain.runner, OnnxRunner)
     assert isinstance(engines["ort-draft"].proposer.runner, OnnxRunner)
     drafted = 0
     for prompt in PROMPTS:
