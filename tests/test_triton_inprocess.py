@@ -184,3 +184,15 @@ def test_policy_sets_k_per_task(smollm2, tmp_path):
     path.write_text(json.dumps({"tasks": {"chat": {"k": 0}}}))
     with pytest.raises(SpecDeployError, match="k must be"):
         Policy.load(path)
+
+
+def test_cancelled_request_stops_and_releases_its_caches(smollm2):
+    from specdeploy.triton_repo.decoder import RequestCancelled
+
+    caches = {"verify": SequenceCaches(smollm2.model)}
+    decoder = _decoder(smollm2, "ngram", LocalTransport(caches))
+    seen = []
+    job = decoder.make_job(encode_prompt(smollm2.tokenizer, PROMPTS[1]), max_tokens=20, stream=True)
+    with pytest.raises(RequestCancelled):
+        decoder.run(job, on_tokens=lambda ids: seen.append(len(ids)), cancelled=lambda: len(seen) >= 3)
+    assert seen[:3] == [1, 2, 3] and len(caches["verify"]) == 0

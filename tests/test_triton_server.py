@@ -94,6 +94,17 @@ def test_greedy_text_equals_in_process_greedy(engine, http, grpc):
     assert r.text == reference(engine, PROMPTS["qa"], stop=(" Paris",)) and r.finish_reason == "stop"
 
 
+def test_seeded_sampling_equals_in_process_sampling(engine, http, smollm2):
+    """Same seed, same draws: the served loop consumes the generator exactly as in-process."""
+    from specdeploy.runtime.engine import SpecEngine
+
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_new_tokens=MAX)
+    local = SpecEngine(smollm2, SpecConfig(method="layerskip", k=2), runner=engine.runner)
+    want = local.generate(PROMPTS["list"], params).text
+    got = http.generate(PROMPTS["list"], max_tokens=MAX, temperature=0.8, top_p=0.95, seed=7, task="sampled")
+    assert got.text == want
+
+
 def test_streaming_yields_the_same_text(engine, http, grpc):
     prompt = PROMPTS["list"]
     for client in (grpc, http):  # gRPC bidirectional stream; HTTP generate_stream (SSE)

@@ -45,6 +45,10 @@ class StreamingStop(StopCondition):
         return reason
 
 
+class RequestCancelled(Exception):
+    """The client went away; the request stops at the next committed token."""
+
+
 @dataclass
 class Outcome:
     generation: Generation
@@ -105,8 +109,10 @@ class SpecDecoder:
             return 0
         return int(entry.get("k", self.k))
 
-    def run(self, job: Job, on_tokens: Callable[[list[int]], None] | None = None) -> Outcome:
-        """Generate; `on_tokens(generated so far)` after each token that does not end the text."""
+    def run(self, job: Job, on_tokens: Callable[[list[int]], None] | None = None,
+            cancelled: Callable[[], bool] | None = None) -> Outcome:
+        """Generate; for a streaming job `on_tokens(generated so far)` after each token that does
+        not end the text. `cancelled()` is asked after each token (RequestCancelled if true)."""
         k = self.resolve_k(job)
         target = TritonRunner(self.target_model, self.vocab_size, self.max_length, self.transport)
         draft_runner = None
@@ -123,8 +129,13 @@ class SpecDecoder:
         proposer = FallbackProposer(
             build_proposer(self.method if k > 0 else "none", draft_runner=draft_runner,
                            ngram_min=self.ngram_min, ngram_max=self.ngram_max), failed)
-        stop = StreamingStop(self.eos_ids, job.params.max_new_tokens, job.params.stop, self.decode,
-                             on_token=on_tokens if job.stream else None)
+        def on_token(generated: list[int]) -> None:
+            if cancelled is not None and cancelled():
+                raise RequestCancelled(f"cancelled after {len(generated)} tokens")
+            if job.stream and on_tokens is not None:
+                on_tokens(generated)
+
+        stop = StreamingStop(self.eos_ids, job.params.max_new_tokens, job.params.stop, self.decode, on_token=on_token)
         try:
             gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k)
         finally:

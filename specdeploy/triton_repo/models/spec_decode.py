@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
-from specdeploy.triton_repo.decoder import Outcome, SpecDecoder
+from specdeploy.triton_repo.decoder import Outcome, RequestCancelled, SpecDecoder
 from specdeploy.triton_repo.metrics import COUNTERS, PER_POSITION
 from specdeploy.triton_repo.models.common import array, error_response, logger, scalar, settings, string_tensor, strings, tokenizer_from
 from specdeploy.triton_repo.runner import bls_transport
@@ -107,8 +107,9 @@ class TritonPythonModel:
             self._serve_one(request, sender)
         except Exception as e:  # noqa: BLE001 - never leave a request without its final response
             self.log.error("request failed: %s", e)
+            message = f"spec_decode: {e}"
             try:
-                self._send(sender, lambda: error_response(f"spec_decode: {e}"), FINAL)
+                self._send(sender, lambda: error_response(message), FINAL)
             except Exception:  # noqa: BLE001 - already completed or cancelled
                 pass
 
@@ -123,7 +124,8 @@ class TritonPythonModel:
                 k=scalar(request, "num_draft_tokens"), stream=bool(scalar(request, "stream", False)),
             )
         except (SpecDeployError, UnicodeDecodeError, TypeError, ValueError) as e:
-            self._send(sender, lambda: error_response(f"spec_decode: {e}"), FINAL)
+            message = f"spec_decode: {e}"
+            self._send(sender, lambda: error_response(message), FINAL)
             return
         sent = 0
 
@@ -132,7 +134,17 @@ class TritonPythonModel:
             self._send(sender, lambda: self._response(generated, sent, job.params.stop))
             sent = len(generated)
 
-        outcome = self.decoder.run(job, partial)
+        def cancelled() -> bool:
+            with self._ipc:
+                return request.is_cancelled()
+
+        try:
+            outcome = self.decoder.run(job, partial, cancelled)
+        except RequestCancelled as e:
+            self.log.info("request %s", e)
+            message = f"spec_decode: request {e}"
+            self._send(sender, lambda: error_response(message), FINAL)
+            return
         self._send(sender, lambda: self._response(outcome.generation.token_ids, sent, job.params.stop, outcome), FINAL)
         self.counters.record(job.task, outcome.generation.stats, outcome.fallback is not None)
 
