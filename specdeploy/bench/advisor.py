@@ -182,7 +182,9 @@ def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_ru
                   ngram: object | None = None, reps: int = 5) -> dict[str, StepCosts]:
     """StepCosts per method: 'none' (target only), each draft model in `draft_runners`, and 'ngram'."""
     queries = sorted({1, *(k + 1 for k in ks if k > 0)})
-    target = {q: runner_step_ms(target_runner, context, q, reps) for q in queries}
+    target: dict[int, float] = {}
+    for q in queries:  # a longer query never costs less: keep the curve monotone against timing noise
+        target[q] = max(runner_step_ms(target_runner, context, q, reps), max(target.values(), default=0.0))
     out = {"none": StepCosts(target, 0.0)}
     for method, runner in (draft_runners or {}).items():
         out[method] = StepCosts(target, runner_step_ms(runner, context, 1, reps), per_token=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -64,8 +63,17 @@ def progress_bar():
 
 
 def encode_all(backend: "Backend", prompts: list[Prompt], max_new_tokens: int) -> list[list[int]]:
-    engine = backend.engine("none", 1)
-    return [engine.encode(p.prompt, False, max_new_tokens) for p in prompts]
+    """Token ids of each prompt under the chat template (as SpecEngine.encode), without building a runner."""
+    tok = backend.loaded.tokenizer
+    out = []
+    for p in prompts:
+        text = tok.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True, tokenize=False) \
+            if tok.chat_template else p.prompt
+        ids = tok(text, add_special_tokens=not tok.chat_template)["input_ids"]
+        if not ids:
+            raise SpecDeployError(f"a {p.task} prompt encodes to no tokens")
+        out.append(ids)
+    return out
 
 
 # ---- the loaded target and every method over it --------------------------------------------
@@ -380,7 +388,7 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def build_rows(runs: list[Run], costs: dict) -> list[dict]:
     """Rows per task and 'all' for every run, with speedups against the matching plain run."""
-    from specdeploy.bench.advisor import Profile, StepCosts, expected_speedup, fit_alpha, predicted_speedup
+    from specdeploy.bench.advisor import Profile, expected_speedup, fit_alpha, predicted_speedup
 
     def plain_for(run: Run) -> Run | None:
         path = "fused" if run.batch > 1 else "loop"
@@ -477,7 +485,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The exact command, rebuilt from the parsed arguments (defaults spelled out)."""
     parts = ["specdeploy", "bench"]
     for name in ("prompts", "prompts_per_task", "methods", "k", "temperature", "batch", "peers", "peer_k", "peer_time_cap",
-                 "target", "device", "dtype", "runner", "max_new_tokens", "policy", "out"):
+                 "policy", "policy_min_speedup", "target", "device", "dtype", "runner", "max_new_tokens", "time_budget", "out"):
         v = getattr(args, name, None)
         if v not in (None, ""):
             parts += [f"--{name.replace('_', '-')}", str(v)]
@@ -485,10 +493,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
+    """Run every configuration (most important first), writing bench.json after each; see the module docstring."""
     from rich.console import Console
 
-    from specdeploy.bench import advisor, plots, report
+    from specdeploy.bench import advisor
 
+    t0 = time.perf_counter()
     console = Console(stderr=True)
     methods = _list(args.methods)
     unknown = [m for m in methods if m not in (*SPEC_METHODS, "policy")]
@@ -509,112 +519,144 @@ def run_bench(args: argparse.Namespace) -> dict:
     backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner, max_new_tokens=args.max_new_tokens,
                            max_k=max(ks))
     encoded = encode_all(backend, prompts, args.max_new_tokens)
+    backend.max_length = max(len(x) for x in encoded) + args.max_new_tokens + max(ks) + 16  # before any runner exists
     bench = Bench(args, backend, prompts, encoded)
-    spec_methods = ["none"] + [m for m in methods if m not in ("none", "policy")]
+    console.print(f"loaded {args.target} on {backend.device} ({backend.dtype}, {backend.kind} runner) in "
+                  f"{time.perf_counter() - t0:.1f}s; {len(prompts)} prompts")
 
     # which methods can run here: build each once (a missing artifact skips the method with a note)
     available = []
-    for m in spec_methods:
+    for m in ["none"] + [m for m in methods if m not in ("none", "policy")]:
         try:
             backend.proposer(m, max(ks))
             available.append(m)
         except SpecDeployError as e:
             bench.skip(f"specdeploy {m}", str(e))
-    batch_ok = _has_module("specdeploy.runtime.batch")
-
-    # measured step costs (for the analytic expectation)
-    n_queries = len({1, *(k + 1 for k in ks)})
-    console.print(f"measuring step costs ({n_queries} query lengths) on {backend.device} ({backend.kind} runner)")
-    ngram = backend.proposer("ngram", max(ks)) if "ngram" in available else None
     costs = advisor.measure_costs(backend.runner(), ks, max(encoded, key=len),
                                   {m: backend.draft_runner(m) for m in available if m in ("layerskip", "draft")},
-                                  ngram=ngram, reps=20 if backend.device.startswith("cuda") else 2)
+                                  ngram=backend.proposer("ngram", max(ks)) if "ngram" in available else None,
+                                  reps=20 if backend.device.startswith("cuda") else 2)
     bench.costs = costs
+    meta = {"runner": backend.kind, "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "num_prompts": len(prompts),
+            "tasks": list(dict.fromkeys(p.task for p in prompts)), "peer_k": peer_k, "torch": torch.__version__,
+            "transformers": _version("transformers"), "costs": {m: c.as_dict() for m, c in costs.items()}, "policy": None}
+    console.print(f"step costs measured ({time.perf_counter() - t0:.1f}s): " +
+                  ", ".join(f"{m} c={c.c:.3f}" for m, c in costs.items() if m != "none"))
 
-    policy = None
-    if "policy" in methods:
-        policy = _bench_policy(args, backend, [m for m in available if m != "none"], ks, console)
-
+    # the jobs, most important first: greedy batch 1, peers, batch > 1, then sampling
     n = len(prompts)
-    loops = sum(1 + sum(len(ks) for m in available if m != "none") + (policy is not None) for _ in temps)
+    jobs: list[tuple[str, int, object]] = []
     fused_sizes = [b for b in batches if b > 1]
-    fused_methods = [m for m in available if m in BATCH_METHODS]
-    total = n * (loops + (len(fused_methods) * len(fused_sizes) if batch_ok and 0.0 in temps else 0))
-    if peers:
-        assisted = [m for m in available if m in ("layerskip", "draft")]
-        total += n * (len(temps) * (2 + len(assisted)) + (len(fused_sizes) if 0.0 in temps else 0))
-    with progress_bar() as bar:
-        bench.bar, bench.bar_task = bar, bar.add_task("bench", total=total)
-        for t in temps:
-            for m in available:
-                for k in ([0] if m == "none" else ks):
-                    bench.loop(backend.engine(m, k), m, k, t)
-            if policy is not None:
-                from specdeploy.runtime.policy import Policy
+    batch_ok = _has_module("specdeploy.runtime.batch")
+    policy_box: dict = {}
 
-                p = Policy.from_dict(policy.to_dict())  # fresh counters per temperature
-                engine = backend.engine("none", 1, policy=p)
-                for m in {r.method for r in p.tasks.values()} | {p.default.method}:
-                    if m != "none":
-                        engine.add_proposer(m, backend.proposer(m, max(ks)))
-                bench.loop(engine, "policy", 0, t, label="policy")
-            if peers:
-                _peers(bench, backend, t, peer_k, available, batch=1)
+    def loop_jobs(t: float) -> None:
+        for m in available:
+            for k in ([0] if m == "none" else ks):
+                jobs.append((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t)))
+        if "policy" in methods:
+            jobs.append((f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
+
+    def peer_jobs(t: float) -> None:
+        if not peers:
+            return
+        jobs.append((f"hf generate T={t:g}", n, lambda: bench.hf("generate", t, {})))
+        jobs.append((f"hf prompt_lookup T={t:g}", n, lambda: bench.hf("prompt_lookup", t, {"prompt_lookup_num_tokens": peer_k,
+                                                                                          "max_matching_ngram_size": 4}, k=peer_k)))
+        for m in (x for x in available if x in ("layerskip", "draft")):
+            jobs.append((f"hf assisted_{m} T={t:g}", n, lambda m=m: bench.hf(f"assisted_{m}", t, {"assistant_model": _assistant(backend, m, peer_k)}, k=peer_k)))
+
+    for t in [x for x in temps if x == 0] or []:
+        loop_jobs(t)
+        peer_jobs(t)
+    if 0.0 in temps:
         for b in fused_sizes:
-            if 0.0 not in temps:
-                break
             if not batch_ok:
                 bench.skip(f"specdeploy batch {b}", "specdeploy.runtime.batch is not available")
                 continue
-            for m in fused_methods:
-                try:
-                    bench.fused(m, 0 if m == "none" else peer_k, b)
-                except (SpecDeployError, RuntimeError) as e:
-                    bench.skip(f"specdeploy {m} batch {b}", f"{type(e).__name__}: {e}")
+            for m in (x for x in available if x in BATCH_METHODS):
+                jobs.append((f"specdeploy {m} batch {b}", n, lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b)))
             if peers:
-                bench.hf("generate", 0.0, {}, batch=b)
-        for t in temps:
-            if t > 0:
-                for b in fused_sizes:
-                    bench.skip(f"batch {b} at temperature {t}", "the batched engine is greedy only")
-        for m in methods:
-            if m in ("medusa", "eagle") and m in available:
-                for b in fused_sizes:
-                    bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
+                jobs.append((f"hf generate batch {b}", n, lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
+            for m in (x for x in available if x not in BATCH_METHODS):
+                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
+    for t in (x for x in temps if x > 0):
+        loop_jobs(t)
+        peer_jobs(t)
+        for b in fused_sizes:
+            bench.skip(f"batch {b} at temperature {t:g}", "the batched engine is greedy only")
 
-    rows = build_rows(bench.runs, costs)
-    result = {
-        "device": _device_name(backend.device), "dtype": backend.dtype,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(args),
-        "rows": rows,
-        "runner": backend.kind, "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "num_prompts": n,
-        "tasks": list(dict.fromkeys(p.task for p in prompts)),
-        "peer_k": peer_k, "torch": torch.__version__, "transformers": _version("transformers"),
-        "costs": {m: c.as_dict() for m, c in costs.items()},
-        "skipped": bench.skipped,
-        "policy": policy.to_dict() if policy is not None else None,
-    }
-    import json
+    def write() -> dict:
+        result = {"device": _device_name(backend.device), "dtype": backend.dtype,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(args),
+                  "rows": build_rows(bench.runs, costs), **meta, "skipped": bench.skipped,
+                  "wall_s": round(time.perf_counter() - t0, 1)}
+        if "policy" in policy_box:
+            result["policy"] = policy_box["policy"].to_dict()
+        _write_json(out / "bench.json", result)
+        return result
 
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "bench.md").write_text(report.render_markdown(result))
-    (out / "command.txt").write_text(result["command"] + "\n")
-    made = plots.make_plots(result, out)
-    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {len(made)} plots")
+    budget = args.time_budget
+    with progress_bar() as bar:
+        bench.bar, bench.bar_task = bar, bar.add_task("bench", total=sum(j[1] for j in jobs))
+        for what, count, job in jobs:
+            if budget and time.perf_counter() - t0 > budget:
+                bench.skip(what, f"time budget of {budget:g}s spent")
+                bar.advance(bench.bar_task, count)
+                continue
+            done = bar.tasks[0].completed
+            try:
+                job()
+            except Exception as e:  # noqa: BLE001 - one broken configuration must not stop the benchmark
+                bench.skip(what, f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            bar.update(bench.bar_task, completed=done + count)
+            write()
+    result = write()
+    finish(result, out, console)
     return result
 
 
-def _peers(bench: Bench, backend: Backend, t: float, k: int, available: list[str], batch: int) -> None:
+def finish(result: dict, out: Path, console=None) -> None:
+    """bench.md, command.txt and the plots, all from the JSON (so they can be redone anywhere)."""
+    from specdeploy.bench import plots, report
+
+    (out / "bench.md").write_text(report.render_markdown(result))
+    (out / "command.txt").write_text(result["command"] + "\n")
+    made = plots.make_plots(result, out)
+    if console is not None:
+        console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {len(made)} plots")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _assistant(backend: Backend, method: str, k: int):
+    """The same draft model, as HF assisted generation's assistant drafting k tokens a step."""
     import copy
 
-    bench.hf("generate", t, {}, batch=batch)
-    bench.hf("prompt_lookup", t, {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 4}, batch=batch, k=k)
-    for m in (x for x in available if x in ("layerskip", "draft")):
-        assistant = backend.draft_hf(m)
-        assistant.generation_config = copy.deepcopy(backend.loaded.model.generation_config)
-        assistant.generation_config.num_assistant_tokens = k
-        assistant.generation_config.num_assistant_tokens_schedule = "constant"
-        bench.hf(f"assisted_{m}", t, {"assistant_model": assistant}, batch=batch, k=k)
+    assistant = backend.draft_hf(method)
+    assistant.generation_config = copy.deepcopy(backend.loaded.model.generation_config)
+    assistant.generation_config.num_assistant_tokens = k
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    return assistant
+
+
+def _policy_run(bench: "Bench", backend: Backend, box: dict, available: list[str], ks: list[int], t: float, console) -> None:
+    from specdeploy.runtime.policy import Policy
+
+    if "policy" not in box:
+        box["policy"] = _bench_policy(bench.args, backend, [m for m in available if m != "none"], ks, console)
+    p = Policy.from_dict(box["policy"].to_dict())  # fresh counters per temperature
+    engine = backend.engine("none", 1, policy=p)
+    for m in {r.method for r in p.tasks.values()} | {p.default.method}:
+        if m != "none":
+            engine.add_proposer(m, backend.proposer(m, max(ks)))
+    bench.loop(engine, "policy", 0, t, label="policy")
 
 
 def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], console):
@@ -687,5 +729,25 @@ def add_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--runner", choices=["auto", "torch", "graph"], default="auto",
                    help="auto: CUDA graphs on cuda (specdeploy.runtime.cuda_runner), eager torch on cpu")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds: configurations not started by then are skipped with a note (0: no limit)")
     p.add_argument("--out", default="results/bench")
     p.set_defaults(func=cmd_bench)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m specdeploy.bench.run ...` = `specdeploy bench ...` (without the other subcommands' imports)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="specdeploy bench")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return cmd_bench(args)
+    except SpecDeployError as e:
+        print(f"specdeploy: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
