@@ -229,6 +229,7 @@ class Run:
 class Bench:
     def __init__(self, args: argparse.Namespace, backend: Backend, prompts: list[Prompt], encoded: list[list[int]]) -> None:
         self.args, self.backend, self.prompts, self.encoded = args, backend, prompts, encoded
+        self.batch_prompts, self.batch_encoded = prompts, encoded  # batch > 1 rows (may be a larger set)
         self.runs: list[Run] = []
         self.skipped: list[dict] = []
         self.costs: dict = {}
@@ -282,16 +283,16 @@ class Bench:
         draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
         eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
                               max_length=self.backend.max_length, eos_ids=self.eos, switch="on")
-        eng.run([BatchRequest(self.encoded[0], 4)])  # warm-up
-        reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.prompts, self.encoded)]
+        eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
+        reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.batch_prompts, self.batch_encoded)]
         _sync(self.backend.device)
         t = time.perf_counter()
         res = sorted(eng.run(reqs), key=lambda r: r.index)
         _sync(self.backend.device)
         wall = time.perf_counter() - t
-        self.runs.append(Run("specdeploy", method, k, 0.0, batch, "fused", self.prompts, [r.token_ids for r in res],
+        self.runs.append(Run("specdeploy", method, k, 0.0, batch, "fused", self.batch_prompts, [r.token_ids for r in res],
                              [r.stats for r in res], wall_s=wall))
-        self._advance(len(self.prompts))
+        self._advance(len(self.batch_prompts))
         del eng
 
     # peers
@@ -305,9 +306,10 @@ class Bench:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         self._describe(f"hf {name} T={temperature} batch {batch}")
         cap = self.args.peer_time_cap
-        order = _round_robin(self.prompts)  # under a time cap, every task still gets its first prompts
+        prompts, encoded = (self.prompts, self.encoded) if batch == 1 else (self.batch_prompts, self.batch_encoded)
+        order = _round_robin(prompts)  # under a time cap, every task still gets its first prompts
         dev = self.backend.device
-        self._hf_call(model, [self.encoded[order[0]]], {**kw, "max_new_tokens": 4})  # warm-up
+        self._hf_call(model, [encoded[order[0]]], {**kw, "max_new_tokens": 4})  # warm-up
         done: dict[int, tuple[list[int], float]] = {}
         start = time.perf_counter()
         total_wall = 0.0
@@ -318,7 +320,7 @@ class Bench:
             if temperature > 0:
                 torch.manual_seed(0)
             t = time.perf_counter()
-            outs = self._hf_call(model, [self.encoded[j] for j in chunk], kw)
+            outs = self._hf_call(model, [encoded[j] for j in chunk], kw)
             _sync(dev)
             wall = time.perf_counter() - t
             total_wall += wall
@@ -332,8 +334,8 @@ class Bench:
             s = SpecStats(requests=1)
             s.emitted, s.wall_s = len(done[j][0]), done[j][1]
             stats.append(s)
-        note = "" if len(idx) == len(self.prompts) else f"{len(idx)} of {len(self.prompts)} prompts (time cap {cap:g}s)"
-        self.runs.append(Run("hf", name, k, temperature, batch, "hf", [self.prompts[j] for j in idx],
+        note = "" if len(idx) == len(prompts) else f"{len(idx)} of {len(prompts)} prompts (time cap {cap:g}s)"
+        self.runs.append(Run("hf", name, k, temperature, batch, "hf", [prompts[j] for j in idx],
                              [done[j][0] for j in idx], stats, wall_s=total_wall if batch > 1 else None, notes=note))
 
     def _hf_call(self, model, batch_ids: list[list[int]], kw: dict) -> list[list[int]]:
@@ -484,7 +486,7 @@ def _list(s: str, cast=str) -> list:
 def command_line(args: argparse.Namespace) -> str:
     """The exact command, rebuilt from the parsed arguments (defaults spelled out)."""
     parts = ["specdeploy", "bench"]
-    for name in ("prompts", "prompts_per_task", "methods", "k", "temperature", "batch", "peers", "peer_k", "peer_time_cap",
+    for name in ("prompts", "prompts_per_task", "methods", "k", "temperature", "batch", "batch_prompts_per_task", "peers", "peer_k", "peer_time_cap",
                  "policy", "policy_min_speedup", "target", "device", "dtype", "runner", "max_new_tokens", "time_budget", "out"):
         v = getattr(args, name, None)
         if v not in (None, ""):
@@ -519,8 +521,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner, max_new_tokens=args.max_new_tokens,
                            max_k=max(ks))
     encoded = encode_all(backend, prompts, args.max_new_tokens)
-    backend.max_length = max(len(x) for x in encoded) + args.max_new_tokens + max(ks) + 16  # before any runner exists
+    batches_ = _list(args.batch, int)
+    bprompts = select_prompts(args.prompts, args.batch_prompts_per_task) if max(batches_) > 1 else prompts
+    bencoded = encode_all(backend, bprompts, args.max_new_tokens) if bprompts is not prompts else encoded
+    backend.max_length = max(len(x) for x in encoded + bencoded) + args.max_new_tokens + max(ks) + 16  # before any runner exists
     bench = Bench(args, backend, prompts, encoded)
+    bench.batch_prompts, bench.batch_encoded = bprompts, bencoded
     console.print(f"loaded {args.target} on {backend.device} ({backend.dtype}, {backend.kind} runner) in "
                   f"{time.perf_counter() - t0:.1f}s; {len(prompts)} prompts")
 
@@ -575,9 +581,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                 bench.skip(f"specdeploy batch {b}", "specdeploy.runtime.batch is not available")
                 continue
             for m in (x for x in available if x in BATCH_METHODS):
-                jobs.append((f"specdeploy {m} batch {b}", n, lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b)))
+                jobs.append((f"specdeploy {m} batch {b}", len(bprompts), lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b)))
             if peers:
-                jobs.append((f"hf generate batch {b}", n, lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
+                jobs.append((f"hf generate batch {b}", len(bprompts), lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
             for m in (x for x in available if x not in BATCH_METHODS):
                 bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
     for t in (x for x in temps if x > 0):
@@ -720,6 +726,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--peers", default="", help="'hf': HF generate, assisted generation and prompt lookup")
     p.add_argument("--peer-k", type=int, default=0, help="k of the peers and of batch > 1 rows (default 4, or the largest --k)")
     p.add_argument("--peer-time-cap", type=float, default=0.0, help="seconds per peer configuration (0: no cap)")
+    p.add_argument("--batch-prompts-per-task", type=int, default=0,
+                   help="prompts per task of the batch > 1 rows (0: all of the set; batches need many requests)")
     p.add_argument("--policy", help="policy.json for the 'policy' method (default: advise on held-out prompts)")
     p.add_argument("--policy-min-speedup", type=float, default=1.05,
                    help="the advised policy turns a task off below this expected speedup")
