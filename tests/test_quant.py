@@ -192,3 +192,26 @@ def test_ort_int8_engine_from_onnx_export(tmp_path, smollm2):
     assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.graph.initializer)
     runner = load_onnx_runner(tmp_path / "int8" / "target", source_hash=loaded.source_hash)
     assert runner.forward(torch.tensor([1, 2, 3])).logits.shape == (3, loaded.model.config.vocab_size)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algo", ["int8", "fp8", "int8_wo"])
+def test_cuda_quant_linear_bf16(algo):
+    """On the GPU: the kernel the device selects (torch._scaled_mm on sm89+, torch._int_mm)
+    agrees with the CPU fallback and stays close to the bf16 nn.Linear."""
+    lin, x, act = _calibrated_linear(in_f=576, out_f=1536)
+    q = _quant_linear(lin, act, algo, "per-token" if algo == "int8" else "static")
+    with torch.no_grad():
+        cpu = q(x)
+        qc = q.to("cuda", torch.bfloat16)
+        assert qc.qweight.dtype == (torch.float8_e4m3fn if algo == "fp8" else torch.int8)
+        for rows in (1, 7, 32):
+            fast = qc(x[:rows].to("cuda", torch.bfloat16)).float().cpu()
+            assert torch.allclose(fast, cpu[:rows], atol=0.05, rtol=0.05), (rows, float((fast - cpu[:rows]).abs().max()))
+        ref = lin.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16)).float().cpu()
+    assert float((fast - ref[:32]).norm() / ref[:32].norm()) < 0.1
+    major, minor = torch.cuda.get_device_capability()
+    if algo == "fp8" and (major, minor) >= (8, 9):
+        assert Q.kernel_path("fp8", "cuda") == "torch._scaled_mm"
+    if algo == "int8":
+        assert Q.kernel_path("int8", "cuda") == "torch._int_mm"

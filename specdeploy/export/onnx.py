@@ -205,8 +205,9 @@ def export_model(loaded: LoadedModel, out_dir: str | Path, name: str = "target",
 
 
 def resolve_draft(draft: str, target: LoadedModel) -> LoadedModel:
-    """The draft a --draft flag names: 'layerskip' / 'layerskip:N' (the target's first N layers)
-    or a model source that load_model accepts."""
+    """The draft a --draft flag names: 'layerskip' / 'layerskip:N' (the target's first N layers),
+    'draft_lm' / 'draft_lm:PATH' (a trained DraftLM artifact; default: the shipped one) or a
+    model source that load_model accepts."""
     from specdeploy.models.layerskip import layerskip_model
     from specdeploy.models.loader import load_model
 
@@ -222,6 +223,13 @@ def resolve_draft(draft: str, target: LoadedModel) -> LoadedModel:
         tag = f"layerskip:{n}"
         digest = hashlib.sha256(f"{target.source_hash}:{tag}".encode()).hexdigest()
         return LoadedModel(model=model, tokenizer=target.tokenizer, source=f"{tag} of {target.source}", source_hash=digest)
+    if draft == "draft_lm" or draft.startswith("draft_lm:"):
+        from specdeploy.models import draft_lm
+
+        path = draft.split(":", 1)[1] if ":" in draft else None
+        model = draft_lm.load(path, target)
+        digest = hashlib.sha256(f"{target.source_hash}:{draft}".encode()).hexdigest()
+        return LoadedModel(model=model, tokenizer=target.tokenizer, source=f"{draft} for {target.source}", source_hash=digest)
     return load_model(draft, dtype=torch.float32)
 
 
