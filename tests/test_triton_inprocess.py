@@ -125,6 +125,19 @@ def test_writer_refuses_foreign_dirs_and_rewrites_its_own(tmp_path, capsys):
     assert "decoupled: true" in (repo / "spec_decode" / "config.pbtxt").read_text()
 
 
+def test_writer_gpu_instances(tmp_path):
+    from specdeploy.triton_repo.writer import InstanceSpec
+
+    repo = write_repository(tmp_path / "gpu", RepoSpec(spec=SpecConfig(method="layerskip"),
+                                                      instances=InstanceSpec("gpu", 2, (1, 0))))
+    for name in ("verify", "draft"):  # one instance, on the first GPU listed: the KV caches live there
+        config = (repo / name / "config.pbtxt").read_text()
+        assert "kind: KIND_GPU\n    count: 1\n    gpus: [ 1 ]" in config and '\\"dtype\\": \\"bfloat16\\"' in config
+    assert "kind: KIND_CPU\n    count: 2" in (repo / "spec_decode" / "config.pbtxt").read_text()
+    with pytest.raises(SpecDeployError, match="--gpus needs"):
+        InstanceSpec("cpu", 1, (0,))
+
+
 def test_missing_and_corrupt_weight_files_are_named(tmp_path):
     good = tmp_path / "w.safetensors"
     good.write_bytes(b"weights")

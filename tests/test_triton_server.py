@@ -220,6 +220,39 @@ def test_malformed_requests_get_errors_and_the_server_goes_on(server, engine, ht
     assert http.generate(PROMPTS["qa"], max_tokens=MAX).text == reference(engine, PROMPTS["qa"])
 
 
+def test_cancelled_stream_stops_the_generation(server, engine, grpc, smollm2):
+    """A client closing its stream to spec_decode cancels the request (the server stops generating).
+
+    Through the ensemble, Triton 2.51 does not pass the cancellation on to the steps: an
+    abandoned ensemble request runs to its max_tokens (the server still keeps serving)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from specdeploy.triton_repo.text import encode_prompt
+
+    ids = np.array(encode_prompt(smollm2.tokenizer, PROMPTS["code"]), dtype=np.int64)
+    inputs = []
+    for name, arr, dtype in [("input_ids", ids, "INT64"), ("max_tokens", np.array([200], np.int32), "INT32"),
+                             ("stream", np.array([True]), "BOOL")]:
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        inputs.append(t)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("spec_decode", inputs)
+    result, error = responses.get(timeout=120)
+    assert error is None and result.as_numpy("output_ids").size == 1
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + 60
+    while "request cancelled after" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "request cancelled after" in server.log_path.read_text()
+    assert grpc.generate(PROMPTS["qa"], max_tokens=MAX).text == reference(engine, PROMPTS["qa"])
+
+
 def test_failed_draft_model_falls_back_to_plain_decoding(server, engine, http):
     import tritonclient.http as httpclient
 

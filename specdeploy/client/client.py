@@ -120,6 +120,18 @@ class TextStream:
             if piece:
                 yield piece
 
+    def close(self) -> None:
+        """Stop early: closes the connection, which cancels the request on the server."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class SpecClient:
     def __init__(self, url: str = "http://127.0.0.1:8000", protocol: str = "http", model: str = "ensemble",
