@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# The GPU run behind results/drafts/ and the shipped artifacts (specdeploy/models/artifacts/smollm2-*).
+# The GPU runs behind results/drafts/ and the shipped artifacts (specdeploy/models/artifacts/smollm2-*).
 # On the device machine, after scripts/device_model.sh put SmolLM2's GGUF in /tmp/smollm2:
-#   bash results/drafts/run_gpu.sh train   # data + the three drafts, trained side by side (~8 min)
-#   bash results/drafts/run_gpu.sh eval    # every method on the eval prompts, greedy and T=0.7
-# Outputs go to $OUT (the device tool's return folder) or /tmp/out.
+#   bash results/drafts/run_gpu.sh train      # data, then the three drafts trained side by side
+#   bash results/drafts/run_gpu.sh eval       # every method on the eval prompts, greedy and T=0.7
+#   bash results/drafts/run_gpu.sh retrain    # data, EAGLE + DraftLM trained again, their methods evaluated
+# Outputs go to $OUT (the device tool's return folder) or /tmp/out. Settings come from the
+# environment (defaults below); the run of 2026-11-24 used N_PER_TASK=300 DATA_BATCH=500.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=${TARGET:-/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 DEV=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}
-A=/tmp/art
+A=${ARTIFACTS:-/tmp/art}
 mkdir -p "$OUT" "$A" /tmp/logs /tmp/res
-sd() { shift; python -m specdeploy.training.cli "$@"; }  # sd train X ...: no dependence on the shared CLI
+train() { python -m specdeploy.training.cli "$@"; }  # the train commands alone, not the whole CLI
 
-if [ "$1" = train ]; then
-  python - "$T" "$DEV" <<'PY' 2>&1 | tee /tmp/logs/smoke.log || echo "SMOKE FAILED (trees); training goes on"
-# smoke: tree attention + cache compaction on this transformers version, against plain chains
+smoke() {  # tree attention + cache compaction on this transformers version, against plain chains
+  python - "$T" "$DEV" <<'PY' 2>&1 | tee /tmp/logs/smoke.log || echo "SMOKE FAILED (trees)"
 import sys, torch, transformers
 from specdeploy.models.loader import load_model
 from specdeploy.runtime.runner import TorchRunner
@@ -31,37 +32,66 @@ d2 = (r.forward(torch.tensor([7])).logits - r2.forward(torch.tensor([7])).logits
 print(f"transformers {transformers.__version__} torch {torch.__version__}: tree vs chain max |dlogit| {d:.3g}, after keep_path {d2:.3g}")
 assert d < 0.5 and d2 < 0.5
 PY
-  sd train data --target "$T" --device "$DEV" --out /tmp/distill --n-per-task "${N_PER_TASK:-200}" --batch-size "${DATA_BATCH:-400}" ${DATA_ARGS:-} 2>&1 | tee /tmp/logs/data.log
+}
+
+data() {
+  train data --target "$T" --device "$DEV" --out /tmp/distill --n-per-task "${N_PER_TASK:-300}" \
+    --batch-size "${DATA_BATCH:-500}" ${DATA_ARGS:-} 2>&1 | tee /tmp/logs/data.log
   cp /tmp/distill/manifest.json /tmp/logs/data_manifest.json
-  for kind in eagle draft medusa; do
-    sd train "$kind" --target "$T" --device "$DEV" --data /tmp/distill --out "$A/$kind" --minutes "${TRAIN_MINUTES:-4}" --steps "${STEPS:-5000}" ${TRAIN_ARGS:-} > "/tmp/logs/train_$kind.log" 2>&1 &
+  tar czf "$OUT/data.tgz" -C /tmp distill
+}
+
+train_side_by_side() {  # kinds...: trained in parallel on the one GPU
+  for kind in "$@"; do
+    train "$kind" --target "$T" --device "$DEV" --data /tmp/distill --out "$A/$kind" --minutes "${TRAIN_MINUTES:-4}" \
+      --steps "${STEPS:-20000}" ${TRAIN_ARGS:-} > "/tmp/logs/train_$kind.log" 2>&1 &
   done
   wait || true
-  tar czf "$OUT/draft.tgz" -C "$A" draft || true
-  tar czf "$OUT/heads.tgz" -C "$A" medusa eagle || true
-  tar czf "$OUT/logs.tgz" -C /tmp logs
-  tail -n 3 /tmp/logs/train_*.log
-fi
+  for kind in "$@"; do grep -a "steps in\|planning" "/tmp/logs/train_$kind.log" || true; done
+}
 
-if [ "$1" = eval ]; then
-  MAX_NEW=${MAX_NEW:-128}
-  run() {  # label temperature args...
+evaluate() {  # labels...: each at T=0 and T=0.7, all in parallel, ending by $DEADLINE s of this script
+  local limit=$(( ${DEADLINE:-570} - SECONDS ))
+  echo "evaluating $* for at most $limit s"
+  job() {  # label temperature args...
     local label=$1 temp=$2; shift 2
-    timeout "${EVAL_TIMEOUT:-480}" python -m specdeploy.training.report run --label "$label" --temperature "$temp" \
-      --target "$T" --device "$DEV" --max-new-tokens "$MAX_NEW" ${EVAL_ARGS:-} --out "/tmp/res/${label}_T$temp.json" "$@" \
-      > "/tmp/logs/eval_${label}_T$temp.log" 2>&1 || true
+    timeout "$limit" python -m specdeploy.training.report run --label "$label" --temperature "$temp" \
+      --target "$T" --device "$DEV" --max-new-tokens "${MAX_NEW:-128}" ${EVAL_ARGS:-} \
+      --out "/tmp/res/${label}_T$temp.json" "$@" > "/tmp/logs/eval_${label}_T$temp.log" 2>&1 || true
   }
   for temp in 0 0.7; do
-    [ "$temp" = 0 ] && run none "$temp" --method none &
-    run ngram "$temp" --method ngram --k 4 &
-    run layerskip "$temp" --method layerskip --k 4 &
-    run draft "$temp" --method draft --draft "$A/draft" --k 4 &
-    run medusa "$temp" --method medusa --draft "$A/medusa" --k 4 &
-    run eagle "$temp" --method eagle --draft "$A/eagle" --k 6 &
-    run eagle-chain "$temp" --method eagle --draft "$A/eagle" --k 4 --tree-size 0 &
-    run multi "$temp" --method multi --draft "$A/eagle" --k 6 &
+    for label in "$@"; do
+      case $label in
+        none) [ "$temp" = 0 ] && job none "$temp" --method none & ;;
+        ngram) job ngram "$temp" --method ngram --k 4 & ;;
+        layerskip) job layerskip "$temp" --method layerskip --k 4 & ;;
+        draft) job draft "$temp" --method draft --draft "$A/draft" --k 4 & ;;
+        medusa) job medusa "$temp" --method medusa --draft "$A/medusa" --k 4 & ;;
+        eagle) job eagle "$temp" --method eagle --draft "$A/eagle" --k 6 & ;;
+        eagle-chain) job eagle-chain "$temp" --method eagle --draft "$A/eagle" --k 4 --tree-size 0 & ;;
+        multi) job multi "$temp" --method multi --draft "$A/eagle" --k 6 & ;;
+      esac
+    done
   done
   wait
   python -m specdeploy.training.report table /tmp/res/*.json --out "$OUT/results"
   tar czf "$OUT/raw.tgz" -C /tmp res logs
-fi
+}
+
+case $1 in
+  train)
+    smoke
+    data
+    train_side_by_side eagle draft medusa
+    tar czf "$OUT/draft.tgz" -C "$A" draft || true
+    tar czf "$OUT/heads.tgz" -C "$A" medusa eagle || true
+    tar czf "$OUT/logs.tgz" -C /tmp logs ;;
+  eval)
+    evaluate none ngram layerskip draft medusa eagle eagle-chain multi ;;
+  retrain)
+    data
+    train_side_by_side eagle draft
+    tar czf "$OUT/draft.tgz" -C "$A" draft || true
+    tar czf "$OUT/eagle.tgz" -C "$A" eagle || true
+    evaluate eagle multi eagle-chain draft ;;
+esac

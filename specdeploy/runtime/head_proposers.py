@@ -79,6 +79,7 @@ class EagleProposer:
     def reset(self) -> None:
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, kv_heads, L, head_dim] each
         self._fed = 0  # committed pairs whose entries the cache holds
+        self._root: torch.Tensor | None = None  # [H] predicted feature at the pending position
 
     def _cache_len(self) -> int:
         return 0 if self._cache is None else self._cache[0].shape[2]
@@ -98,12 +99,15 @@ class EagleProposer:
             self._cache = (self._cache[0][:, :, : self._fed], self._cache[1][:, :, : self._fed])
         device = hidden.device
         new = n_pairs - self._fed
+        if new <= 0:  # nothing committed since the last call
+            return self._root
         positions = torch.arange(self._fed, n_pairs, device=device)
         tokens = torch.tensor(ctx.token_ids[self._fed + 1 : n_pairs + 1], dtype=torch.long, device=device)
         allowed = torch.ones(new, self._fed + new, dtype=torch.bool, device=device).tril(self._fed)
         out = self._forward(hidden[self._fed : n_pairs], tokens, positions, allowed)
         self._fed = n_pairs
-        return out[-1]
+        self._root = out[-1]
+        return self._root
 
     @torch.inference_mode()
     def propose(self, ctx: Context, k: int) -> Draft:
@@ -116,70 +120,67 @@ class EagleProposer:
 
     def _chain(self, ctx: Context, feature: torch.Tensor, k: int) -> Draft:
         device = feature.device
-        tokens: list[int] = []
+        tokens: list[torch.Tensor] = []  # [1] each, kept on the device: no sync per draft token
         probs: list[torch.Tensor] = []
         for i in range(k):
             logits = self.lm_head(feature).float()  # [vocab]
             if ctx.params.greedy:
-                token = int(logits.argmax())
+                token = logits.argmax()[None]
             else:
                 q = sampling_probs(logits[None], ctx.params)[0]
-                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+                token = torch.multinomial(q, 1, generator=ctx.generator)
                 probs.append(q)
             tokens.append(token)
             if i == k - 1:
                 break
             allowed = torch.ones(1, self._cache_len() + 1, dtype=torch.bool, device=device)
             pos = torch.tensor([self._fed + i], device=device)
-            feature = self._forward(feature[None], torch.tensor([token], device=device), pos, allowed)[0]
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs) if probs else None)
+            feature = self._forward(feature[None], token, pos, allowed)[0]
+        return Draft(tokens=torch.cat(tokens).cpu(), probs=torch.stack(probs) if probs else None)
 
     def _tree(self, root: torch.Tensor, depth: int) -> Draft:
-        """EAGLE-2: expand the `topk` best nodes per depth, keep the `tree_size` best overall."""
-        device = root.device
-        tok: list[int] = []  # per node
-        parent: list[int] = []
-        score: list[float] = []  # cumulative draft log-probability
-        cache_pos: dict[int, int] = {}  # expanded node -> its entry in the head's cache
+        """EAGLE-2: expand the `topk` best nodes per depth, keep the `tree_size` best overall.
 
+        Everything stays on the device (one sync at the end): nodes are numbered in creation
+        order, so a parent's number is below its children's; a node's score (cumulative draft
+        log-probability) is never below a child's.
+        """
+        device, k = root.device, self.topk
         logp = torch.log_softmax(self.lm_head(root).float(), -1)  # [vocab]
-        top = logp.topk(self.topk)
-        frontier = list(range(self.topk))
-        tok += top.indices.tolist()
-        parent += [-1] * self.topk
-        score += top.values.tolist()
-        feats = root[None].expand(self.topk, -1)  # [frontier, H] the parent's feature of each frontier node
+        top = logp.topk(k)
+        tok, score = [top.indices], [top.values]  # per depth: [nodes]
+        parent = [torch.full((k,), -1, device=device)]
+        front_id = torch.arange(k, device=device)  # node numbers of the frontier
+        front_tok, front_score = top.indices, top.values
+        feats = root[None].expand(k, -1)  # [k, H] the parent's (predicted) feature of each frontier node
+        anc = torch.zeros(k, 0, dtype=torch.bool, device=device)  # frontier x tree entries in the head's cache
+        n_nodes = k
         for d in range(1, depth):
-            base = self._cache_len()
-            n = len(frontier)
-            allowed = torch.zeros(n, base + n, dtype=torch.bool, device=device)
-            allowed[:, : self._fed] = True
-            for row, node in enumerate(frontier):
-                cache_pos[node] = base + row
-                a = parent[node]
-                while a >= 0:
-                    allowed[row, cache_pos[a]] = True
-                    a = parent[a]
-            allowed[torch.arange(n), base + torch.arange(n)] = True
-            positions = torch.full((n,), self._fed - 1 + d, device=device)
-            tokens = torch.tensor([tok[i] for i in frontier], device=device)
-            out = self._forward(feats, tokens, positions, allowed)  # [n, H]
-            logp = torch.log_softmax(self.lm_head(out).float(), -1)  # [n, vocab]
-            top = logp.topk(self.topk, dim=-1)
-            cand = (torch.tensor([score[i] for i in frontier], device=device)[:, None] + top.values).flatten()
-            first = len(tok)
-            tok += top.indices.flatten().tolist()
-            parent += [frontier[i // self.topk] for i in range(n * self.topk)]
-            score += cand.tolist()
-            best = cand.topk(min(self.topk, cand.numel())).indices
-            frontier = [first + int(i) for i in best]
-            feats = out[best // self.topk]
-        # the best nodes overall; ties go to the shallower, earlier node, so parents come with their children
-        chosen = sorted(range(len(tok)), key=lambda i: (-score[i], i))[: self.tree_size]
-        chosen.sort()
-        index = {old: new for new, old in enumerate(chosen)}
-        return Draft(tokens=torch.tensor([tok[i] for i in chosen], dtype=torch.long),
-                     parents=torch.tensor([index[parent[i]] if parent[i] >= 0 else -1 for i in chosen], dtype=torch.long))
+            allowed = torch.cat([torch.ones(k, self._fed, dtype=torch.bool, device=device), anc,
+                                 torch.eye(k, dtype=torch.bool, device=device)], dim=1)
+            positions = torch.full((k,), self._fed - 1 + d, device=device)
+            out = self._forward(feats, front_tok, positions, allowed)  # [k, H]
+            anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=device)], dim=1)
+            top = torch.log_softmax(self.lm_head(out).float(), -1).topk(k, dim=-1)  # [k, k]
+            cand = (front_score[:, None] + top.values).flatten()  # [k * k]
+            tok.append(top.indices.flatten())
+            score.append(cand)
+            parent.append(front_id.repeat_interleave(k))
+            best = cand.topk(k).indices  # [k] next frontier
+            front_id = n_nodes + best
+            front_tok, front_score = top.indices.flatten()[best], cand[best]
+            feats, anc = out[best // k], anc[best // k]
+            n_nodes += k * k
+        tok, score, parent = torch.cat(tok), torch.cat(score), torch.cat(parent)
+        # best nodes overall; the tiny index penalty breaks ties towards parents (numbered first)
+        key = score.double() - torch.arange(n_nodes, device=device, dtype=torch.float64) * 1e-9
+        chosen = key.topk(min(self.tree_size, n_nodes)).indices.sort().values
+        renumber = torch.full((n_nodes,), -1, dtype=torch.long, device=device)
+        renumber[chosen] = torch.arange(chosen.numel(), device=device)
+        p = parent[chosen]
+        new_parent = torch.where(p >= 0, renumber[p.clamp_min(0)], p)
+        flat = torch.stack([tok[chosen], new_parent]).cpu()  # the one sync
+        return Draft(tokens=flat[0].clone(), parents=flat[1].clone())
 
 
 class MultiDraftProposer:

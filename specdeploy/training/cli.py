@@ -72,7 +72,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _command() -> str:
-    return "specdeploy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = sys.argv[1:]
+    if argv[:1] != ["train"]:  # run as `python -m specdeploy.training.cli`
+        argv = ["train"] + argv
+    return "specdeploy " + " ".join(shlex.quote(a) for a in argv)
 
 
 def _load_target(args, default_dtype: str):

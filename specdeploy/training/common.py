@@ -137,8 +137,8 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
                ) -> tuple[TrainResult, list[int]]:
     """AdamW with warm-up and cosine decay; stops at cfg.steps or when cfg.minutes are spent.
 
-    The schedule's length is re-planned after 20 steps from the measured step time, so a
-    time-bound run still ends its cosine decay. Returns the result and the validation indices.
+    The schedule's length is re-planned at steps 30, 100 and 300 from the step time measured
+    since step 10 (warm-up excluded), so a time-bound run still ends its cosine decay. Returns the result and the validation indices.
     """
     from tqdm import tqdm
 
@@ -164,12 +164,15 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
         opt.step()
         step += 1
         bar.update(1)
-        window.append({k: float(v) for k, v in metrics.items()})
-        if step == 20 and cfg.minutes:
-            elapsed = time.perf_counter() - start
-            total = max(step + 1, min(cfg.steps, int(cfg.minutes * 60 / (elapsed / step))))
+        window.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()})
+        if step == 10:
+            steady_from, steady_t = step, time.perf_counter()  # the first steps include warm-up costs
+        if cfg.minutes and step in (30, 100, 300):
+            now = time.perf_counter()
+            per_step = (now - steady_t) / (step - steady_from)
+            total = max(step + 1, min(cfg.steps, step + int((cfg.minutes * 60 - (now - start)) / per_step)))
             bar.total = total
-            log(f"{elapsed / step * 1000:.0f} ms/step: planning {total} steps for {cfg.minutes} min")
+            log(f"{per_step * 1000:.0f} ms/step: planning {total} steps for {cfg.minutes} min")
         if step % cfg.log_every == 0 or step == total:
             point = {"step": step, "lr": lr, **_average(window[-cfg.log_every :])}
             curve.append(point)

@@ -30,10 +30,14 @@ class DraftMismatchWarning(UserWarning):
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the vocabulary and the special token ids: equal hashes mean interchangeable ids."""
+    """sha256 of the vocabulary (every token and its id): equal hashes mean interchangeable ids.
+
+    Special-token attributes are left out on purpose: the same GGUF tokenizer reports
+    eos/pad differently across transformers versions (5.17: eos 1, pad None; 5.24: eos 2,
+    pad 2) while every id means the same token.
+    """
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    special = {n: getattr(tokenizer, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
-    return hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def is_artifact(path: str | Path | None) -> bool:
