@@ -23,3 +23,17 @@ def check_compatible(target: PreTrainedTokenizerBase, draft: PreTrainedTokenizer
         a, b = getattr(target, name, None), getattr(draft, name, None)
         if a != b:
             raise SpecDeployError(f"draft tokenizer does not match the target's: {name} is {b} in the draft, {a} in the target")
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> list[int]:
+    """Token ids of a user prompt: through the chat template unless `raw` (or the tokenizer has none)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SpecDeployError("empty prompt")
+    if raw or not tokenizer.chat_template:
+        text = prompt
+    else:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=raw)["input_ids"]
+    if not ids:
+        raise SpecDeployError("the prompt encodes to no tokens")
+    return ids

@@ -14,7 +14,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.models.artifacts import is_artifact
 from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import LoadedModel, load_model
-from specdeploy.models.tokenizers import check_compatible
+from specdeploy.models.tokenizers import check_compatible, encode_prompt
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer, Proposer
@@ -128,15 +128,7 @@ class SpecEngine:
 
     def encode(self, prompt: str, raw: bool = False, max_new_tokens: int = 0) -> list[int]:
         """Token ids of a prompt (chat template unless raw); refuses empty or over-long prompts."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SpecDeployError("empty prompt")
-        if raw or not self.tokenizer.chat_template:
-            text = prompt
-        else:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer(text, add_special_tokens=raw)["input_ids"]
-        if not ids:
-            raise SpecDeployError("the prompt encodes to no tokens")
+        ids = encode_prompt(self.tokenizer, prompt, raw)
         if len(ids) + max_new_tokens > self.runner.max_length:
             raise SpecDeployError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context window of {self.runner.max_length} tokens"

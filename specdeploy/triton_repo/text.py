@@ -1,6 +1,6 @@
 """Prompt encoding and incremental detokenization shared by the pre/postprocessing models.
 
-`encode_prompt` must give the ids `SpecEngine.encode` gives (the tests compare served
+`encode_prompt` (from specdeploy.models.tokenizers) gives the ids `SpecEngine.encode` gives (the tests compare served
 text with in-process text). `text_delta` turns "all ids so far + how many were sent
 before" into the new piece of text, statelessly: a piece never ends inside a UTF-8
 character split over tokens, nor with the beginning of a stop string still undecided.
@@ -9,21 +9,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from specdeploy.errors import SpecDeployError
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> list[int]:
-    """Token ids of a user prompt, through the chat template (the same steps as SpecEngine.encode)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SpecDeployError("empty prompt")
-    if raw or not tokenizer.chat_template:
-        text = prompt
-    else:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=raw)["input_ids"]
-    if not ids:
-        raise SpecDeployError("the prompt encodes to no tokens")
-    return ids
+from specdeploy.models.tokenizers import encode_prompt  # noqa: F401 - re-exported for the served models
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
