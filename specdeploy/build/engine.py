@@ -23,7 +23,7 @@ import torch
 
 from specdeploy.build.manifest import (Manifest, artifact_file, check_source, component_dir, now, read_manifest,
                                        tokenizer_hash, versions, write_manifest)
-from specdeploy.build.quantize import ALGOS, calibrate, kernel_path, quantize, quantized_model
+from specdeploy.build.quantize import ALGOS, calibrate, kernel_path, quantize, quantized_model, rebuild_rotary
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.loader import LoadedModel
 
@@ -165,7 +165,9 @@ def load_quantized(directory: str | Path, device: str = "cpu", dtype: torch.dtyp
         model.generation_config = GenerationConfig.from_pretrained(directory)
     except OSError:
         pass
-    return model.to(device=device, dtype=dtype).eval(), manifest
+    model = model.to(device=device, dtype=dtype)
+    rebuild_rotary(model, device)  # float32 tables, as from_pretrained keeps them
+    return model.eval(), manifest
 
 
 def build_torch_engines(target: str, out_dir: str | Path, *, draft: str | None = None, target_quant: str = "none",

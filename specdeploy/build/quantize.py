@@ -280,10 +280,11 @@ def quantize_linear(linear: nn.Linear, algo: str, act: ActStats | None, smooth_a
     elif algo == "int8":
         if act is None:
             raise SpecDeployError("int8 (SmoothQuant) needs calibration statistics")
-        s = smoothing_factors(act.channel_amax, w, smooth_alpha)  # [in]
+        act_amax = act.channel_amax.to(w.device)
+        s = smoothing_factors(act_amax, w, smooth_alpha)  # [in]
         ws = w * s[None, :]
         scale = per_channel_scale(ws, INT8_MAX)
-        x_amax = float((act.channel_amax / s).max())  # amax of the smoothed activations
+        x_amax = float((act_amax / s).max())  # amax of the smoothed activations
         out.update(qweight=quantize_int8(ws, scale[:, None]), weight_scale=scale,
                    input_scale=per_tensor_scale(x_amax, INT8_MAX), smooth=s)
     elif algo == "fp8":
@@ -372,6 +373,18 @@ def quantized_model(model: nn.Module, weights: QuantizedWeights | dict[str, torc
         model.lm_head.weight = model.get_input_embeddings().weight
     _rebuild_meta_buffers(model)
     return model.eval()
+
+
+def rebuild_rotary(model: nn.Module, device: torch.device | str | None = None) -> None:
+    """Recompute rotary tables (inv_freq, float32 as transformers makes them) on `device`:
+    after model.to(bfloat16) they would otherwise be rounded to bf16."""
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "inv_freq") and name:
+            dev = device or module.inv_freq.device
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            with torch.device(dev):
+                setattr(parent, child, type(module)(config=model.config))
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:
