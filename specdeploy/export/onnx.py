@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +135,9 @@ def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxEx
     inputs, outputs = io_names(num_layers)
     external = param_bytes(model) > config.external_data_bytes
     start = time.perf_counter()
-    with torch.no_grad():
-        program = torch.onnx.export(KVCacheWrapper(model), _example_inputs(model), dynamo=True, verbose=False,
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter: axis renames, pytree deprecations
+        program = torch.onnx.export(KVCacheWrapper(model).eval(), _example_inputs(model), dynamo=True, verbose=False,
                                     dynamic_shapes=_dynamic_shapes(num_layers), input_names=inputs,
                                     output_names=outputs, opset_version=config.opset, optimize=config.optimize)
     path.parent.mkdir(parents=True, exist_ok=True)
