@@ -41,7 +41,7 @@ from specdeploy.runtime.stats import SpecStats
 
 METHODS = ("none", "ngram", "draft")  # "draft": any LeanLlama draft (layerskip or trained)
 PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
-CATCHUP = 16  # tokens per slot fed to a draft model per catch-up pass (after plain steps)
+CATCHUP = 64  # tokens per slot fed to a draft model per catch-up pass (after plain steps)
 
 
 def greedy_accept_batch(
@@ -113,45 +113,57 @@ class BatchResult:
 
 
 class SpecSwitch:
-    """Speculation on or off for the whole batch: "on", "off", or "auto" (measured).
+    """Speculation on or off for the whole batch: "on", "off", or "auto" (a measured cost model).
 
-    auto: keeps a moving average of emitted tokens per second for spec and plain steps (measured
-    between consecutive step completions) and runs the faster mode, probing the other one for
-    `probe_len` steps every `probe_every` steps so that a change in acceptance is noticed.
+    auto: moving averages of the device time of a spec step and of a plain step (CUDA events
+    around the step's graph), and of the tokens a spec step emits per slot (the acceptance
+    length; a plain step emits exactly one). It runs spec steps while
+    acceptance_length / spec_time >= 1 / plain_time, and probes the other mode for one step
+    every `probe_every` steps, so that a change in acceptance or in step times is noticed.
     """
 
-    def __init__(self, mode: str = "on", probe_every: int = 48, probe_len: int = 3, decay: float = 0.9) -> None:
+    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8) -> None:
         if mode not in ("on", "off", "auto"):
             raise SpecDeployError(f"speculation switch must be on, off or auto, not {mode!r}")
-        self.mode, self.probe_every, self.probe_len, self.decay = mode, probe_every, probe_len, decay
-        self.rate: dict[bool, float | None] = {True: None, False: None}  # tokens/s by spec on/off
+        self.mode, self.probe_every, self.decay = mode, probe_every, decay
+        self.step_s: dict[bool, float | None] = {True: None, False: None}  # device seconds per step, spec / plain
+        self.acceptance: float | None = None  # tokens per slot per spec step
         self._steps = 0
         self.spec_steps = 0
         self.plain_steps = 0
+
+    def prefers_spec(self) -> bool:
+        """The cost model's choice (before probing)."""
+        t_spec, t_plain = self.step_s[True], self.step_s[False]
+        if t_spec is None or t_plain is None or self.acceptance is None:
+            return True
+        return self.acceptance / t_spec >= 1.0 / t_plain
 
     def choose(self) -> bool:
         self._steps += 1
         if self.mode != "auto":
             return self.mode == "on"
-        spec, plain = self.rate[True], self.rate[False]
-        if spec is None:
-            return True
-        if plain is None:
-            return self._steps % self.probe_every >= self.probe_len  # first probe early
-        best = spec >= plain
-        probing = self._steps % self.probe_every < self.probe_len
-        return (not best) if probing else best
+        if self.step_s[True] is None or self.acceptance is None:
+            return True  # measure spec first
+        if self.step_s[False] is None:
+            return False  # then plain once
+        best = self.prefers_spec()
+        return (not best) if self._steps % self.probe_every == 0 else best
 
-    def record(self, spec: bool, tokens: int, seconds: float) -> None:
+    def record(self, spec: bool, tokens_per_slot: float | None, seconds: float) -> None:
+        """One finished step: its mode, tokens emitted per active slot, device seconds."""
         if spec:
             self.spec_steps += 1
         else:
             self.plain_steps += 1
-        if seconds <= 0 or tokens <= 0:
-            return
-        r = tokens / seconds
-        old = self.rate[spec]
-        self.rate[spec] = r if old is None else self.decay * old + (1 - self.decay) * r
+        if seconds > 0:
+            self.step_s[spec] = _ema(self.step_s[spec], seconds, self.decay)
+        if spec and tokens_per_slot is not None:
+            self.acceptance = _ema(self.acceptance, tokens_per_slot, self.decay)
+
+
+def _ema(old: float | None, new: float, decay: float) -> float:
+    return new if old is None else decay * old + (1 - decay) * new
 
 
 @dataclass
@@ -171,7 +183,9 @@ class _Launched:
     step: int
     spec: bool
     host: torch.Tensor  # [B, k + 3] pinned copy of the step's result
-    event: torch.cuda.Event | None
+    event: torch.cuda.Event | None  # recorded after the step graph, on CUDA
+    started: torch.cuda.Event | float  # before the step graph: an event on CUDA, a host clock otherwise
+    copied: torch.cuda.Event | None = None  # recorded after the result's copy to the host
 
 
 class BatchSpeculator:
@@ -377,32 +391,45 @@ class BatchSpeculator:
             for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
                 self._catchup_fn(kv)()
         self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
+        cuda = self.device.type == "cuda"
+        started: torch.cuda.Event | float = time.perf_counter()
+        if cuda:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         self._step_fn(spec, kv)()
+        event = None
+        if cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
         host = self._hosts[self.steps % 2]
         host.copy_(self.result, non_blocking=True)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        launched = _Launched(self.steps, spec, host, event)
+        copied = None
+        if cuda:
+            copied = torch.cuda.Event()
+            copied.record()
+        launched = _Launched(self.steps, spec, host, event, started, copied)
         self.steps += 1
         return launched
 
     def _collect(self, launched: _Launched, on_done) -> list[BatchResult]:
-        if launched.event is not None:
-            launched.event.synchronize()
+        if launched.copied is not None:
+            launched.copied.synchronize()  # this step and its copy only: the next step may run on
+            seconds = launched.started.elapsed_time(launched.event) / 1e3
+        else:
+            seconds = time.perf_counter() - launched.started
         res = launched.host.tolist()
-        done, tokens = [], 0
+        done, tokens, slots = [], 0, 0
         for slot, s in enumerate(self.slots):
             if s is None or launched.step < s.first_step:
                 continue
             n, proposed = res[slot][0], res[slot][1]
             s.stats.record_step(proposed, n)
+            slots += 1
+            tokens += n + 1
             reason = None
             for tok in res[slot][2 : n + 3]:
                 s.generated.append(tok)
                 s.tokens.append(tok)
-                tokens += 1
                 reason = s.stop.check(s.generated)
                 if reason:
                     break
@@ -414,9 +441,7 @@ class BatchSpeculator:
                 if on_done:
                     on_done(result)
                 self._leave(slot)
-        now = time.perf_counter()
-        self.switch.record(launched.spec, tokens, now - self._last_collect)
-        self._last_collect = now
+        self.switch.record(launched.spec, tokens / slots if slots else None, seconds)
         return done
 
     def run(self, requests: Sequence[BatchRequest], on_done: Callable[[BatchResult], None] | None = None) -> list[BatchResult]:
@@ -424,7 +449,6 @@ class BatchSpeculator:
         queue = deque(enumerate(requests))
         results: list[BatchResult | None] = [None] * len(requests)
         in_flight: _Launched | None = None
-        self._last_collect = time.perf_counter()
         while queue or in_flight is not None or any(s is not None for s in self.slots):
             for slot in range(self.B):
                 if self.slots[slot] is None and queue:

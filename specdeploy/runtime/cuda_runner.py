@@ -21,6 +21,7 @@ the Hugging Face model's logits and through ``speculative_generate``. The batche
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,11 +29,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.types import Step
 
+log = logging.getLogger(__name__)
+
 DEFAULT_QUERY_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+# attention kernels that take an arbitrary additive mask and capture in CUDA graphs (the cuDNN
+# backend is left out: it broke graph capture of the 128-token prefill on an H100, torch 2.11)
+SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 ROPE_SLACK = 1024  # rope table rows past max_position_embeddings, for padded and scratch positions
 
 
@@ -251,8 +258,22 @@ class LeanLlama:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
         row_idx = (rows if rows is not None else torch.arange(R, device=tokens.device))[:, None]  # [R, 1]
-        half = hd // 2
 
+        with sdpa_kernel(SDPA_BACKENDS):
+            h = self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
+        h = h.view(R, m, d.hidden)
+        if logits == "last":
+            h = h[:, -1:]
+        normed = F.rms_norm(h, (d.hidden,), self.norm, d.eps) if (logits != "none" or want_hidden) else None
+        out = normed @ self.lm_head.t() if logits != "none" else None  # [R, m or 1, vocab]
+        return out, (normed if want_hidden else None)
+
+    def _layers(self, cache: StaticKVCache, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                row_idx: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, kv_len: int, R: int, m: int) -> torch.Tensor:
+        """The decoder layers: h [R*m, hidden] -> [R*m, hidden]."""
+        d = self.dims
+        g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
+        half = hd // 2
         for layer, w in enumerate(self.layers):
             # attention
             x = F.rms_norm(h, (d.hidden,), w.attn_norm, d.eps)
@@ -271,13 +292,7 @@ class LeanLlama:
             x = F.rms_norm(h, (d.hidden,), w.mlp_norm, d.eps)
             gate, up = (x @ w.w_gate_up.t()).chunk(2, dim=-1)
             h = torch.addmm(h, F.silu(gate) * up, w.w_down.t())
-
-        h = h.view(R, m, d.hidden)
-        if logits == "last":
-            h = h[:, -1:]
-        normed = F.rms_norm(h, (d.hidden,), self.norm, d.eps) if (logits != "none" or want_hidden) else None
-        out = normed @ self.lm_head.t() if logits != "none" else None  # [R, m or 1, vocab]
-        return out, (normed if want_hidden else None)
+        return h
 
 
 class CapturedFn:
@@ -293,6 +308,7 @@ class CapturedFn:
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: object = None
+        self.error: str | None = None  # why capture failed (the function then runs eagerly)
         if use_graph:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -300,9 +316,16 @@ class CapturedFn:
                 for _ in range(2):
                     fn()
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
-                self.out = fn()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                    self.out = fn()
+                self.graph = graph
+            except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
+                self.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self.out = None
+                log.warning("CUDA graph capture failed, running eagerly: %s", self.error)
+                torch.cuda.synchronize()
 
     def __call__(self):
         if self.graph is None:

@@ -1,0 +1,178 @@
+"""Batched speculation on CPU (eager): the GPU-side acceptance rule and n-gram lookup equal their
+host versions, ragged batches with joins and leaves give each request's solo output, stats match
+the loop's, and the speculation switch (with the draft's catch-up) stays lossless."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdeploy.config import SamplingParams
+from specdeploy.runtime.batch import BatchRequest, BatchSpeculator, SpecSwitch, greedy_accept_batch, ngram_propose_batch
+from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
+from specdeploy.runtime.loop import StopCondition, speculative_generate
+from specdeploy.runtime.proposers import NGramProposer, NoProposer
+from specdeploy.runtime.runner import TorchRunner
+from specdeploy.runtime.types import Context, Draft
+from specdeploy.runtime.verify import verify
+from test_cuda_runner import needs_cuda, tiny_llama
+
+GREEDY = SamplingParams()
+
+
+def _prompts(n: int, seed: int = 1, vocab: int = 64) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def test_greedy_accept_batch_equals_verify():
+    g = torch.Generator().manual_seed(0)
+    for k in (0, 1, 4):
+        B, V = 64, 5  # a small vocabulary, so that drafts often match
+        logits = torch.randn(B, k + 1, V, generator=g)
+        target_tokens = logits.argmax(-1)
+        draft = torch.randint(0, V, (B, k), generator=g)
+        draft = torch.where(torch.rand(B, k, generator=g) < 0.6, target_tokens[:, :k], draft)
+        lens = torch.randint(0, k + 1, (B,), generator=g)
+        n, nxt = greedy_accept_batch(draft, lens, target_tokens)
+        for b in range(B):
+            L = int(lens[b])
+            verdict = verify(Draft(tokens=draft[b, :L]), logits[b, : L + 1], GREEDY)
+            assert (int(n[b]), int(nxt[b])) == (verdict.num_accepted, verdict.next_token)
+
+
+def test_ngram_batch_equals_ngram_proposer():
+    g = torch.Generator().manual_seed(0)
+    P, k = 48, 4
+    for min_n, max_n in ((1, 4), (2, 3)):
+        ref = NGramProposer(min_n, max_n)
+        hists, lasts, caps, expect = [], [], [], []
+        for _ in range(200):
+            length = int(torch.randint(1, P - 2, (1,), generator=g))
+            ids = torch.randint(0, 4, (length,), generator=g).tolist()  # 4 symbols: many repeats
+            cap = int(torch.randint(0, k + 1, (1,), generator=g))
+            d = ref.propose(Context(token_ids=ids, prompt_len=1, params=GREEDY), cap).tokens.tolist() if cap else []
+            hists.append(ids + [7] * (P - length))  # junk past the last committed token
+            lasts.append(length - 1)
+            caps.append(cap)
+            expect.append(d)
+        draft, lens = ngram_propose_batch(torch.tensor(hists), torch.tensor(lasts), torch.tensor(caps), k, min_n, max_n)
+        for b, d in enumerate(expect):
+            assert draft[b, : int(lens[b])].tolist() == d
+
+
+def _solo_plain(model, prompts, max_new):
+    stop = StopCondition(frozenset([0]), max_new)
+    return [speculative_generate(TorchRunner(model), NoProposer(), p, SamplingParams(max_new_tokens=max_new), stop, k=0)
+            for p in prompts]
+
+
+@pytest.mark.parametrize("method,draft_layers,batch", [
+    ("none", None, 3), ("ngram", None, 1), ("ngram", None, 3), ("draft", 1, 3), ("draft", 3, 4)])
+def test_batch_equals_each_request_alone(method, draft_layers, batch):
+    """7 requests through 1..4 slots (joins and leaves between steps), EOS and length stops."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    prompts = _prompts(7)
+    max_new = [30, 5, 17, 30, 1, 22, 30]
+    ref = [_solo_plain(model, [p], n)[0] for p, n in zip(prompts, max_new)]
+    draft = lean.truncated(draft_layers) if draft_layers else None
+    eng = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=batch, max_length=96, eos_ids=[0])
+    res = eng.run([BatchRequest(p, n, task=str(i)) for i, (p, n) in enumerate(zip(prompts, max_new))])
+    for r, want in zip(res, ref):
+        assert r.token_ids == want.token_ids and r.finish_reason == want.finish_reason
+    if draft_layers == 3:  # the draft IS the target
+        assert all(r.stats.alpha in (None, 1.0) for r in res)
+    assert not eng.active.any() and all(s is None for s in eng.slots)
+
+
+def test_batch_stats_equal_the_loop():
+    """Same proposals, same acceptance counts as speculative_generate with NGramProposer."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    prompts = _prompts(5, seed=3)
+    stop = StopCondition(frozenset([0]), 40)
+    loop = [speculative_generate(CudaGraphRunner(lean, max_length=96), NGramProposer(), p,
+                                 SamplingParams(max_new_tokens=40), stop, k=3) for p in prompts]
+    res = BatchSpeculator(lean, method="ngram", k=3, max_batch=2, max_length=96, eos_ids=[0]).run(
+        [BatchRequest(p, 40) for p in prompts])
+    for r, g in zip(res, loop):
+        assert r.token_ids == g.token_ids
+        a, b = r.stats, g.stats
+        assert (a.proposed, a.accepted, a.target_forwards, a.emitted) == (b.proposed, b.accepted, b.target_forwards, b.emitted)
+        assert a.accepted_at == b.accepted_at
+
+
+class _Alternate(SpecSwitch):
+    """Spec on for 2 steps, off for 5: exercises the draft's catch-up after plain steps."""
+
+    def __init__(self):
+        super().__init__("auto")
+
+    def choose(self) -> bool:
+        self._steps += 1
+        return self._steps % 7 < 2
+
+
+def test_switching_speculation_off_and_on_stays_lossless():
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    prompts = _prompts(5, seed=5)
+    ref = _solo_plain(model, prompts, 45)
+    eng = BatchSpeculator(lean, method="draft", draft=lean, k=4, max_batch=3, max_length=96, eos_ids=[0])
+    eng.switch = _Alternate()
+    res = eng.run([BatchRequest(p, 45) for p in prompts])
+    assert [r.token_ids for r in res] == [g.token_ids for g in ref]
+    # a full-depth draft only misses if its cache missed the tokens of plain steps
+    assert all(r.stats.alpha in (None, 1.0) for r in res)
+    assert eng.switch.plain_steps > 0 and eng.switch.spec_steps > 0
+
+
+@pytest.mark.parametrize("acceptance,spec_s,want_spec", [(1.2, 2.0, False), (1.8, 1.2, True)])
+def test_spec_switch_auto_follows_the_cost_model(acceptance, spec_s, want_spec):
+    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; the other mode is probed."""
+    sw = SpecSwitch("auto", probe_every=10)
+    picks = []
+    for _ in range(100):
+        spec = sw.choose()
+        picks.append(spec)
+        sw.record(spec, acceptance if spec else 1.0, spec_s if spec else 1.0)
+    assert sw.prefers_spec() is want_spec
+    tail = picks[-50:]
+    assert sum(p == want_spec for p in tail) == 45  # one probe of the other mode every 10 steps
+    assert SpecSwitch("off").choose() is False and SpecSwitch("on").choose() is True
+    with pytest.raises(Exception):
+        SpecSwitch("sometimes")
+
+
+def test_batch_rejects_overlong_requests():
+    lean = LeanLlama.from_hf(tiny_llama())
+    eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=1, max_length=32)
+    with pytest.raises(Exception, match="max_length"):
+        eng.run([BatchRequest(list(range(1, 20)), 20)])
+
+
+def test_smollm2_batch_equals_plain(smollm2):
+    tok = smollm2.tokenizer
+    texts = ["Write a SQL query that lists customers by total spend.", "Translate 'good morning' to French."]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for t in texts]
+    stop = StopCondition(frozenset([2]), 10)
+    ref = [speculative_generate(TorchRunner(smollm2.model), NoProposer(), p, SamplingParams(max_new_tokens=10), stop, k=0)
+           for p in prompts]
+    lean = LeanLlama.from_hf(smollm2.model)
+    res = BatchSpeculator(lean, method="ngram", k=4, max_batch=2, max_length=256, eos_ids=[2]).run(
+        [BatchRequest(p, 10) for p in prompts])
+    assert [r.token_ids for r in res] == [g.token_ids for g in ref]
+
+
+@needs_cuda
+def test_cuda_batch_graphs_equal_eager():
+    model = tiny_llama().to("cuda")
+    lean = LeanLlama.from_hf(model)
+    prompts = _prompts(6, seed=7)
+    reqs = [BatchRequest(p, 30) for p in prompts]
+    for method, draft in (("ngram", None), ("draft", lean.truncated(1))):
+        graphed = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=4, max_length=96, eos_ids=[0])
+        eager = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=4, max_length=96, eos_ids=[0], use_graphs=False)
+        assert graphed.num_graphs > 0 and graphed.overlap
+        assert [r.token_ids for r in graphed.run(reqs)] == [r.token_ids for r in eager.run(reqs)]

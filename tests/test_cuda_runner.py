@@ -1,0 +1,168 @@
+"""The compiled runner's logic on CPU (eager): lean forward vs HF, buckets, static-cache rollback,
+greedy equality through `speculative_generate`. CUDA-graph parts run only where CUDA exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdeploy.config import SamplingParams
+from specdeploy.models.layerskip import layerskip_model
+from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, bucket, kv_buckets_for
+from specdeploy.runtime.loop import StopCondition, speculative_generate
+from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
+from specdeploy.runtime.runner import Runner, TorchRunner
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+def tiny_llama(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama with GQA whose greedy output is varied (not one repeated token)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_buckets():
+    assert bucket(1, (1, 2, 4)) == 1 and bucket(3, (1, 2, 4)) == 4
+    with pytest.raises(ValueError):
+        bucket(5, (1, 2, 4))
+    assert kv_buckets_for(641) == (256, 512, 641)
+    assert kv_buckets_for(200) == (200,)
+
+
+def test_lean_forward_matches_hf_logits():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lean = LeanLlama.from_hf(model)
+    cache = lean.new_cache(2, 32)
+    pos = torch.arange(11).expand(2, 11)
+    logits, hidden = lean.forward(cache, ids, pos, None, 32, want_hidden=True)
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        ref_hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_ragged_rows_and_row_subset():
+    """Rows at different lengths in one forward, and a forward on one row of a batched cache."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    a, b = torch.randint(0, 64, (9,)), torch.randint(0, 64, (5,))
+    with torch.no_grad():
+        ref_a, ref_b = model(a[None]).logits[0], model(b[None]).logits[0]
+    cache = lean.new_cache(2, 32)
+    # prefill each row alone (row subset path), all but the last 2 tokens
+    lean.forward(cache, a[None, :7], torch.arange(7)[None], torch.tensor([0]), 32, logits="none")
+    lean.forward(cache, b[None, :3], torch.arange(3)[None], torch.tensor([1]), 32, logits="none")
+    # one step for both rows at their own positions
+    tokens = torch.stack([a[7:9], b[3:5]])
+    pos = torch.stack([torch.arange(7, 9), torch.arange(3, 5)])
+    logits, _ = lean.forward(cache, tokens, pos, None, 32)
+    torch.testing.assert_close(logits[0], ref_a[7:9], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], ref_b[3:5], atol=1e-4, rtol=1e-4)
+
+
+def test_runner_protocol_chunks_padding_and_rollback():
+    model = tiny_llama()
+    runner = CudaGraphRunner.from_hf(model, max_length=200, query_buckets=(1, 4, 16))
+    assert isinstance(runner, Runner)
+    ids = torch.randint(0, 64, (40,))
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    step = runner.forward(ids)  # 40 tokens: chunks of 16, 16, 8 (padded to 16)
+    torch.testing.assert_close(step.logits, ref, atol=1e-4, rtol=1e-4)
+    assert runner.length == 40
+    runner.rollback(25)  # a length update: the entries past 25 stay but are never read
+    step = runner.forward(ids[25:28])  # 3 tokens, padded to 4
+    torch.testing.assert_close(step.logits, ref[25:28], atol=1e-4, rtol=1e-4)
+    runner.rollback(10)
+    junk = torch.randint(0, 64, (6,))
+    runner.forward(junk)  # overwrite positions 10..15 with other tokens, then roll back again
+    runner.rollback(10)
+    step = runner.forward(ids[10:12])
+    torch.testing.assert_close(step.logits, ref[10:12], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError):
+        runner.rollback(13)
+    runner.reset()
+    assert runner.length == 0
+    with pytest.raises(ValueError):
+        runner.forward(torch.zeros(201, dtype=torch.long))
+
+
+def test_layerskip_draft_shares_target_weights():
+    model = tiny_llama(layers=4)
+    lean = LeanLlama.from_hf(model)
+    draft = lean.truncated(2)
+    assert draft.num_layers == 2 and draft.layers[0].wqkv is lean.layers[0].wqkv
+    # the HF layerskip model's lean form reuses the same fused tensors (no second copy)
+    shallow = LeanLlama.from_hf(layerskip_model(model, 2))
+    assert shallow.layers[1].w_gate_up is lean.layers[1].w_gate_up
+    ids = torch.randint(0, 64, (7,))
+    with torch.no_grad():
+        ref = layerskip_model(model, 2)(ids[None]).logits[0]
+    logits, _ = draft.forward(draft.new_cache(1, 16), ids[None], torch.arange(7)[None], None, 16)
+    torch.testing.assert_close(logits[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ngram", "layerskip", "full-draft"])
+def test_greedy_through_loop_equals_plain(method):
+    """Lossless: the compiled runner under speculative_generate gives the HF model's plain greedy output."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    params = SamplingParams(max_new_tokens=40)
+    stop = StopCondition(frozenset([0]), 40)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(1, 64, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        ref = speculative_generate(TorchRunner(model), NoProposer(), prompt, params, stop, k=0).token_ids
+        target = CudaGraphRunner(lean, max_length=128)
+        if method == "ngram":
+            proposer = NGramProposer()
+        else:
+            proposer = DraftModelProposer(CudaGraphRunner(lean if method == "full-draft" else lean.truncated(1), max_length=128))
+        out = speculative_generate(target, proposer, prompt, params, stop, k=4)
+        assert out.token_ids == ref
+        if method == "full-draft":
+            assert out.stats.alpha == 1.0  # the draft IS the target: every draft token accepted
+
+
+def test_smollm2_compiled_runner_matches_hf(smollm2):
+    """The embedded model: logits against HF's in fp32, and greedy through the loop."""
+    tok, model = smollm2.tokenizer, smollm2.model
+    ids = tok("def fibonacci(n):\n    if n < 2:\n        return n", return_tensors="pt")["input_ids"][0]
+    with torch.no_grad():
+        ref = model(ids[None]).logits[0]
+    runner = CudaGraphRunner.from_hf(model, max_length=256)
+    torch.testing.assert_close(runner.forward(ids).logits, ref, atol=5e-4, rtol=1e-4)
+    params = SamplingParams(max_new_tokens=12)
+    stop = StopCondition(frozenset([2]), 12)
+    plain = speculative_generate(TorchRunner(model), NoProposer(), ids.tolist(), params, stop, k=0).token_ids
+    spec = speculative_generate(runner, NGramProposer(), ids.tolist(), params, stop, k=4).token_ids
+    assert spec == plain
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_matches_eager(dtype):
+    model = tiny_llama().to("cuda", dtype)
+    lean = LeanLlama.from_hf(model)
+    graphed = CudaGraphRunner(lean, max_length=128, query_buckets=(1, 4, 16))
+    eager = CudaGraphRunner(lean, max_length=128, query_buckets=(1, 4, 16), use_graphs=False)
+    assert graphed.num_graphs > 0
+    ids = torch.randint(0, 64, (30,))
+    for r in (graphed, eager):
+        r.forward(ids[:20])
+    for chunk in (ids[20:21], ids[21:25], ids[25:30]):
+        a, b = graphed.forward(chunk).logits, eager.forward(chunk).logits
+        torch.testing.assert_close(a, b, atol=0, rtol=0) if dtype == torch.float32 else torch.testing.assert_close(a, b)
+    graphed.reset()
+    with torch.no_grad():
+        ref = model(ids[None].cuda()).logits[0].float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    err = (graphed.forward(ids).logits - ref).norm() / ref.norm()
+    assert err < tol
