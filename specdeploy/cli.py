@@ -13,7 +13,8 @@ from specdeploy.errors import SpecDeployError
 
 # modules that add their own subcommands: each has add_cli(subparsers)
 COMMAND_MODULES: list[str] = ["specdeploy.build.estimate", "specdeploy.triton_repo.cli", "specdeploy.build.cli",
-                              "specdeploy.training.cli", "specdeploy.bench.run", "specdeploy.bench.advisor"]
+                              "specdeploy.training.cli", "specdeploy.bench.run", "specdeploy.bench.advisor",
+                              "specdeploy.bench.gpu_bench"]
 
 
 class _Parser(argparse.ArgumentParser):

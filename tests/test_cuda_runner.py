@@ -166,3 +166,21 @@ def test_cuda_graph_replay_matches_eager(dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     err = (graphed.forward(ids).logits - ref).norm() / ref.norm()
     assert err < tol
+
+
+@pytest.mark.parametrize("method", ["ngram", "layerskip"])
+def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
+    """What SpecEngine.load does on CUDA (compiled_for), run eagerly: same text as the eager engine."""
+    from specdeploy.config import SpecConfig
+    from specdeploy.runtime.cuda_runner import compiled_for
+    from specdeploy.runtime.engine import SpecEngine
+
+    spec = SpecConfig(method=method, k=3)
+    runner, proposer = compiled_for(spec, smollm2, max_length=256)
+    assert isinstance(runner, CudaGraphRunner)
+    compiled = SpecEngine(smollm2, spec, runner=runner, proposer=proposer)
+    eager = SpecEngine(smollm2, SpecConfig(method="none"))
+    params = SamplingParams(max_new_tokens=8)
+    prompt = "List three prime numbers."
+    assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
+    assert compiled_for(SpecConfig(method="medusa"), smollm2) == (None, None)

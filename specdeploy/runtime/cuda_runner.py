@@ -434,3 +434,44 @@ class CudaGraphRunner:
             self._length += c
         return Step(logits=logits[0] if len(logits) == 1 else torch.cat(logits),
                     hidden=(torch.cat(hidden) if self.output_hidden else None))
+
+
+COMPILED_METHODS = ("none", "ngram", "layerskip", "draft")  # chain drafts; trees stay on TorchRunner
+
+
+def compiled_for(spec, target, draft=None, max_length: int | None = None):
+    """(target runner, proposer) for `SpecEngine` on CUDA: `CudaGraphRunner`s for the target and
+    for a layerskip or draft model. (None, None) where the compiled path does not apply (another
+    method, or a model family the lean forward does not cover): the engine then stays eager.
+
+    spec: SpecConfig; target / draft: LoadedModel (draft None: the shipped DraftLM artifact).
+    """
+    from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
+
+    if spec.method not in COMPILED_METHODS:
+        return None, None
+    try:
+        lean = LeanLlama.from_hf(target.model)
+    except SpecDeployError as e:
+        log.warning("compiled runner not used: %s", e)
+        return None, None
+    runner = CudaGraphRunner(lean, max_length=max_length)
+    if spec.method == "none":
+        return runner, NoProposer()
+    if spec.method == "ngram":
+        return runner, NGramProposer(spec.ngram_min, spec.ngram_max)
+    if spec.method == "layerskip":
+        n = spec.layerskip_layers or max(1, lean.num_layers // 4)
+        if not 1 <= n < lean.num_layers:
+            raise SpecDeployError(f"layerskip needs 1 <= layers < {lean.num_layers}, got {n}")
+        return runner, DraftModelProposer(CudaGraphRunner(lean.truncated(n), max_length=runner.max_length))
+    if draft is None:
+        from specdeploy.models import draft_lm
+
+        draft_model = draft_lm.load(spec.draft, target)
+    else:
+        from specdeploy.models.tokenizers import check_compatible
+
+        check_compatible(target.tokenizer, draft.tokenizer)
+        draft_model = draft.model
+    return runner, DraftModelProposer(CudaGraphRunner.from_hf(draft_model, max_length=runner.max_length))

@@ -124,7 +124,12 @@ class SpecEngine:
         draft = None
         if spec.method == "draft" and spec.draft and not is_artifact(spec.draft):
             draft = load_model(spec.draft, device=device, dtype=torch_dtype)
-        return cls(loaded, spec, draft, policy=policy)
+        runner = proposer = None
+        if device.startswith("cuda"):  # static KV cache + CUDA graphs for chain methods on Llama models
+            from specdeploy.runtime.cuda_runner import compiled_for
+
+            runner, proposer = compiled_for(spec, loaded, draft)
+        return cls(loaded, spec, draft, runner=runner, policy=policy, proposer=proposer)
 
     def encode(self, prompt: str, raw: bool = False, max_new_tokens: int = 0) -> list[int]:
         """Token ids of a prompt (chat template unless raw); refuses empty or over-long prompts."""
