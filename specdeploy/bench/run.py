@@ -557,9 +557,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     policy_box: dict = {}
 
     def loop_jobs(t: float) -> None:
-        for m in available:
-            for k in ([0] if m == "none" else ks):
-                jobs.append((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t)))
+        # every method at peer_k first, then the other k values (a time budget cuts those first)
+        configs = [(m, k) for m in available for k in ([0] if m == "none" else ks)]
+        configs.sort(key=lambda mk: (mk[1] not in (0, peer_k), ks.index(mk[1]) if mk[1] in ks else -1))
+        for m, k in configs:
+            jobs.append((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t)))
         if "policy" in methods:
             jobs.append((f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
 
