@@ -559,7 +559,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     def loop_jobs(t: float) -> None:
         # every method at peer_k first, then the other k values (a time budget cuts those first)
         configs = [(m, k) for m in available for k in ([0] if m == "none" else ks)]
-        configs.sort(key=lambda mk: (mk[1] not in (0, peer_k), ks.index(mk[1]) if mk[1] in ks else -1))
+        cheap = {m: (costs[m].c if m in costs else 0.0) for m in available}  # cheaper drafting first
+        configs.sort(key=lambda mk: (mk[1] not in (0, peer_k), cheap[mk[0]], ks.index(mk[1]) if mk[1] in ks else -1))
         for m, k in configs:
             jobs.append((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t)))
         if "policy" in methods:
