@@ -147,6 +147,7 @@ class Bench:
         _sync()
         _empty_cache()
         _reset_peak()
+        resident = _allocated()  # the HF model, the fused weights: what the process holds before the engine
         t = time.perf_counter()
         eng = BatchSpeculator(lean, method=method, draft=draft, k=k, max_batch=batch, max_length=a.max_length,
                               eos_ids=eos, switch=switch)
@@ -170,7 +171,7 @@ class Bench:
             "name": name, "path": "fused", "method": method, "batch": batch, "switch": switch, "k": k if method != "none" else 0,
             "dtype": dtype_name, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
             "per_task": per_task(prompts, stats), "total": total,
-            "peak_mem_bytes": _peak(),
+            "peak_mem_bytes": _peak(), "resident_before_bytes": resident,
             "static_bytes": {"target_weights": lean.weight_bytes, "target_kv_cache": eng.tcache.nbytes,
                              "draft_kv_cache": eng.dcache.nbytes if eng.dcache is not None else 0,
                              "draft_weights_extra": _extra_weights(lean, draft)},
@@ -185,6 +186,7 @@ class Bench:
             rec["first_divergence"] = _divergences(outs, ref)
             rec["compared_with"] = plain_key
         self.record(rec)
+        eng.close()
         del eng
         return outs
 
@@ -211,6 +213,9 @@ class Bench:
         rec = {"name": name, "path": "loop", "method": method, "batch": 1, "k": k, "dtype": "bfloat16",
                "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "per_task": per_task(prompts, stats),
                "total": _stat_row(_total(stats)), "peak_mem_bytes": _peak()}
+        runner.close()
+        if hasattr(proposer, "runner"):
+            proposer.runner.close()
         if plain_key in self.outputs:
             ref = self.outputs[plain_key]
             rec["mismatches_vs_plain"] = sum(o != r for o, r in zip(outs, ref))
@@ -347,6 +352,7 @@ class Bench:
             what = (f"step {'spec ' + method if spec else 'plain'} k={a.k if spec else 0}, batch {b}, kv {kv}, "
                     f"{'graph' if fn.graph is not None else 'eager'}")
             rows.append({"what": what, "ms": ms})
+        eng.close()
 
     def part_hf(self) -> None:
         from specdeploy.models.layerskip import layerskip_model
@@ -403,6 +409,9 @@ def _sync() -> None:
 
 
 def _empty_cache() -> None:
+    import gc
+
+    gc.collect()  # graphs of finished configurations hold memory until their reference cycles go
     if _cuda():
         torch.cuda.empty_cache()
 
@@ -410,6 +419,10 @@ def _empty_cache() -> None:
 def _reset_peak() -> None:
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _allocated() -> int:
+    return torch.cuda.memory_allocated() if _cuda() else 0
 
 
 def _peak() -> int:
@@ -502,7 +515,7 @@ def render(payloads: list[dict]) -> str:
                 cells.append("-" if not row or row.get("alpha") is None else f"{row['alpha']:.2f} / {row['acceptance_length']:.2f}")
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     lines += ["", "## All configurations (aggregate)", "",
-              "| config | path | dtype | batch | switch | prompts | tokens | tokens/s | α | acc. len | peak GPU MiB | outputs ≠ plain | notes |",
+              "| config | path | dtype | batch | switch | prompts | tokens | tokens/s | α | acc. len | peak GPU MiB (resident before) | outputs ≠ plain | notes |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
         t = r["total"]
@@ -513,12 +526,17 @@ def render(payloads: list[dict]) -> str:
             note = f"spec steps {steps['spec']}, plain steps {steps['plain']}"
         lines.append(f"| {r['name']} | {r['path']} | {r['dtype']} | {r['batch']} | {r.get('switch', '-')} | {r['prompts']} | "
                      f"{t.get('tokens', '-')} | {t['tokens_per_s']:.1f} | {_f(t.get('alpha'))} | {_f(t.get('acceptance_length'))} | "
-                     f"{r.get('peak_mem_bytes', 0) / 2**20:.0f} | {'-' if mism is None else str(mism) + '/' + str(r['prompts'])} | {note} |")
+                     f"{r.get('peak_mem_bytes', 0) / 2**20:.0f}{_resident(r)} | {'-' if mism is None else str(mism) + '/' + str(r['prompts'])} | {note} |")
     for m in micro:
         lines += ["", "## Milliseconds per step (median of 50, CUDA events)", "", "| step | ms |", "|---|---|"]
         lines += [f"| {r['what']} | {r['ms']:.3f} |" for r in m["rows"]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _resident(r: dict) -> str:
+    b = r.get("resident_before_bytes")
+    return "" if b is None else f" ({b / 2**20:.0f})"
 
 
 def _label(r: dict) -> str:

@@ -274,6 +274,10 @@ class BatchSpeculator:
     def num_graphs(self) -> int:
         return sum(f.graph is not None for f in self._fns.values())
 
+    def close(self) -> None:
+        """Drop the graphs now (their closures refer back to this engine, so only a GC pass would)."""
+        self._fns.clear()
+
     def _prefill_fn(self, q: int, kv: int) -> CapturedFn:
         def make():
             def prefill():

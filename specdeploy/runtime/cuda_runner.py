@@ -389,6 +389,10 @@ class CudaGraphRunner:
     def num_graphs(self) -> int:
         return sum(f.graph is not None for f in self._fns.values())
 
+    def close(self) -> None:
+        """Drop the graphs now (their closures refer back to this runner, so only a GC pass would)."""
+        self._fns.clear()
+
     @property
     def length(self) -> int:
         return self._length
