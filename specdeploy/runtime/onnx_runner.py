@@ -9,7 +9,6 @@ name, and `load_onnx_engine` refuses a graph exported from another model or toke
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -153,16 +152,12 @@ def load_onnx_engine(engine_dir: str | Path, spec, target, draft=None):
     tdir = component_dir(engine_dir, "target")
     if tdir is None:
         raise SpecDeployError(f"{engine_dir}: no target model in this export")
-    runner = load_onnx_runner(tdir, source_hash=target.source_hash, tok_hash=target_tok, what=f"target {target.source}")
+    # Medusa / EAGLE heads read the target's last hidden state: the graph's hidden_states output
+    runner = load_onnx_runner(tdir, source_hash=target.source_hash, tok_hash=target_tok, what=f"target {target.source}",
+                              output_hidden=spec.method in ("medusa", "eagle", "multi"))
     ddir = component_dir(engine_dir, "draft") if spec.method == "draft" else None
     if ddir is None:
         return SpecEngine(target, spec, draft, runner=runner)
     draft_hash = None if draft is None else draft.source_hash
     draft_runner = load_onnx_runner(ddir, source_hash=draft_hash, tok_hash=target_tok, what="draft")
-    # SpecEngine builds its proposer from (spec, torch draft); construct it without a
-    # proposer to build, then hand it the ORT draft proposer (see the report: a
-    # `proposer=` argument on SpecEngine would make this one call).
-    engine = SpecEngine(target, dataclasses.replace(spec, method="none"), runner=runner)
-    engine.spec = spec
-    engine.proposer = DraftModelProposer(draft_runner)
-    return engine
+    return SpecEngine(target, spec, runner=runner, proposer=DraftModelProposer(draft_runner))
