@@ -233,6 +233,7 @@ class BatchSpeculator:
         self._pf_row = torch.zeros(1, dtype=long, device=dev)  # [1] slot being prefilled
         self._offsets = torch.arange(max(maxq, k + 1, CATCHUP), device=dev)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None  # warm-up and capture
         self._fns: dict[tuple, CapturedFn] = {}
         self._hosts = [self._host_buffer() for _ in range(2)]
         self.steps = 0
@@ -249,7 +250,7 @@ class BatchSpeculator:
     def _fn(self, key: tuple, make: Callable[[], Callable[[], object]]) -> CapturedFn:
         fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[key] = CapturedFn(make(), self.use_graphs, self._pool)
+            fn = self._fns[key] = CapturedFn(make(), self.use_graphs, self._pool, self._stream)
         return fn
 
     def capture_all(self) -> None:

@@ -304,13 +304,16 @@ class CapturedFn:
     graph's memory: read or copy them before the next replay of any graph of the same pool.
     """
 
-    def __init__(self, fn: Callable[[], object], use_graph: bool, pool=None) -> None:
+    def __init__(self, fn: Callable[[], object], use_graph: bool, pool=None, stream=None) -> None:
         self.fn = fn
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: object = None
         self.error: str | None = None  # why capture failed (the function then runs eagerly)
         if use_graph:
-            stream = torch.cuda.Stream()
+            # one side stream per owner for warm-up and capture: cuBLAS keeps a workspace per
+            # stream for the life of the process (32 MiB on an H100), so a fresh stream per graph
+            # would pin 32 MiB per graph
+            stream = stream or torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.no_grad(), torch.cuda.stream(stream):
                 for _ in range(2):
@@ -318,7 +321,7 @@ class CapturedFn:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+                with torch.no_grad(), torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.out = fn()
                 self.graph = graph
             except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
@@ -363,6 +366,7 @@ class CudaGraphRunner:
             raise SpecDeployError(f"the largest KV bucket must cover {self.positions} positions")
         self.use_graphs = graphs_default(self.device) if use_graphs is None else use_graphs
         self._pool = pool if pool is not None else (torch.cuda.graph_pool_handle() if self.use_graphs else None)
+        self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None  # warm-up and capture
         self.cache = model.new_cache(1, self.positions)
         maxq = self.query_buckets[-1]
         self._tokens = torch.zeros(1, maxq, dtype=torch.long, device=self.device)  # [1, maxq] static input
@@ -412,7 +416,7 @@ class CudaGraphRunner:
                 return self.model.forward(self.cache, self._tokens[:, :q], self._pos[:, :q], None, kv,
                                           logits="all", want_hidden=self.output_hidden)
 
-            fn = self._fns[(q, kv)] = CapturedFn(step, self.use_graphs, self._pool)
+            fn = self._fns[(q, kv)] = CapturedFn(step, self.use_graphs, self._pool, self._stream)
         return fn
 
     def forward(self, tokens: torch.Tensor) -> Step:  # tokens: [m] int64
