@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     rel = os.path.relpath(folder, readme_path.resolve().parent if readme_path.is_absolute() else readme_path.parent or ".")
     md = render_markdown(result)
     readme = readme_path.read_text()
+    if START not in readme and not args.check:
+        (folder / "bench.md").write_text(md)
+        print(f"wrote {folder / 'bench.md'}; {readme_path} has no {START} ... {END} block: add the two markers "
+              "where the results go, then run this again", file=sys.stderr)
+        return 1
     new_readme = replace_block(readme, render_readme_block(result, rel.replace(os.sep, "/")))
     if args.check:
         stale = [p for p, old, new in ((folder / "bench.md", (folder / "bench.md").read_text() if (folder / "bench.md").exists() else "", md),

@@ -108,17 +108,22 @@ def _aims(result: dict) -> list[str]:
     peers = [c for c in greedy if c["system"] == "hf" and c["method"].startswith("assisted")]
     for p in peers:
         ratio = top["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
-        out.append(f"- {label(top)} vs {label(p)}: {_x(ratio)} tokens/s (aim: ≥ 10x)")
+        out.append(f"- {label(top)} vs {label(p)}: {_x(ratio)} tokens/s (aim: ≥ 10x; HF: "
+                   f"{p.get('notes') or str(p['prompts']) + ' prompts'})")
     gen = next((c for c in greedy if c["system"] == "hf" and c["method"] == "generate"), None)
     if gen:
-        out.append(f"- {label(top)} vs HF generate eager: {_x(top['tokens_per_s'] / gen['tokens_per_s'] if gen['tokens_per_s'] else None)}")
+        out.append(f"- {label(top)} vs HF generate eager: {_x(top['tokens_per_s'] / gen['tokens_per_s'] if gen['tokens_per_s'] else None)}"
+                   f" (HF on {gen['prompts']} prompts)")
     pol = next((c for c in greedy if c["method"] == "policy"), None)
     if pol:
         cells = [(t, cell(result, pol, t)) for t in tasks_of(result)]
         cells = [(t, c) for t, c in cells if c is not None]
         if cells:
             t, worst = min(cells, key=lambda tc: tc[1]["speedup_vs_plain"])
-            out.append(f"- advisor's policy: slowest task {t} at {_x(worst['speedup_vs_plain'])} of plain, mean "
+            off = [t2 for t2, c in cells if set((c.get("policy_decisions") or {})) == {"off"}]
+            t += " (speculation off: plain decoding, timing noise)" if t in off else ""
+            out.append(f"- advisor's policy (off for {', '.join(off) or 'no task'}): slowest task {t} at "
+                       f"{_x(worst['speedup_vs_plain'])} of plain, mean "
                        f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x)")
     mism = sum(r["greedy_mismatches"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy")
     checked = sum(r["prompts"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy" and r.get("mismatch_checked"))
