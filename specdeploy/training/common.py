@@ -217,9 +217,13 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [k for k in (curve[0] if curve else {}) if k not in ("step", "lr")]
-    fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.5), squeeze=False)
+    cols = min(3, max(1, len(metrics)))
+    rows = max(1, -(-len(metrics) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     steps = [p["step"] for p in curve]
-    for ax, m in zip(axes[0], metrics):
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, metrics):
         ax.plot(steps, [p[m] for p in curve])
         ax.set_title(m)
         ax.set_xlabel("step")

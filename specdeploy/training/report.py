@@ -96,13 +96,13 @@ def table(args: argparse.Namespace) -> None:
                 s = None if r is None else (r["total"] if task == "all" else r["by_task"].get(task))
                 cells.append(_fmt(s and s["alpha"]))
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines += ["", "## runs", "", "| label | method | k | tree size | T | prompts | greedy outputs ≠ none | tokens/s | seconds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## runs", "", "| label | method | k | tree size | T | prompts | greedy outputs ≠ none | tokens/s | seconds | run |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         mism = f"{r['greedy_mismatches']}/{r['greedy_compared']}" if "greedy_mismatches" in r else "-"
         lines.append(f"| {r['label']} | {r['method']} | {r['k']} | {r['tree_size'] if r['tree_size'] is not None else 'default'} "
                      f"| {r['temperature']:g} | {r['prompts_done']}/{r['prompts_total']} | {mism} "
-                     f"| {r['total']['tokens_per_s']:.1f} | {r['seconds']} |")
+                     f"| {r['total']['tokens_per_s']:.1f} | {r['seconds']} | {r.get('run', '')} |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     for r in runs:
         r.pop("outputs", None)
