@@ -86,3 +86,22 @@ def test_run_with_tensorrt_llm_calls_trtllm_build(tmp_path, monkeypatch):
     plan = plan_trtllm_build(tmp_path / "ckpt", tmp_path / "eng")
     assert run_trtllm_build(plan) == tmp_path / "eng"
     assert calls == [list(plan.argv)]
+
+
+def test_cli_build_backend_trtllm_refuses_cleanly_here(tmp_path, capsys):
+    """`specdeploy build --backend trtllm` exits 2 with the command to run, and writes nothing."""
+    import importlib.util
+
+    import pytest
+
+    from specdeploy.cli import main
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("tensorrt_llm is installed: the build would really run")
+    out = tmp_path / "engine"
+    code = main(["build", "--backend", "trtllm", "--from", str(tmp_path), "--out", str(out),
+                 "--speculative-decoding-mode", "draft_tokens_external", "--max-draft-len", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "trtllm-build" in err[0] and "--max_draft_len 4" in err[0]
+    assert not out.exists()

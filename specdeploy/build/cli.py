@@ -50,6 +50,12 @@ def add_cli(subparsers: Any) -> None:
     b.add_argument("--calib-tokens", type=int, default=256, help="max tokens per calibration text")
     b.add_argument("--device", default="cpu", help="where calibration runs: cpu or cuda")
     b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--backend", choices=["torch", "trtllm"], default="torch",
+                   help="trtllm: run trtllm-build on an `export --format trtllm` checkpoint (--from)")
+    b.add_argument("--speculative-decoding-mode", choices=["draft_tokens_external", "medusa", "eagle"],
+                   help="trtllm: the engine's speculative decoding mode")
+    b.add_argument("--max-draft-len", type=int, help="trtllm: draft tokens per step")
+    b.add_argument("--max-batch-size", type=int, default=8, help="trtllm: largest batch")
     b.set_defaults(func=cmd_build)
 
     g = subparsers.choices.get("generate")
@@ -78,6 +84,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if args.backend == "trtllm":
+        return _build_trtllm(args)
     from specdeploy.build.engine import BuildConfig, build_from_onnx, build_torch_engines
 
     tq = args.target_quant or args.quant
@@ -90,6 +98,22 @@ def cmd_build(args: argparse.Namespace) -> int:
         out = build_torch_engines(args.target or "smollm2", args.out, draft=args.draft, target_quant=tq,
                                   draft_quant=dq, config=config)
     print(f"engine written to {out}")
+    return 0
+
+
+def _build_trtllm(args: argparse.Namespace) -> int:
+    """trtllm-build where TensorRT-LLM is installed; elsewhere exit 2 with the command to run."""
+    from specdeploy.build.trtllm_build import TrtllmUnavailable, plan_trtllm_build, run_trtllm_build
+
+    if not args.src:
+        raise SpecDeployError("--backend trtllm needs --from CHECKPOINT_DIR (made by `specdeploy export --format trtllm`)")
+    plan = plan_trtllm_build(args.src, args.out, speculative_decoding_mode=args.speculative_decoding_mode,
+                             max_draft_len=args.max_draft_len, max_batch_size=args.max_batch_size)
+    try:
+        out = run_trtllm_build(plan)
+    except TrtllmUnavailable as e:
+        raise SpecDeployError(" ".join(str(e).split())) from None  # one line, exit 2, nothing written
+    print(f"TensorRT-LLM engine written to {out}")
     return 0
 
 
