@@ -75,10 +75,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return _generate_table(args, spec, params, prompts)
 
 
-def _generate_each(args, spec, params, prompts) -> int:
+def _generate_each(args, spec, params, prompts, engine=None, label: str | None = None) -> int:
+    """One result per prompt (JSON line, or text + a stats line on stderr); all prompts encoded first."""
     from specdeploy.runtime.engine import SpecEngine
 
-    engine = SpecEngine.load(spec, args.target, args.device, args.dtype, policy=args.policy)
+    engine = engine or SpecEngine.load(spec, args.target, args.device, args.dtype)
     encoded = [engine.encode(p.prompt, args.raw, params.max_new_tokens) for p in prompts]
     for p, ids in zip(prompts, encoded):
         r = engine.generate_ids(ids, params, p.task)
@@ -88,7 +89,7 @@ def _generate_each(args, spec, params, prompts) -> int:
             s = r.stats
             print(r.text, flush=True)
             alpha = "-" if s.alpha is None else f"{s.alpha:.2f}"
-            print(f"[{spec.method}] α={alpha} acceptance_length={s.acceptance_length:.2f} "
+            print(f"[{label or spec.method}] α={alpha} acceptance_length={s.acceptance_length:.2f} "
                   f"tokens={s.emitted} tokens/s={s.tokens_per_s:.1f} finish={r.finish_reason}", file=sys.stderr)
     return 0
 

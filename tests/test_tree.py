@@ -10,7 +10,6 @@ the same test, or the test could not catch a real bug.
 """
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
@@ -25,48 +24,9 @@ from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs, verify
 from table_runner import BigramRunner
 
-VOCAB = 4
-NEW = 3
+from test_sampling_distribution import NEW, _exact, _tables, chi_square_pvalue  # one statistical check for chains and trees
+
 N = 2000
-
-
-def _tables() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    target = torch.randn(VOCAB, VOCAB, generator=g) * 1.5
-    draft = torch.randn(VOCAB, VOCAB, generator=g) * 1.5  # a poor draft: many rejections
-    return target, draft
-
-
-def _exact(table: torch.Tensor, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
-    probs = sampling_probs(table, params)  # [vocab, vocab]: row = previous token
-    out = {}
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
-        p, prev = 1.0, prompt[-1]
-        for t in seq:
-            p *= float(probs[prev, t])
-            prev = t
-        out[seq] = p
-    return out
-
-
-def chi_square_pvalue(counts: Counter, exact: dict, n: int) -> float:
-    """p-value of Pearson's chi-square, cells with expected < 5 pooled into one."""
-    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0.0, 0.0
-    for cell, p in exact.items():
-        expected = p * n
-        if expected < 5:
-            pooled_obs += counts.get(cell, 0)
-            pooled_exp += expected
-            continue
-        stat += (counts.get(cell, 0) - expected) ** 2 / expected
-        df += 1
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
-        df += 1
-    assert sum(counts.values()) == n and set(counts) <= set(exact)
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 class TreeBigramRunner(BigramRunner):
     """The bigram target scoring token trees: a token's logits depend on that token only."""
 

@@ -11,8 +11,6 @@ Engine directories are recognised by their manifest (specdeploy.build.manifest) 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from specdeploy.errors import SpecDeployError
@@ -131,22 +129,13 @@ def _with_engine(generate):
 def _generate_engine(args: argparse.Namespace) -> int:
     from specdeploy.bench.tasks import Prompt, load_prompts
     from specdeploy.build.engine import load_engine
-    from specdeploy.cli import _sampling, _spec
+    from specdeploy.cli import _generate_each, _sampling, _spec
 
     params, spec = _sampling(args), _spec(args)
     prompts = load_prompts(args.prompts) if args.prompts else [Prompt(args.task, args.prompt)]
     if not args.prompts and not args.prompt.strip():
         raise SpecDeployError("empty prompt")
     engine = load_engine(args.engine, spec, args.target, device=args.device)
-    for p in prompts:
-        task = args.task if args.task != "default" else p.task
-        r = engine.generate_ids(engine.encode(p.prompt, args.raw, params.max_new_tokens), params, task)
-        if args.json:
-            print(json.dumps(r.as_json()), flush=True)
-            continue
-        s = r.stats
-        print(r.text, flush=True)
-        alpha = "-" if s.alpha is None else f"{s.alpha:.2f}"
-        print(f"[{spec.method} @ {args.engine}] α={alpha} acceptance_length={s.acceptance_length:.2f} "
-              f"tokens={s.emitted} tokens/s={s.tokens_per_s:.1f} finish={r.finish_reason}", file=sys.stderr)
-    return 0
+    if args.task != "default":
+        prompts = [Prompt(args.task, p.prompt) for p in prompts]
+    return _generate_each(args, spec, params, prompts, engine=engine, label=f"{spec.method} @ {args.engine}")
