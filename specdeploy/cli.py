@@ -109,6 +109,14 @@ def _generate_table(args, spec, params, prompts) -> int:
     return 0
 
 
+def _default_demo_methods() -> str:
+    """n-gram, plus each trained draft shipped in specdeploy/models/artifacts (layerskip is opt-in: untrained, it rarely pays)."""
+    from specdeploy.models.artifacts import ARTIFACTS_DIR, DEFAULTS, MANIFEST
+
+    shipped = {"draft_lm": "draft", "medusa": "medusa", "eagle": "eagle"}
+    return ",".join(["ngram"] + [m for kind, m in shipped.items() if (ARTIFACTS_DIR / DEFAULTS[kind] / MANIFEST).is_file()])
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default on the built-in suite of ten task types: α and speedup per task."""
     from datetime import date
@@ -120,7 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from specdeploy.runtime.engine import SpecEngine
 
     params = _sampling(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or _default_demo_methods()).split(",") if m.strip()]
     specs = [_spec(args, m) for m in ["none"] + [m for m in methods if m != "none"]]
     prompts = builtin_prompts("demo")
     console = Console()
@@ -152,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="run the embedded default on ten task types and print α and speedup")
-    d.add_argument("--methods", default="ngram,layerskip", help="comma-separated methods to compare with none")
+    d.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare with none (default: ngram, plus the shipped trained drafts)")
     _add_model_args(d)
     _add_spec_args(d)
     _add_sampling_args(d, max_new_tokens=64)
