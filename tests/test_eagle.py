@@ -1,0 +1,102 @@
+"""EAGLE / Medusa / DraftLM artifacts: the head's layer matches a Hugging Face Llama layer, the
+shipped artifacts load with no path, a draft for another target warns, another tokenizer is refused."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from specdeploy.config import SpecConfig
+from specdeploy.errors import SpecDeployError
+from specdeploy.models import artifacts, draft_lm, eagle, medusa
+from specdeploy.models.artifacts import DraftMismatchWarning
+from specdeploy.runtime.engine import SpecEngine
+from specdeploy.runtime.head_proposers import EagleProposer
+from specdeploy.runtime.types import Context
+from specdeploy.config import SamplingParams
+
+
+def test_decoder_layer_matches_hf_llama_layer(smollm2):
+    model = smollm2.model
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config))
+    src = model.model.layers[3]
+    head.layer.load_state_dict(src.state_dict())
+    x = torch.randn(1, 7, model.config.hidden_size) * 2
+    pos = torch.arange(5, 12)
+    with torch.no_grad():
+        ours, _ = head.layer(x, pos)
+        cos_sin = model.model.rotary_emb(x, pos[None])
+        theirs = src(x, attention_mask=None, position_embeddings=cos_sin, position_ids=pos[None])
+    theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_shipped_artifacts_load_without_a_path(smollm2):
+    for kind in ("draft_lm", "medusa", "eagle"):
+        folder = artifacts.resolve(kind)
+        m = artifacts.read_manifest(folder, kind)
+        assert m["target_hash"] == smollm2.source_hash
+        assert m["tokenizer_hash"] == artifacts.tokenizer_hash(smollm2.tokenizer)
+        assert m["final_losses"] and m["data"]["num_sequences"] > 0
+        assert (folder / "loss.png").is_file()
+        assert sum(f.stat().st_size for f in folder.iterdir()) < 20e6
+    heads, tree, m = medusa.load(None, smollm2)
+    assert len(m["head_accuracy"]) == heads.num_heads and len(tree) > heads.num_heads
+    draft = draft_lm.load(None, smollm2)
+    assert draft.model.embed_tokens is smollm2.model.model.embed_tokens  # shared, not stored
+
+
+def _stale_copy(tmp_path, kind: str, **changes):
+    folder = tmp_path / kind
+    shutil.copytree(artifacts.resolve(kind), folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    return folder
+
+
+@pytest.mark.parametrize("method, kind", [("eagle", "eagle"), ("medusa", "medusa"), ("draft", "draft_lm")])
+def test_draft_for_another_target_warns(smollm2, tmp_path, method, kind):
+    folder = _stale_copy(tmp_path, kind, target_hash="0" * 64)
+    with pytest.warns(DraftMismatchWarning, match="trained for target 000000000000"):
+        SpecEngine(smollm2, SpecConfig(method=method, draft=str(folder)))
+
+
+def test_draft_with_another_tokenizer_is_refused(smollm2, tmp_path):
+    folder = _stale_copy(tmp_path, "eagle", tokenizer_hash="f" * 64)
+    with pytest.raises(SpecDeployError, match="another tokenizer"):
+        SpecEngine(smollm2, SpecConfig(method="eagle", draft=str(folder)))
+
+
+def test_not_an_artifact_is_refused(smollm2, tmp_path):
+    with pytest.raises(SpecDeployError, match="not a specdeploy draft artifact"):
+        SpecEngine(smollm2, SpecConfig(method="medusa", draft=str(tmp_path)))
+
+
+def test_eagle_tree_shape(smollm2):
+    head, _ = eagle.load(None, smollm2)
+    embed, lm_head = smollm2.model.get_input_embeddings(), smollm2.model.get_output_embeddings()
+    proposer = EagleProposer(head, embed, lm_head, tree_size=20, topk=4)
+    ids = smollm2.tokenizer("def square(x):\n    return")["input_ids"]
+    with torch.no_grad():
+        hidden = smollm2.model.model(torch.tensor([ids[:-1]])).last_hidden_state[0]
+    ctx = Context(token_ids=list(ids), prompt_len=len(ids), params=SamplingParams(), target_hidden=hidden)
+    draft = proposer.propose(ctx, 5)
+    assert draft.k == 20 and draft.depth <= 5
+    assert all(p < i for i, p in enumerate(draft.parents.tolist()))
+    siblings = {}
+    for i, p in enumerate(draft.parents.tolist()):
+        assert draft.tokens[i].item() not in siblings.setdefault(p, set())  # no duplicate children
+        siblings[p].add(draft.tokens[i].item())
+    # the chain of top-1 guesses is the tree's first path
+    chain = EagleProposer(head, embed, lm_head, tree_size=0).propose(ctx, 3).tokens.tolist()
+    assert draft.tokens[0].item() == chain[0]
+
+
+def test_vllm_style_config_for_trained_methods():
+    s = SpecConfig.from_vllm({"method": "eagle", "model": "/drafts/eagle", "num_speculative_tokens": 5})
+    assert (s.method, s.draft, s.k, s.tree_size) == ("eagle", "/drafts/eagle", 5, None)
+    with pytest.raises(SpecDeployError, match="tree_size"):
+        SpecConfig(method="eagle", tree_size=-1)

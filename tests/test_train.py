@@ -1,0 +1,74 @@
+"""`specdeploy train data|draft|medusa|eagle` end to end at toy size (CPU): data with a manifest,
+artifacts with manifests and loss curves, and each trained draft decoding losslessly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdeploy.bench.tasks import Prompt
+from specdeploy.cli import main
+from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.runtime.engine import SpecEngine
+from specdeploy.training.common import DistillData
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    import specdeploy.training.prompt_sources as ps
+
+    out = tmp_path_factory.mktemp("distill")
+    real = ps.training_prompts
+    ps.training_prompts = lambda n, seed=0: [Prompt("code", "Write a Python function that adds two numbers."),
+                                             Prompt("qa", "Why is the sky blue?")]
+    try:
+        assert main(["train", "data", "--out", str(out), "--n-per-task", "1", "--max-new-tokens", "6"]) == 0
+    finally:
+        ps.training_prompts = real
+    return out
+
+
+def test_data_has_tokens_and_manifest(data_dir, smollm2):
+    data = DistillData.load(data_dir)
+    m = data.manifest
+    assert len(data) == 4 and m["modes"] == ["greedy", "sampled"] and m["num_sequences"] == 4
+    assert m["target_hash"] == smollm2.source_hash and m["counts"] == {"code": 2, "qa": 2}
+    assert m["sources"]["generator"] == "specdeploy.training.prompt_sources"
+    seq = data.sequence(0)
+    assert int(data.prompt_lens[0]) < seq.numel() <= int(data.prompt_lens[0]) + 6
+
+
+@pytest.mark.parametrize("kind, method, extra", [
+    ("draft", "draft", ["--layers", "1"]),
+    ("medusa", "medusa", ["--heads", "2", "--tree-size", "5"]),
+    ("eagle", "eagle", []),
+])
+def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method, extra):
+    out = tmp_path / kind
+    argv = ["train", kind, "--data", str(data_dir), "--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "32"]
+    assert main(argv + extra) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target_hash"] == smollm2.source_hash and m["training"]["steps_done"] == 2
+    assert m["data"]["num_sequences"] == 4 and m["final_losses"] and m["loss_curve"]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "weights.safetensors").is_file()
+    engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(out)))
+    ids = engine.encode("What is 2 + 2?")
+    got = engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
+    plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
+    assert got == plain
+
+
+def test_train_refuses_data_of_another_target(data_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokens.safetensors").write_bytes((data_dir / "tokens.safetensors").read_bytes())
+    m = json.loads((data_dir / "manifest.json").read_text())
+    m["target_hash"] = "0" * 64
+    (bad / "manifest.json").write_text(json.dumps(m))
+    assert main(["train", "eagle", "--data", str(bad), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+
+
+def test_train_without_out_needs_the_embedded_target(data_dir, tmp_path, capsys):
+    assert main(["train", "eagle", "--data", str(data_dir), "--target", str(tmp_path)]) == 2
+    assert "--out is required" in capsys.readouterr().err
