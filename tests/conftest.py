@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from specdeploy.config import SamplingParams, SpecConfig
+
 from specdeploy.models.loader import LoadedModel, load_model
 
 
@@ -19,3 +21,26 @@ def smollm2_dir(smollm2) -> str:
     from specdeploy.models.loader import cache_root
 
     return str(cache_root() / "models" / smollm2.source_hash[:24])
+
+
+def greedy_reference(target: LoadedModel, prompts: list[str], max_new: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the target's own greedy `generate` continuation) for each prompt."""
+    from specdeploy.runtime.engine import SpecEngine
+
+    engine = SpecEngine(target, SpecConfig(method="none"))
+    out = []
+    for prompt in prompts:
+        ids = engine.encode(prompt, max_new_tokens=max_new)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            gen = target.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
+                                        eos_token_id=sorted(engine.eos_ids), pad_token_id=target.tokenizer.eos_token_id)
+        out.append((ids, gen[0, len(ids):].tolist()))
+    return out
+
+
+def assert_matches_reference(engine, reference, prompts: list[str], max_new: int) -> None:
+    """Every prompt's speculative greedy output equals the reference, token for token."""
+    for i, (ids, ref) in enumerate(reference):
+        got = engine.generate_ids(ids, SamplingParams(max_new_tokens=max_new)).token_ids
+        assert got == ref, f"prompt {i} ({prompts[i]!r}): {got} != {ref}"

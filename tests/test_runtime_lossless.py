@@ -12,6 +12,7 @@ from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import load_model
 from specdeploy.runtime.engine import SpecEngine
+from conftest import assert_matches_reference, greedy_reference
 
 MAX_NEW = 20
 PROMPTS = [
@@ -43,16 +44,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def reference(smollm2):
     """Prompt ids and the target's own greedy continuation for each prompt."""
-    engine = SpecEngine(smollm2, SpecConfig(method="none"))
-    out = []
-    for prompt in PROMPTS:
-        ids = engine.encode(prompt, max_new_tokens=MAX_NEW)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            gen = smollm2.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_NEW,
-                                         eos_token_id=sorted(engine.eos_ids), pad_token_id=smollm2.tokenizer.eos_token_id)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    return greedy_reference(smollm2, PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +64,7 @@ def test_reference_has_eos_and_length_cuts(reference, smollm2):
 
 
 def _check(engine: SpecEngine, reference) -> None:
-    params = SamplingParams(max_new_tokens=MAX_NEW)
-    for i, (ids, ref) in enumerate(reference):
-        got = engine.generate_ids(ids, params).token_ids
-        assert got == ref, f"prompt {i} ({PROMPTS[i]!r}): {got} != {ref}"
+    assert_matches_reference(engine, reference, PROMPTS, MAX_NEW)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])

@@ -7,10 +7,10 @@ varied. Prompts are few and short: one SmolLM2 forward costs ~60 ms here.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.runtime.engine import SpecEngine
+from conftest import assert_matches_reference, greedy_reference
 
 MAX_NEW = 24
 PROMPTS = [
@@ -25,22 +25,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def reference(smollm2):
-    engine = SpecEngine(smollm2, SpecConfig(method="none"))
-    out = []
-    for prompt in PROMPTS:
-        ids = engine.encode(prompt, max_new_tokens=MAX_NEW)
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            gen = smollm2.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=MAX_NEW,
-                                         eos_token_id=sorted(engine.eos_ids), pad_token_id=smollm2.tokenizer.eos_token_id)
-        out.append((ids, gen[0, len(ids):].tolist()))
-    return out
+    """Prompt ids and the target's own greedy continuation for each prompt."""
+    return greedy_reference(smollm2, PROMPTS, MAX_NEW)
 
 
 def _check(engine: SpecEngine, reference) -> None:
-    for i, (ids, ref) in enumerate(reference):
-        got = engine.generate_ids(ids, SamplingParams(max_new_tokens=MAX_NEW)).token_ids
-        assert got == ref, f"prompt {i} ({PROMPTS[i]!r}): {got} != {ref}"
+    assert_matches_reference(engine, reference, PROMPTS, MAX_NEW)
 
 
 CASES = [

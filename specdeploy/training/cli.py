@@ -136,17 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m specdeploy.training.cli data|draft|medusa|eagle ...`: the train commands alone."""
-    from specdeploy.cli import _Parser
+    """`python -m specdeploy.training.cli data|draft|medusa|eagle ...`: the same as `specdeploy train ...`."""
+    from specdeploy.cli import main as specdeploy_main
 
-    parser = _Parser(prog="specdeploy")
-    add_cli(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
-    args = parser.parse_args(["train"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args) or 0)
-    except SpecDeployError as e:
-        print(f"specdeploy: error: {e}", file=sys.stderr)
-        return 2
+    return specdeploy_main(["train"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
