@@ -79,7 +79,7 @@ def _generate_each(args, spec, params, prompts, engine=None, label: str | None =
     """One result per prompt (JSON line, or text + a stats line on stderr); all prompts encoded first."""
     from specdeploy.runtime.engine import SpecEngine
 
-    engine = engine or SpecEngine.load(spec, args.target, args.device, args.dtype)
+    engine = engine or SpecEngine.load(spec, args.target, args.device, args.dtype, policy=args.policy)
     encoded = [engine.encode(p.prompt, args.raw, params.max_new_tokens) for p in prompts]
     for p, ids in zip(prompts, encoded):
         r = engine.generate_ids(ids, params, p.task)
