@@ -98,3 +98,21 @@ def test_hash_memo_survives_corrupt_memo(tmp_path, monkeypatch):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "hashes.json").write_text("{broken")
     assert loader.file_sha256(f) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_stop_ids_leave_out_a_bos_misread_as_eos(smollm2):
+    """Some transformers versions report SmolLM2's EOS as <|im_start|> (the BOS): the chat end-of-turn wins."""
+    import copy
+
+    from specdeploy.models.tokenizers import end_of_turn_id, stop_token_ids
+
+    tok = smollm2.tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tok) == im_end
+    assert stop_token_ids(smollm2.model, tok) == [im_end]
+
+    class Model:  # a generation config whose EOS is the BOS id
+        generation_config = copy.copy(smollm2.model.generation_config)
+
+    Model.generation_config.eos_token_id = tok.bos_token_id
+    assert stop_token_ids(Model, tok) == [im_end]

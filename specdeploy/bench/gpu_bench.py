@@ -31,6 +31,7 @@ import torch
 
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
 from specdeploy.config import SamplingParams
+from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
 from specdeploy.runtime.loop import StopCondition, speculative_generate
@@ -85,14 +86,11 @@ class Bench:
             if counts[p.task] < per_task_n:
                 counts[p.task] += 1
                 chosen.append(p)
-        enc = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], add_generation_prompt=True,
-                                                       tokenize=False), add_special_tokens=False)["input_ids"] for p in chosen]
+        enc = [encode_prompt(tokenizer, p.prompt) for p in chosen]
         return chosen, enc
 
     def eos_ids(self, loaded) -> list[int]:
-        eos = loaded.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        return sorted({int(e) for e in eos + [loaded.tokenizer.eos_token_id] if e is not None})
+        return stop_token_ids(loaded.model, loaded.tokenizer)
 
     def drafts(self, loaded, lean: LeanLlama) -> dict[str, LeanLlama]:
         """The LeanLlama drafts to bench: layerskip, plus the shipped trained draft if present."""

@@ -37,3 +37,34 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = F
     if not ids:
         raise SpecDeployError("the prompt encodes to no tokens")
     return ids
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template puts right after an assistant message (e.g. <|im_end|>), if any."""
+    if not tokenizer.chat_template:
+        return None
+    marker = "specdeploy-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+                                             tokenize=False)
+    except Exception:  # templates that refuse this conversation shape: no end-of-turn token to learn
+        return None
+    suffix = text[text.find(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) else None
+
+
+def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end a generation: the generation config's EOS, the tokenizer's, the chat end-of-turn.
+
+    The BOS id is left out when other candidates exist: some transformers versions read a GGUF's
+    special tokens so that EOS reports the BOS id (SmolLM2 on 5.17: eos = <|im_start|>), and
+    stopping there would run every chat answer past its <|im_end|>.
+    """
+    eos = model.generation_config.eos_token_id
+    found = {int(e) for e in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+             if e is not None}
+    bos = tokenizer.bos_token_id
+    if bos in found and len(found) > 1:
+        found.discard(bos)
+    return sorted(found)

@@ -14,7 +14,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.models.artifacts import is_artifact
 from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import LoadedModel, load_model
-from specdeploy.models.tokenizers import check_compatible, encode_prompt
+from specdeploy.models.tokenizers import check_compatible, encode_prompt, stop_token_ids
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer, Proposer
@@ -110,9 +110,7 @@ class SpecEngine:
             runner = None  # a runner of our own over the same model, returning hidden states
         self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
         self.task_stats = TaskStats()
-        eos = target.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = frozenset(int(e) for e in eos + [self.tokenizer.eos_token_id] if e is not None)
+        self.eos_ids = frozenset(stop_token_ids(target.model, self.tokenizer))
 
     @classmethod
     def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None,

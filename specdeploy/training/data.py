@@ -23,24 +23,15 @@ from specdeploy.bench.tasks import TASKS
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.artifacts import tokenizer_hash, write_json
 from specdeploy.models.loader import LoadedModel
+from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
 from specdeploy.training.common import DATA_MANIFEST, TOKENS_FILE
 
 log = logging.getLogger(__name__)
 MODES = {"greedy": 0.0, "sampled": None}  # None: the --temperature given
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Chat-template ids of a user prompt, as `SpecEngine.encode` makes them."""
-    if not tokenizer.chat_template:
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def eos_ids(target: LoadedModel) -> list[int]:
-    eos = target.model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    return sorted({int(e) for e in eos + [target.tokenizer.eos_token_id] if e is not None})
+    return stop_token_ids(target.model, target.tokenizer)
 
 
 @torch.inference_mode()

@@ -117,7 +117,7 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
     """Write the model repository for `rs` into `out`; returns its path."""
     from specdeploy.models.layerskip import layerskip_model
     from specdeploy.models.loader import load_model, resolve_source
-    from specdeploy.models.tokenizers import check_compatible
+    from specdeploy.models.tokenizers import check_compatible, stop_token_ids
 
     out = Path(out).resolve()
     _check_writable(out)
@@ -129,9 +129,7 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
     cfg = target.model.config
     vocab = int(cfg.vocab_size)
     max_length = int(getattr(cfg, "max_position_embeddings", 2048))
-    eos = target.model.generation_config.eos_token_id
-    eos = eos if isinstance(eos, list) else [eos]
-    eos_ids = sorted({int(e) for e in eos + [target.tokenizer.eos_token_id] if e is not None})
+    eos_ids = stop_token_ids(target.model, target.tokenizer)
 
     draft_entry = None
     if spec.method == "layerskip":
