@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specdeploy.cli import main
 
 FIELDS = {"task", "text", "token_ids", "alpha", "acceptance_length", "proposed", "accepted", "target_forwards", "tokens_per_s"}
@@ -28,6 +30,15 @@ def test_generate_json_matches_plain_decoding(capsys, smollm2):
     plain, spec = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
     assert plain["token_ids"] == spec["token_ids"] and plain["text"] == spec["text"]
     assert plain["alpha"] is None and plain["acceptance_length"] == 1.0
+
+
+@pytest.mark.parametrize("tree", [["--tree-size", "12", "--tree-topk", "3"], ["--tree-size", "0"]])
+def test_generate_eagle_tree_flags(capsys, smollm2, tree):
+    argv = ["generate", "--prompt", "Write a SQL query that counts users.", "--json", "--max-new-tokens", "12", "--k", "3"]
+    main(argv + ["--method", "none"])
+    main(argv + ["--method", "eagle", *tree])
+    plain, spec = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert plain["token_ids"] == spec["token_ids"] and spec["proposed"] > 0
 
 
 def test_raw_skips_chat_template(capsys, smollm2):

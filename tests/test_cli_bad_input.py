@@ -42,6 +42,8 @@ BASE = ["generate", "--max-new-tokens", "4"]
         (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
         (["--prompt", "hi", "--top-k", "-1"], "top_k"),
         (["--prompt", "hi", "--method", "magic"], "unknown method"),
+        (["--prompt", "hi", "--method", "eagle", "--tree-topk", "0"], "tree_topk"),
+        (["--prompt", "hi", "--method", "eagle", "--tree-size", "-1"], "tree_size"),
         (["--prompt", "hi", "--k", "four"], "invalid int value"),
         (["--prompt", "hi", "--target", "/nonexistent/model.gguf"], "model not found"),
         (["--prompt", "hi", "--method", "draft", "--draft", "/nonexistent/draft"], "model not found"),
