@@ -1,7 +1,7 @@
 """Run prompts through several methods on one loaded target and compare them per task."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -20,33 +20,28 @@ class MethodRun:
     results: list[RequestResult]
 
 
-def run_method(engine: SpecEngine, name: str, prompts: list[Prompt], encoded: list[list[int]],
-               params: SamplingParams, on_done: Callable[[RequestResult], None] | None = None) -> MethodRun:
-    """Generate every prompt with one engine; per-task stats and results in prompt order."""
-    stats = TaskStats()
-    results = []
-    for p, ids in zip(prompts, encoded):
-        r = engine.generate_ids(ids, params, p.task)
-        stats.add(p.task, r.stats)
-        results.append(r)
-        if on_done:
-            on_done(r)
-    return MethodRun(name, stats, results)
-
-
 def compare_methods(engines: Iterable[tuple[str, SpecEngine]], prompts: list[Prompt],
                     params: SamplingParams, raw: bool = False) -> list[MethodRun]:
-    """Every engine on the same prompts, with a progress bar (stderr)."""
+    """Every engine on the same prompts, with a progress bar (stderr).
+
+    Methods take turns on each prompt (not one method over all prompts, then the next), so
+    that a change in machine load while the comparison runs lands on every method alike.
+    """
     engines = list(engines)
     encoded = [engines[0][1].encode(p.prompt, raw, params.max_new_tokens) for p in prompts]
-    runs = []
+    stats = {name: TaskStats() for name, _ in engines}
+    results: dict[str, list[RequestResult]] = {name: [] for name, _ in engines}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         bar = progress.add_task("generating", total=len(engines) * len(prompts))
-        for name, engine in engines:
-            progress.update(bar, description=f"method {name}")
-            runs.append(run_method(engine, name, prompts, encoded, params, lambda _: progress.advance(bar)))
-    return runs
+        for p, ids in zip(prompts, encoded):
+            progress.update(bar, description=f"task {p.task}")
+            for name, engine in engines:
+                r = engine.generate_ids(ids, params, p.task)
+                stats[name].add(p.task, r.stats)
+                results[name].append(r)
+                progress.advance(bar)
+    return [MethodRun(name, stats[name], results[name]) for name, _ in engines]
 
 
 def task_table(runs: list[MethodRun], baseline: str = "none", title: str | None = None) -> Table:
