@@ -70,6 +70,7 @@ def speculative_generate(
     if len(prompt_ids) > 1:
         ctx.target_hidden = target.forward(torch.tensor(prompt_ids[:-1], dtype=torch.long)).hidden
 
+    hidden_buffer = None  # storage behind ctx.target_hidden once it grows
     reason = None
     while reason is None:
         # 1. draft, never past max_new_tokens or the context window
@@ -95,8 +96,7 @@ def speculative_generate(
             rows = list(range(1 + verdict.num_accepted))
         stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
-            new = step.hidden[rows]
-            ctx.target_hidden = new if ctx.target_hidden is None else torch.cat([ctx.target_hidden, new])
+            hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
         for token in verdict.emitted(draft):
             generated.append(token)
@@ -108,6 +108,21 @@ def speculative_generate(
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)
+
+
+def _append_rows(buffer: torch.Tensor | None, rows: torch.Tensor | None,
+                 new: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(buffer, rows + new as a view of it): the buffer doubles when full, so appending a few rows
+    per step stays linear over a request (a `torch.cat` per step would copy every row so far)."""
+    if rows is None:
+        return buffer, new
+    n, m = rows.shape[0], new.shape[0]
+    if buffer is None or buffer.shape[0] < n + m:
+        grown = new.new_empty((max(2 * (n + m), 64), *rows.shape[1:]))
+        grown[:n] = rows
+        buffer = grown
+    buffer[n : n + m] = new
+    return buffer, buffer[: n + m]
 
 
 def _fit(draft: Draft, max_depth: int, max_nodes: int) -> Draft:
