@@ -305,7 +305,7 @@ def _f(x: float | None) -> str:
 # ---- running it ----------------------------------------------------------------------------
 def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], ks: Sequence[int], params,
            min_speedup: float = 1.0, progress=None, reps: int | None = None) -> Advice:
-    """Measure costs and acceptance on `backend` (see bench.run.Backend) and recommend per task."""
+    """Measure costs and acceptance on `backend` (see bench.backend.Backend) and recommend per task."""
     from specdeploy.runtime.stats import TaskStats
 
     K = max(ks)
@@ -366,7 +366,8 @@ def cmd_advise(args: argparse.Namespace) -> int:
         return 0
     if not args.prompts:
         raise SpecDeployError("advise needs --prompts FILE.jsonl (or --what-if)")
-    from specdeploy.bench.run import Backend, encode_all, progress_bar, select_prompts
+    from specdeploy.bench.backend import Backend, encode_all
+    from specdeploy.bench.run import progress_bar, select_prompts
     from specdeploy.config import SamplingParams
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
