@@ -168,6 +168,26 @@ def test_cuda_graph_replay_matches_eager(dtype):
     assert err < tol
 
 
+@needs_cuda
+def test_cuda_graph_tree_replay_matches_eager():
+    """Trees and keep_path through captured graphs: bit-equal to the same forward run eagerly (fp32)."""
+    model = tiny_llama().to("cuda")
+    lean = LeanLlama.from_hf(model)
+    graphed = CudaGraphRunner(lean, max_length=128, query_buckets=(1, 4, 16), output_hidden=True)
+    eager = CudaGraphRunner(lean, max_length=128, query_buckets=(1, 4, 16), use_graphs=False, output_hidden=True)
+    ids = torch.randint(0, 64, (30,))
+    parents = torch.tensor([-1, 0, 0, 1, 1, 2, 5])
+    for r in (graphed, eager):
+        r.forward(ids[:20])
+    a, b = (r.forward(ids[20:27], tree_parents=parents) for r in (graphed, eager))
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    torch.testing.assert_close(a.hidden, b.hidden, atol=0, rtol=0)
+    for r in (graphed, eager):
+        r.keep_path(21, [22, 25, 26])  # the branch 0 -> 2 -> 5 -> 6
+    a, b = (r.forward(ids[27:30]).logits for r in (graphed, eager))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["ngram", "layerskip"])
 def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
     """What SpecEngine.load does on CUDA (compiled_for), run eagerly: same text as the eager engine."""
@@ -183,4 +203,52 @@ def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
     params = SamplingParams(max_new_tokens=8)
     prompt = "List three prime numbers."
     assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
-    assert compiled_for(SpecConfig(method="medusa"), smollm2) == (None, None)
+    runner, _ = compiled_for(SpecConfig(method="medusa"), smollm2, max_length=64)
+    assert isinstance(runner, CudaGraphRunner) and runner.output_hidden and runner.supports_tree
+    runner, _ = compiled_for(SpecConfig(method="eagle", tree_size=200), smollm2, max_length=64)
+    assert runner.query_buckets[-1] == 256  # the pending token + 200 nodes fit one query bucket
+
+
+def _branch(parents: list[int], leaf: int) -> list[int]:
+    """Feed indices from the first child of the pending token (index 0) down to `leaf`."""
+    out = []
+    while leaf > 0:
+        out.append(leaf)
+        leaf = parents[leaf]
+    return out[::-1]
+
+
+def test_tree_forward_and_keep_path_match_torch_runner(smollm2):
+    """Token trees through the static-cache forward (same code as the graphs, run eagerly): logits and
+    hidden states as TorchRunner's tree attention; keep_path then a chain as HF on the kept sequence."""
+    tok, model = smollm2.tokenizer, smollm2.model
+    ids = tok("SELECT country, COUNT(*) FROM users", return_tensors="pt")["input_ids"][0]
+    eager = TorchRunner(model, output_hidden=True)
+    lean = CudaGraphRunner.from_hf(model, max_length=256, query_buckets=(1, 4, 16), output_hidden=True)
+    assert lean.supports_tree and not lean.use_graphs
+    for r in (eager, lean):
+        r.forward(ids)
+    g = torch.Generator().manual_seed(0)
+    kept = ids.tolist()
+    for n, leaf in ((11, 10), (6, 4), (13, 12)):  # trees padded to the 16 bucket, then to the 16 / 4 ... buckets
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+        feed = torch.randint(0, 1000, (n,), generator=g)
+        a = eager.forward(feed, tree_parents=torch.tensor(parents))
+        b = lean.forward(feed, tree_parents=torch.tensor(parents))
+        torch.testing.assert_close(b.logits, a.logits, atol=5e-4, rtol=1e-4)
+        torch.testing.assert_close(b.hidden, a.hidden, atol=1e-4, rtol=1e-4)
+        base = lean.length - n
+        path = _branch(parents, leaf)
+        for r in (eager, lean):
+            r.keep_path(base + 1, [base + i for i in path])
+        kept += [int(feed[0])] + feed[path].tolist()
+        assert lean.length == eager.length == len(kept)
+        chain = torch.randint(0, 1000, (3,), generator=g)  # a chain after a tree: causal ancestry again
+        b = lean.forward(chain)
+        kept += chain.tolist()
+        with torch.no_grad():
+            ref = model(torch.tensor([kept])).logits[0, -3:]
+        torch.testing.assert_close(b.logits, ref, atol=5e-4, rtol=1e-4)
+        eager.forward(chain)
+    with pytest.raises(ValueError):
+        lean.keep_path(lean.length - 2, [lean.length - 3])

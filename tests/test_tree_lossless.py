@@ -2,7 +2,8 @@
 
 The shipped artifacts (DraftLM, Medusa heads, EAGLE head) load with no path, as
 `--method draft|medusa|eagle|multi` does; chains and token trees, with k and tree size
-varied. Prompts are few and short: one SmolLM2 forward costs ~60 ms here.
+varied; the head methods also over the compiled runner (`compiled_for`, as on CUDA, run
+eagerly here). Prompts are few and short: one SmolLM2 forward costs ~60 ms here.
 """
 from __future__ import annotations
 
@@ -53,6 +54,24 @@ def test_greedy_equals_target_generate(smollm2, reference, method, k, tree_size)
     _check(engine, reference)
     total = engine.task_stats.total()
     assert total.accepted > 0, "a trained draft should get some tokens accepted"
+
+
+COMPILED_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 5, 48), ("multi", 4, 16)]
+
+
+@pytest.mark.parametrize("method, k, tree_size", COMPILED_CASES, ids=[f"{m}-k{k}-tree{t}" for m, k, t in COMPILED_CASES])
+def test_greedy_over_compiled_runner_equals_target_generate(smollm2, reference, method, k, tree_size):
+    """What SpecEngine.load builds on CUDA for the head methods: CudaGraphRunner (hidden states, tree
+    attention over the static cache, keep_path) + the head proposer; graphs off on CPU."""
+    from specdeploy.runtime.cuda_runner import CudaGraphRunner, compiled_for
+
+    spec = SpecConfig(method=method, k=k, tree_size=tree_size)
+    runner, proposer = compiled_for(spec, smollm2, max_length=256)
+    assert isinstance(runner, CudaGraphRunner)
+    engine = SpecEngine(smollm2, spec, runner=runner, proposer=proposer)
+    assert engine.runner is runner
+    assert_matches_reference(engine, reference[:4], PROMPTS[:4], MAX_NEW)
+    assert engine.task_stats.total().accepted > 0
 
 
 def test_eagle_tree_accepts_more_than_its_chain(smollm2, reference):

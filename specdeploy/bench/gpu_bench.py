@@ -7,9 +7,11 @@ Rows (greedy, the eval prompts of the ten task types, max_new_tokens 256 by defa
 - specdeploy "fused" (`BatchSpeculator`: CUDA graphs, acceptance on the GPU, one host copy a
   step) for plain, ngram, layerskip and a trained draft if one is shipped, at batch 1 (per task)
   and batch 8 / 32 (aggregate, speculation always on and "auto");
-- specdeploy "loop" (`speculative_generate` + `CudaGraphRunner` + the stock proposers).
-`--parts lossless` reruns the fused paths in float32 and counts outputs differing from the same
-engine's plain greedy (must be 0), and batch-vs-alone differences.
+- specdeploy "loop" (`speculative_generate` + `CudaGraphRunner` + the stock proposers), and the
+  head methods (`--head-methods`: Medusa, EAGLE, multi-draft token trees verified through the
+  same graphs, built by `compiled_for` as `SpecEngine.load` does on CUDA).
+`--parts lossless` reruns the fused paths (and the head methods' loop rows) in float32 and counts
+outputs differing from the same engine's plain greedy (must be 0), and batch-vs-alone differences.
 
 Everything lands in one JSON (raw numbers, the command) and a markdown table; `--render A.json
 B.json` merges the JSON of several calls (the device's 10-minute limit) into one table.
@@ -30,10 +32,10 @@ from pathlib import Path
 import torch
 
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
-from specdeploy.config import SamplingParams
+from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
-from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
+from specdeploy.runtime.cuda_runner import HEAD_METHODS, CudaGraphRunner, LeanLlama, compiled_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
 from specdeploy.runtime.stats import SpecStats
@@ -188,16 +190,21 @@ class Bench:
         del eng
         return outs
 
-    def _loop(self, name: str, lean: LeanLlama, method: str, draft: LeanLlama | None, prompts, enc, eos, plain_key) -> None:
+    def _loop(self, name: str, lean: LeanLlama, method: str, draft: LeanLlama | None, prompts, enc, eos, plain_key,
+              loaded=None, dtype_name: str = "bfloat16") -> None:
         a = self.args
         _empty_cache()
         _reset_peak()
-        runner = CudaGraphRunner(lean, max_length=a.max_length)
+        if method in HEAD_METHODS:  # as SpecEngine.load on CUDA: target graphs with hidden states + trees
+            runner, proposer = compiled_for(SpecConfig(method=method, k=a.k), loaded, max_length=a.max_length)
+            k = a.k
+        else:
+            runner = CudaGraphRunner(lean, max_length=a.max_length)
         if method == "none":
             proposer, k = NoProposer(), 0
         elif method == "ngram":
             proposer, k = NGramProposer(1, 4), a.k
-        else:
+        elif method == "draft":
             proposer, k = DraftModelProposer(CudaGraphRunner(draft, max_length=a.max_length)), a.k
         params = SamplingParams(max_new_tokens=a.max_new_tokens)
         stop = StopCondition(frozenset(eos), a.max_new_tokens)
@@ -208,7 +215,7 @@ class Bench:
             g = speculative_generate(runner, proposer, ids, params, stop, k=k)
             stats.append(g.stats)
             outs.append(g.token_ids)
-        rec = {"name": name, "path": "loop", "method": method, "batch": 1, "k": k, "dtype": "bfloat16",
+        rec = {"name": name, "path": "loop", "method": method, "batch": 1, "k": k, "dtype": dtype_name,
                "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "per_task": per_task(prompts, stats),
                "total": _stat_row(_total(stats)), "peak_mem_bytes": _peak()}
         runner.close()
@@ -308,6 +315,8 @@ class Bench:
             self.loop("specdeploy plain (loop)", lean, "none", None, lp, lenc, eos, ref_key + "|loop")
             self.loop("specdeploy ngram (loop)", lean, "ngram", None, lp, lenc, eos, ref_key + "|loop")
             self.loop("specdeploy layerskip (loop)", lean, "draft", drafts["layerskip"], lp, lenc, eos, ref_key + "|loop")
+            for method in a.head_methods:
+                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, ref_key + "|loop", loaded)
             print(f"loop rows on {n} prompts", flush=True)
 
     def part_micro(self) -> None:
@@ -388,6 +397,11 @@ class Bench:
         b = max(a.batches)
         self.fused("specdeploy ngram", lean, "ngram", None, b, "auto", prompts, enc, eos, "float32", plain)
         self.fused("specdeploy layerskip", lean, "draft", drafts["layerskip"], b, "on", prompts, enc, eos, "float32", plain)
+        if a.head_methods:  # token trees through the graphs, against the fused plain outputs of the same prompts
+            lp, lenc = self.prompts(loaded.tokenizer, a.loop_prompts_per_task)
+            self.outputs[plain + "|loop"] = [self.outputs[plain][prompts.index(p)] for p in lp]
+            for method in a.head_methods:
+                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, plain + "|loop", loaded, "float32")
 
 
 def _cuda() -> bool:
@@ -566,6 +580,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-ngram-k", default="8", help="more n-gram draft lengths to bench (comma-separated)")
     p.add_argument("--prompts-per-task", type=int, default=8)
     p.add_argument("--loop-prompts-per-task", type=int, default=2)
+    p.add_argument("--head-methods", default=",".join(HEAD_METHODS),
+                   help="methods drafting from the target's hidden states to bench as loop rows (comma-separated; '' for none)")
     p.add_argument("--hf-prompts-per-task", type=int, default=1)
     p.add_argument("--hf-time-cap", type=float, default=75.0, help="seconds per HF peer before it starts no new prompt")
     p.add_argument("--render", nargs="*", help="only merge these JSON files into one markdown table")
@@ -586,6 +602,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     args.batches = [int(x) for x in str(args.batches).split(",") if x.strip()]
     args.batches_micro = [int(x) for x in str(args.batches_micro).split(",") if x.strip()]
     args.extra_ngram_k = [int(x) for x in str(args.extra_ngram_k).split(",") if x.strip()]
+    args.head_methods = [x.strip() for x in str(args.head_methods).split(",") if x.strip()]
+    unknown = sorted(set(args.head_methods) - set(HEAD_METHODS))
+    if unknown:
+        print(f"--head-methods: unknown {', '.join(unknown)}; choose from {', '.join(HEAD_METHODS)}", file=sys.stderr)
+        return 2
     import transformers
 
     bench = Bench(args)

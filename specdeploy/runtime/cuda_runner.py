@@ -10,10 +10,13 @@ read in ~0.1 ms). This module
 2. keeps keys and values in a preallocated cache, ``[layers, batch, positions, 2 * kv_heads,
    head_dim]``; rolling back is a length update: a query at position p attends only keys at
    positions <= p, and the same or an earlier forward wrote all of those, so stale entries past
-   the length are never read;
+   the length are never read. Token trees: node i is written at slot base + i but rotated at
+   position base + depth_i, and sees the cache below base plus its ancestors' slots; keeping the
+   accepted branch gathers its slots down behind the prefix (`CudaGraphRunner.keep_path`);
 3. captures one CUDA graph per (query-length bucket, KV-length bucket) at load and replays it.
    Query lengths are padded up to their bucket; the padding writes cache entries past the new
-   length (never read, see 2) and its logits are dropped.
+   length (never read, see 2) and its logits are dropped. Chains and trees share the graphs:
+   the ancestry and depths are static inputs like the tokens.
 
 On CPU (or with ``use_graphs=False``) the same code runs eagerly: that is what CI tests, against
 the Hugging Face model's logits and through ``speculative_generate``. The batched engine in
@@ -32,6 +35,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.tree import ancestor_matrix
 from specdeploy.runtime.types import Step
 
 log = logging.getLogger(__name__)
@@ -235,8 +239,15 @@ class LeanLlama:
         kv_len: int,  # attention reads cache positions [0, kv_len); every pos must be < kv_len
         logits: str = "all",  # "all" | "last" | "none"
         want_hidden: bool = False,
+        rope_pos: torch.Tensor | None = None,  # [rows, m] int64 rotary position of each token; None: pos
+        ancestry: torch.Tensor | None = None,  # [rows, m, m] bool, [r, i, j]: token j is token i or its ancestor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Write the tokens' keys/values at `pos` and return (logits [rows, m or 1, vocab], hidden).
+
+        Which keys a token sees: without `ancestry`, every cache position <= its own `pos` (a
+        causal chain); with it (a token tree), every position below the row's first fed token
+        (pos[:, 0]) and, among the fed tokens, the slots of its ancestors and itself. A chain is
+        the tree whose ancestry is lower-triangular; tree nodes take `rope_pos` = base + depth.
 
         No host synchronisation and no data-dependent shapes: safe to capture in a CUDA graph.
         """
@@ -247,14 +258,19 @@ class LeanLlama:
 
         # once per forward, shared by every layer:
         # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv)
-        cos = self.rope_cos[pos][:, :, None, :]  # [R, m, 1, hd]
-        sin = self.rope_sin[pos][:, :, None, :]
+        rope_pos = pos if rope_pos is None else rope_pos
+        cos = self.rope_cos[rope_pos][:, :, None, :]  # [R, m, 1, hd]
+        sin = self.rope_sin[rope_pos][:, :, None, :]
         cos = torch.cat([cos.expand(R, m, hq + hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)  # [R, m, hq+2hkv, hd]
         sin = torch.cat([sin.expand(R, m, hq + hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
-        # additive mask: query at pos p sees keys at positions <= p; queries of the g heads sharing a
-        # KV head are stacked along the query axis ([R, hkv, g*m, hd]), so the mask repeats g times
+        # additive mask (see above); queries of the g heads sharing a KV head are stacked along the
+        # query axis ([R, hkv, g*m, hd]), so the mask repeats g times
         keys = torch.arange(kv_len, device=tokens.device)
-        allowed = keys[None, None, :] <= pos[:, :, None]  # [R, m, kv_len]
+        if ancestry is None:
+            allowed = keys[None, None, :] <= pos[:, :, None]  # [R, m, kv_len]
+        else:
+            allowed = keys[None, None, :] < pos[:, :1, None].expand(R, m, 1)  # [R, m, kv_len] the cache before
+            allowed.scatter_(2, pos[:, None, :].expand(R, m, m), ancestry)  # the fed tokens' own slots
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
         row_idx = (rows if rows is not None else torch.arange(R, device=tokens.device))[:, None]  # [R, 1]
@@ -347,8 +363,15 @@ class CudaGraphRunner:
     bucketed, each (query bucket, KV bucket) a CUDA graph captured at load.
 
     `forward(tokens)` pads the tokens to the next query bucket (longer inputs go in chunks of the
-    largest bucket); `rollback(keep)` only sets the length.
+    largest bucket); `rollback(keep)` only sets the length. Token trees (`supports_tree`) go
+    through the same graphs: every forward reads its ancestry ([maxq, maxq] bool) and depths
+    ([maxq]) from static buffers, lower-triangular and 0, 1, 2, ... for chains, overwritten by
+    `forward(tokens, tree_parents)` for a tree (at most the largest query bucket of tokens).
+    Token i is written at slot length + i and rotated at position length + depth_i;
+    `keep_path` gathers the accepted slots' keys/values down behind the kept prefix.
     """
+
+    supports_tree = True
 
     def __init__(self, model: LeanLlama, *, max_length: int | None = None,
                  query_buckets: Sequence[int] = DEFAULT_QUERY_BUCKETS, kv_buckets: Sequence[int] | None = None,
@@ -372,6 +395,10 @@ class CudaGraphRunner:
         self._tokens = torch.zeros(1, maxq, dtype=torch.long, device=self.device)  # [1, maxq] static input
         self._pos = torch.zeros(1, maxq, dtype=torch.long, device=self.device)  # [1, maxq] static input
         self._offsets = torch.arange(maxq, device=self.device)  # [maxq]
+        self._chain_ancestry = torch.ones(maxq, maxq, dtype=torch.bool, device=self.device).tril()  # [maxq, maxq]
+        self._ancestry = self._chain_ancestry.clone()[None]  # [1, maxq, maxq] static input
+        self._depth = self._offsets.clone()  # [maxq] static input: depth of each fed token below the first
+        self._tree_nodes = 0  # rows of _ancestry / _depth a tree overwrote (restored before a chain)
         self._fns: dict[tuple[int, int], CapturedFn] = {}
         self._length = 0
         if capture and self.use_graphs:
@@ -409,17 +436,49 @@ class CudaGraphRunner:
             raise ValueError(f"cannot keep {keep} of {self._length} cache entries")
         self._length = keep
 
+    def keep_path(self, keep: int, path: list[int]) -> None:
+        """Keep the first `keep` cache entries, then the entries at positions `path` (ascending,
+        all >= keep) moved down behind them; drop the rest. One gather over every layer."""
+        if not 0 <= keep <= self._length or any(not keep <= p < self._length for p in path):
+            raise ValueError(f"cannot keep {keep} + {path} of {self._length} cache entries")
+        n = len(path)
+        if list(path) != list(range(keep, keep + n)):
+            src = torch.tensor(path, dtype=torch.long).to(self.device, non_blocking=True)
+            kv = self.cache.kv  # [layers, 1, positions, 2 * kv_heads, head_dim]
+            kv[:, :, keep : keep + n] = kv.index_select(2, src)  # index_select copies first: overlap is safe
+        self._length = keep + n
+
+    def _set_tree(self, tree_parents: torch.Tensor | None, m: int) -> None:
+        """Fill the static ancestry and depth buffers for this forward (a tree, or back to a chain)."""
+        if tree_parents is None:
+            n = self._tree_nodes
+            if n:  # device-to-device, only after a tree
+                self._ancestry[0, :n, :n].copy_(self._chain_ancestry[:n, :n])
+                self._depth[:n].copy_(self._offsets[:n])
+                self._tree_nodes = 0
+            return
+        if m > self.query_buckets[-1]:
+            raise ValueError(f"a token tree of {m} nodes is over the largest query bucket {self.query_buckets[-1]}")
+        anc = ancestor_matrix(tree_parents)  # [m, m] bool, CPU
+        self._ancestry[0, :m, :m].copy_(anc, non_blocking=True)
+        self._depth[:m].copy_(anc.sum(-1) - 1, non_blocking=True)
+        self._tree_nodes = max(self._tree_nodes, m)
+
     def _fn(self, q: int, kv: int) -> CapturedFn:
         fn = self._fns.get((q, kv))
         if fn is None:
             def step():
-                return self.model.forward(self.cache, self._tokens[:, :q], self._pos[:, :q], None, kv,
-                                          logits="all", want_hidden=self.output_hidden)
+                pos = self._pos[:, :q]
+                return self.model.forward(self.cache, self._tokens[:, :q], pos, None, kv, logits="all",
+                                          want_hidden=self.output_hidden, rope_pos=pos[:, :1] + self._depth[None, :q],
+                                          ancestry=self._ancestry[:, :q, :q])
 
             fn = self._fns[(q, kv)] = CapturedFn(step, self.use_graphs, self._pool, self._stream)
         return fn
 
-    def forward(self, tokens: torch.Tensor) -> Step:  # tokens: [m] int64
+    def forward(self, tokens: torch.Tensor, tree_parents: torch.Tensor | None = None) -> Step:
+        """tokens: [m] int64; tree_parents: [m] int64 index of each token's parent among `tokens`
+        (-1 = the last cache entry), or None for a plain causal chain."""
         m = int(tokens.numel())
         if m == 0:
             raise ValueError("forward needs at least one token")
@@ -427,6 +486,7 @@ class CudaGraphRunner:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
         tokens = tokens.reshape(-1)
         maxq = self.query_buckets[-1]
+        self._set_tree(tree_parents, m)
         logits, hidden = [], []
         for start in range(0, m, maxq):
             chunk = tokens[start : start + maxq]
@@ -444,13 +504,16 @@ class CudaGraphRunner:
                     hidden=(torch.cat(hidden) if self.output_hidden else None))
 
 
-COMPILED_METHODS = ("none", "ngram", "layerskip", "draft")  # chain drafts; trees stay on TorchRunner
+HEAD_METHODS = ("medusa", "eagle", "multi")  # proposers that read the target's hidden states (trees or chains)
+COMPILED_METHODS = ("none", "ngram", "layerskip", "draft", *HEAD_METHODS)
 
 
 def compiled_for(spec, target, draft=None, max_length: int | None = None):
-    """(target runner, proposer) for `SpecEngine` on CUDA: `CudaGraphRunner`s for the target and
-    for a layerskip or draft model. (None, None) where the compiled path does not apply (another
-    method, or a model family the lean forward does not cover): the engine then stays eager.
+    """(target runner, proposer) for `SpecEngine` on CUDA: a `CudaGraphRunner` for the target
+    (returning hidden states for Medusa / EAGLE / multi-draft, whose heads run as built by
+    `build_head_proposer`) and one for a layerskip or draft model. (None, None) where the
+    compiled path does not apply (another method, or a model family the lean forward does not
+    cover): the engine then stays eager.
 
     spec: SpecConfig; target / draft: LoadedModel (draft None: the shipped DraftLM artifact).
     """
@@ -463,6 +526,16 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
     except SpecDeployError as e:
         log.warning("compiled runner not used: %s", e)
         return None, None
+    if spec.method in HEAD_METHODS:
+        from specdeploy.runtime.head_proposers import build_head_proposer
+
+        proposer = build_head_proposer(spec, target)
+        # a verify forward holds the pending token + the whole tree: one query bucket must fit it
+        nodes = 1 + getattr(proposer, "max_nodes", 0)
+        buckets = DEFAULT_QUERY_BUCKETS
+        if nodes > buckets[-1]:
+            buckets = (*buckets, 1 << (nodes - 1).bit_length())
+        return CudaGraphRunner(lean, max_length=max_length, query_buckets=buckets, output_hidden=True), proposer
     runner = CudaGraphRunner(lean, max_length=max_length)
     if spec.method == "none":
         return runner, NoProposer()

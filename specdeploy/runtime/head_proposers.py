@@ -2,7 +2,8 @@
 
 They read `ctx.target_hidden` (the target's last hidden state at every committed position
 but the pending one), which the loop fills when the runner returns hidden states;
-`needs_hidden = True` tells the engine to ask for them.
+`needs_hidden = True` tells the engine to ask for them, and `max_nodes` (the largest tree a
+proposer drafts, 0 for chains) lets a compiled runner size its query buckets.
 
 - MedusaProposer: a fixed sparse tree of the heads' top-k candidates (deterministic).
 - EagleProposer: EAGLE-1 chains, or EAGLE-2 dynamic trees: expand the `topk` most
@@ -44,6 +45,7 @@ class MedusaProposer:
         self.tree = list(tree) if tree else None
         self.parents = shape_parents(self.tree) if self.tree else None
         self.max_rank = 1 + max((r for p in self.tree for r in p), default=0) if self.tree else 1
+        self.max_nodes = len(self.tree) if self.tree else 0  # largest tree drafted (0: chains)
 
     def reset(self) -> None:
         pass
@@ -74,6 +76,7 @@ class EagleProposer:
                  topk: int = 8) -> None:
         self.head, self.embed, self.lm_head = head, embed, lm_head
         self.tree_size, self.topk = tree_size, topk  # tree_size 0: chains
+        self.max_nodes = max(tree_size, 0)  # largest tree drafted (0: chains)
         self.reset()
 
     def reset(self) -> None:
@@ -188,6 +191,7 @@ class MultiDraftProposer:
 
     def __init__(self, proposers: Sequence[Proposer], budget: int) -> None:
         self.proposers, self.budget = list(proposers), budget
+        self.max_nodes = budget  # largest tree drafted
         self.needs_hidden = any(getattr(p, "needs_hidden", False) for p in self.proposers)
 
     def reset(self) -> None:

@@ -15,15 +15,24 @@ from specdeploy.runtime.types import Draft
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
-    """parents: [m] int64 (-1 = outside the tree) -> [m, m] bool, anc[i, j] = j is i or an ancestor of i."""
+    """parents: [m] int64 (-1 = outside the tree) -> [m, m] bool (CPU), anc[i, j] = j is i or an ancestor of i.
+
+    Pointer jumping: after round t each node holds its ancestors closer than 2^t and points at
+    its 2^t-th one, so a tree of depth d takes about log2(d) rounds of a few tensor ops.
+    """
+    parents = parents.detach().to("cpu", torch.long).reshape(-1)
     m = int(parents.numel())
-    anc = torch.eye(m, dtype=torch.bool)
-    for i, p in enumerate(parents.tolist()):
-        if p >= 0:
-            if p >= i:
-                raise ValueError(f"tree node {i} has parent {p}: parents must come first")
-            anc[i] |= anc[p]
-    return anc
+    bad = (parents >= torch.arange(m)) | (parents < -1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"tree node {i} has parent {int(parents[i])}: parents must come first")
+    # row m stands for "outside the tree": it has no ancestors and points at itself
+    jump = torch.cat([torch.where(parents < 0, m, parents), torch.tensor([m])])  # [m + 1]
+    anc = torch.cat([torch.eye(m, dtype=torch.bool), torch.zeros(1, m, dtype=torch.bool)])  # [m + 1, m]
+    while bool((jump[:m] < m).any()):
+        anc = anc | anc[jump]
+        jump = jump[jump]
+    return anc[:m]
 
 
 def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
