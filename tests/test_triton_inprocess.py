@@ -130,9 +130,10 @@ def test_writer_gpu_instances(tmp_path):
 
     repo = write_repository(tmp_path / "gpu", RepoSpec(spec=SpecConfig(method="layerskip"),
                                                       instances=InstanceSpec("gpu", 2, (1, 0))))
-    for name in ("verify", "draft"):  # one instance, on the first GPU listed: the KV caches live there
+    for name in ("verify", "draft"):  # count instances on each GPU; the sequence batcher keeps a sequence on one
         config = (repo / name / "config.pbtxt").read_text()
-        assert "kind: KIND_GPU\n    count: 1\n    gpus: [ 1 ]" in config and '\\"dtype\\": \\"bfloat16\\"' in config
+        assert "kind: KIND_GPU\n    count: 2\n    gpus: [ 1, 0 ]" in config and '\\"dtype\\": \\"bfloat16\\"' in config
+        assert "oldest {\n    max_candidate_sequences: 256" in config and "kind: CONTROL_SEQUENCE_CORRID" in config
     assert "kind: KIND_CPU\n    count: 2" in (repo / "spec_decode" / "config.pbtxt").read_text()
     with pytest.raises(SpecDeployError, match="--gpus needs"):
         InstanceSpec("cpu", 1, (0,))
@@ -183,20 +184,37 @@ def test_metrics_parser_and_alpha_flag():
     assert torch.isclose(torch.tensor(tasks["chat"].alpha), torch.tensor(0.1))
 
 
-def test_policy_sets_k_per_task(smollm2, tmp_path):
-    from specdeploy.triton_repo.writer import Policy
+def test_policy_decides_method_and_k_per_task(smollm2, tmp_path):
+    """policy.json (runtime format) per task: off = plain decoding (0 draft tokens), k per task,
+    the repository's method for unnamed tasks; the output stays the greedy one."""
+    from specdeploy.triton_repo.writer import check_policy, load_policy
 
     path = tmp_path / "policy.json"
-    path.write_text(json.dumps({"default": {"k": 3}, "tasks": {"chat": {"enabled": False}, "code": {"k": 6}}}))
-    policy = Policy.load(path)
-    decoder = _decoder(smollm2, "ngram", failing_transport("unused"))
-    decoder.policy = {"default": policy.default, "tasks": policy.tasks}
+    path.write_text(json.dumps({"tasks": {"chat": {"method": "none", "k": "off"}, "code": {"method": "ngram", "k": 6},
+                                          "qa": {"method": "layerskip", "k": 2, "alpha": 0.1}}}))
+    spec = SpecConfig(method="layerskip", k=3)
+    policy = load_policy(path, spec)
+    check_policy(policy, spec)
+    caches = {"verify": SequenceCaches(smollm2.model), "draft": SequenceCaches(layerskip_model(smollm2.model))}
+    decoder = _decoder(smollm2, "layerskip", LocalTransport(caches), k=3)
+    decoder.policy = policy
     job = lambda task, k=None: decoder.make_job([1, 2], max_tokens=4, task=task, k=k)  # noqa: E731
-    assert [decoder.resolve_k(job(t)) for t in ("chat", "code", "other")] == [0, 6, 3]
-    assert decoder.resolve_k(job("chat", k=2)) == 2  # the request's num_draft_tokens wins
-    path.write_text(json.dumps({"tasks": {"chat": {"k": 0}}}))
-    with pytest.raises(SpecDeployError, match="k must be"):
-        Policy.load(path)
+    assert [(d.method, d.k, d.reason) for d in map(decoder.decide, [job("chat"), job("code"), job("other")])] == \
+        [("none", 0, "policy"), ("ngram", 6, "policy"), ("layerskip", 3, "default")]
+    assert (decoder.decide(job("chat", k=2)).k, decoder.decide(job("chat", k=2)).reason) == (2, "request")
+    ids = encode_prompt(smollm2.tokenizer, PROMPTS[1])
+    ref = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8))
+    for task in ("chat", "code", "qa"):
+        out = decoder.run(decoder.make_job(ids, max_tokens=8, task=task))
+        assert out.generation.token_ids == ref.token_ids, task
+        assert (out.generation.stats.proposed == 0) == (task == "chat") and out.decision.task == task
+    assert policy.summary()["chat"]["decisions"] == {"off": 2}  # decide() above and run()
+
+    with pytest.raises(SpecDeployError, match="method 'layerskip' is not served"):
+        check_policy(policy, SpecConfig(method="ngram"))
+    path.write_text(json.dumps({"tasks": {"chat": {"enabled": False}}}))
+    with pytest.raises(SpecDeployError, match='"enabled" is not a policy key'):
+        load_policy(path, spec)
 
 
 def test_cancelled_request_stops_and_releases_its_caches(smollm2):

@@ -39,12 +39,15 @@ class GenerationResult:
     accepted: int  # total_accepted_draft_tokens
     draft_tokens: int  # total_draft_tokens
     acceptance_length: float  # tokens per target forward, the +1 included
+    decision: dict | None = None  # the method and k spec_decode ran: {"task", "method", "k", "reason"}
 
     def as_json(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"[{self.task}] α={self.acceptance_rate:.2f} ({self.accepted}/{self.draft_tokens} draft tokens) "
+        d = self.decision
+        how = f" {d['method']} k={d['k']} ({d['reason']})" if d else ""
+        return (f"[{self.task}]{how} α={self.acceptance_rate:.2f} ({self.accepted}/{self.draft_tokens} draft tokens) "
                 f"acceptance_length={self.acceptance_length:.2f} finish={self.finish_reason}")
 
 
@@ -233,7 +236,7 @@ class SpecClient:
 
 
 _OUTPUTS = ("text_output", "finish_reason", "acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens",
-            "acceptance_length")
+            "acceptance_length", "decision")
 
 
 def _grpc_outputs(result) -> dict:
@@ -253,6 +256,7 @@ def _result(out: dict, task: str, text: str) -> GenerationResult:
         acceptance_rate=float(out.get("acceptance_rate", 0.0)),
         accepted=int(out.get("total_accepted_draft_tokens", 0)), draft_tokens=int(out.get("total_draft_tokens", 0)),
         acceptance_length=float(out.get("acceptance_length", 0.0)),
+        decision=json.loads(out["decision"]) if out.get("decision") else None,
     )
 
 

@@ -38,8 +38,10 @@ class LatencyRow:
 
 
 def engine_from_manifest(repo: Path, device: str):
+    """The in-process SpecEngine over the weights, method, k, dtype and policy the repository serves."""
     from specdeploy.config import SpecConfig
     from specdeploy.runtime.engine import SpecEngine
+    from specdeploy.runtime.policy import Policy
     from specdeploy.triton_repo.writer import MARKER
 
     try:
@@ -50,11 +52,31 @@ def engine_from_manifest(repo: Path, device: str):
     spec = SpecConfig(method=m["method"], k=m["k"],
                       draft=draft.get("source_path") if m["method"] == "draft" else None,
                       layerskip_layers=draft.get("layerskip_layers"))
+    policy = Policy.from_dict(m["policy"]) if m.get("policy") else None
     if device == "cpu":  # as many torch threads as each served model process uses
         import torch
 
         torch.set_num_threads(int(m.get("cpu_threads", 1)))
-    return SpecEngine.load(spec, m["target"]["source_path"], device=device, dtype=m["dtype"])
+    if m["target"].get("engine") or draft.get("engine"):
+        return _engine_over_built(repo, m, spec, device, policy)
+    return SpecEngine.load(spec, m["target"]["source_path"], device=device, dtype=m["dtype"], policy=policy)
+
+
+def _engine_over_built(repo: Path, m: dict, spec, device: str, policy):
+    """SpecEngine over the repository's `specdeploy build` engines, loaded as verify and draft load them."""
+    from transformers import AutoTokenizer
+
+    from specdeploy.models.loader import LoadedModel
+    from specdeploy.runtime.engine import SpecEngine
+    from specdeploy.triton_repo.weights import load_weights
+
+    tokenizer = AutoTokenizer.from_pretrained(repo / "preprocessing" / "1" / "tokenizer")
+
+    def loaded(entry: dict) -> LoadedModel:
+        return LoadedModel(load_weights(entry, device, m["dtype"]), tokenizer, entry["source"], entry["sha256"])
+
+    draft = loaded(m["draft"]) if spec.method == "draft" else None
+    return SpecEngine(loaded(m["target"]), spec, draft, policy=policy)
 
 
 def measure(repo: str | Path, prompts: tuple[str, ...] = DEFAULT_PROMPTS, max_tokens: int = 32, repeats: int = 2,

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from specdeploy.errors import SpecDeployError
-from specdeploy.triton_repo.metrics import COUNTERS, PER_POSITION
+from specdeploy.triton_repo.metrics import COUNTERS, DECISIONS, PER_POSITION
 
 _FIELDS = {
     "spec_decode_num_requests": "requests",
@@ -41,6 +41,7 @@ class TaskCounters:
     forwards: float = 0
     fallbacks: float = 0
     accepted_per_pos: dict[int, float] = field(default_factory=dict)
+    decisions: dict[str, float] = field(default_factory=dict)  # "ngram k=4" / "off" -> requests
 
     @property
     def alpha(self) -> float | None:
@@ -67,6 +68,10 @@ def parse_metrics(text: str) -> dict[str, TaskCounters]:
             if name == PER_POSITION:
                 pos = int(sample.labels.get("position", 0))
                 row.accepted_per_pos[pos] = row.accepted_per_pos.get(pos, 0) + sample.value
+            elif name == DECISIONS:
+                k = sample.labels.get("k", "")
+                key = "off" if k == "off" else f"{sample.labels.get('method', '?')} k={k}"
+                row.decisions[key] = row.decisions.get(key, 0) + sample.value
             elif name in _FIELDS:
                 setattr(row, _FIELDS[name], getattr(row, _FIELDS[name]) + sample.value)
     return tasks
@@ -90,8 +95,8 @@ def build_table(tasks: dict[str, TaskCounters], previous: dict[str, TaskCounters
                 url: str = "") -> Table:
     table = Table(title=f"speculative decoding per task  {url}  {time.strftime('%H:%M:%S')}")
     for col in ("task", "requests", "draft tokens", "accepted", "α", "α (last interval)", "acceptance length",
-                "α by position", "fallbacks", "status"):
-        table.add_column(col, justify="left" if col in ("task", "status", "α by position") else "right")
+                "α by position", "decisions", "fallbacks", "status"):
+        table.add_column(col, justify="left" if col in ("task", "status", "α by position", "decisions") else "right")
     for task in sorted(tasks):
         now = tasks[task]
         recent = now.minus(previous[task]) if previous and task in previous else None
@@ -100,10 +105,10 @@ def build_table(tasks: dict[str, TaskCounters], previous: dict[str, TaskCounters
                            for i in range(max(now.accepted_per_pos, default=-1) + 1))
         status = f"[red]α < {threshold:g}[/red]" if low else ("[yellow]fallbacks[/yellow]" if now.fallbacks else "[green]ok[/green]")
         if now.draft_tokens == 0:
-            status = "no drafts"
+            status = "off (policy)" if set(now.decisions) == {"off"} else "no drafts"
         table.add_row(task, f"{now.requests:.0f}", f"{now.draft_tokens:.0f}", f"{now.accepted:.0f}", _fmt(now.alpha),
                       _fmt(recent.alpha if recent else None), _fmt(now.acceptance_length), per_pos or "-",
-                      f"{now.fallbacks:.0f}", status)
+                      ", ".join(f"{d} ×{n:.0f}" for d, n in sorted(now.decisions.items())) or "-", f"{now.fallbacks:.0f}", status)
     return table
 
 

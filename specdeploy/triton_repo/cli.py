@@ -11,7 +11,10 @@ from specdeploy.errors import SpecDeployError
 
 def add_cli(sub) -> None:
     r = sub.add_parser("repo", help="write a Triton model repository for speculative generation")
-    r.add_argument("--target", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
+    r.add_argument("--target", help="'smollm2' (default), a .gguf file or a Hugging Face directory; "
+                                    "with --engines, the model they must have been built from")
+    r.add_argument("--engines", help="a `specdeploy build` output: serve its target (and draft) engines")
+    r.add_argument("--draft-engine", help="with --engines: engine folder of the draft (its draft, else its target)")
     r.add_argument("--method", default="none", help="none | ngram | draft | layerskip")
     r.add_argument("--draft", help="draft model for --method draft")
     r.add_argument("--k", type=int, default=4, help="draft tokens per step (1..64)")
@@ -19,10 +22,11 @@ def add_cli(sub) -> None:
     r.add_argument("--ngram-max", type=int, default=4)
     r.add_argument("--layerskip-layers", type=int, help="layers in the layerskip draft (default: a quarter)")
     r.add_argument("--instance-kind", default="cpu", help="cpu | gpu (where verify and draft run)")
-    r.add_argument("--instance-count", type=int, default=1, help="instances of the tokenizer and spec_decode models")
-    r.add_argument("--gpus", help="GPU ids for --instance-kind gpu, e.g. 0 (verify/draft use the first)")
+    r.add_argument("--instance-count", type=int, default=1,
+                   help="instances of every model (verify/draft: per GPU with --instance-kind gpu)")
+    r.add_argument("--gpus", help="GPU ids for --instance-kind gpu, e.g. 0,1 (default: all visible)")
     r.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on cpu, bfloat16 on gpu")
-    r.add_argument("--policy", help="JSON: per-task enabled / k, e.g. {\"tasks\": {\"chat\": {\"enabled\": false}}}")
+    r.add_argument("--policy", help="policy.json (from `specdeploy advise`): method and k, or off, per task")
     r.add_argument("--python-path", action="append", default=[],
                    help="folder to put first on the models' sys.path (repeatable), e.g. a numpy<2 target dir")
     r.add_argument("--out", required=True, help="repository folder to write")
@@ -74,7 +78,7 @@ def add_cli(sub) -> None:
 
 def cmd_repo(args: argparse.Namespace) -> int:
     from specdeploy.config import SpecConfig
-    from specdeploy.triton_repo.writer import InstanceSpec, Policy, RepoSpec, write_repository
+    from specdeploy.triton_repo.writer import InstanceSpec, RepoSpec, load_policy, write_repository
 
     spec = SpecConfig(method=args.method, k=args.k, draft=args.draft, ngram_min=args.ngram_min,
                       ngram_max=args.ngram_max, layerskip_layers=args.layerskip_layers)
@@ -83,11 +87,14 @@ def cmd_repo(args: argparse.Namespace) -> int:
     except ValueError:
         raise SpecDeployError(f"--gpus takes comma-separated integers, got {args.gpus!r}") from None
     rs = RepoSpec(target=args.target, spec=spec, instances=InstanceSpec(args.instance_kind, args.instance_count, gpus),
-                  dtype=args.dtype, policy=Policy.load(args.policy) if args.policy else Policy(),
-                  extra_python_path=tuple(args.python_path))
+                  dtype=args.dtype, policy=load_policy(args.policy, spec) if args.policy else None,
+                  engines=args.engines, draft_engine=args.draft_engine, extra_python_path=tuple(args.python_path))
     out = write_repository(args.out, rs)
     models = sorted(p.name for p in out.iterdir() if p.is_dir())
-    print(f"wrote {out}: {', '.join(models)} (method {spec.method}, k={spec.k}, {rs.torch_dtype}, {rs.instances.kind})")
+    weights = f"engines {args.engines}" if args.engines else (args.target or "smollm2")
+    extra = f", policy {args.policy}" if args.policy else ""
+    print(f"wrote {out}: {', '.join(models)} ({weights}, method {spec.method}, k={spec.k}, {rs.torch_dtype}, "
+          f"{rs.instances.count}x {rs.instances.kind}{extra})")
     return 0
 
 

@@ -1,6 +1,8 @@
 """The serving side of one spec_decode request, free of Triton types (tests run it in-process).
 
-`SpecDecoder.run(job)` builds a TritonRunner for the target, the repository's proposer
+`SpecDecoder.run(job)` decides the request's method and k (`decide`: the request's
+num_draft_tokens, else the repository's `runtime.policy.Policy` for the task, else the
+repository's method and k), builds a TritonRunner for the target and that method's proposer
 (over a TritonRunner for the draft, behind FallbackProposer) and calls the runtime's
 `speculative_generate`: the served path decodes with the very loop the CLI uses.
 Streaming hooks into `StopCondition.check`, which the loop calls after every committed token.
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from specdeploy.config import MAX_K, SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.loop import Generation, StopCondition, speculative_generate
+from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.triton_repo.proposer import FallbackProposer, build_proposer
 from specdeploy.triton_repo.runner import Transport, TritonRunner
 
@@ -28,7 +31,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     task: str = "default"
-    k: int | None = None  # None: the policy's (or the repository's) k
+    k: int | None = None  # the request's num_draft_tokens; None: the policy's (or the repository's) k
     stream: bool = False
 
 
@@ -52,7 +55,7 @@ class RequestCancelled(Exception):
 @dataclass
 class Outcome:
     generation: Generation
-    k: int
+    decision: Decision  # the method and k the request ran with, and why
     fallback: BaseException | None = None
 
 
@@ -71,7 +74,7 @@ class SpecDecoder:
     draft_model: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
-    policy: dict = field(default_factory=dict)  # {"default": {...}, "tasks": {name: {"enabled", "k"}}}
+    policy: Policy | None = None  # per-task method / k / off; None: every request gets method and k
     on_fallback: Callable[[str, BaseException], None] | None = None
 
     @classmethod
@@ -79,7 +82,7 @@ class SpecDecoder:
         return cls(method=s["method"], k=int(s["k"]), eos_ids=frozenset(s["eos_ids"]), max_length=int(s["max_length"]),
                    vocab_size=int(s["vocab_size"]), transport=transport, decode=decode, target_model=s["target_model"],
                    draft_model=s.get("draft_model"), ngram_min=int(s.get("ngram_min", 1)), ngram_max=int(s.get("ngram_max", 4)),
-                   policy=s.get("policy") or {}, **kw)
+                   policy=Policy.from_dict(s["policy"]) if s.get("policy") else None, **kw)
 
     def make_job(self, prompt_ids: list[int], *, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
                  stop: tuple[str, ...] = (), task: str | None = None, k=None, stream: bool = False) -> Job:
@@ -98,25 +101,29 @@ class SpecDecoder:
             raise SpecDeployError(f"num_draft_tokens must be an integer in [0, {MAX_K}], got {k!r}")
         return Job(list(map(int, prompt_ids)), params, task, k, bool(stream))
 
-    def resolve_k(self, job: Job) -> int:
-        """Draft tokens per step: the request's, else the task's policy, else the repository's; 0 = off."""
-        if self.method == "none":
-            return 0
-        if job.k is not None:
-            return job.k
-        entry = {**self.policy.get("default", {}), **self.policy.get("tasks", {}).get(job.task, {})}
-        if entry.get("enabled", True) is False:
-            return 0
-        return int(entry.get("k", self.k))
+    def decide(self, job: Job) -> Decision:
+        """Method and k for this request; k = 0 is plain decoding. The request's num_draft_tokens
+        wins (with the repository's method, reason "request"), then the policy's decision for the
+        task, then the repository's method and k (reason "repository")."""
+        if job.k is None and self.policy is not None:
+            return self.policy.decide(job.task)
+        k = self.k if job.k is None else job.k
+        reason = "request" if job.k is not None else "repository"
+        if self.method == "none" or k == 0:
+            return Decision(job.task, "none", 0, reason)
+        return Decision(job.task, self.method, k, reason)
 
     def run(self, job: Job, on_tokens: Callable[[list[int]], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> Outcome:
         """Generate; for a streaming job `on_tokens(generated so far)` after each token that does
         not end the text. `cancelled()` is asked after each token (RequestCancelled if true)."""
-        k = self.resolve_k(job)
+        decision = self.decide(job)
+        k = decision.k
         target = TritonRunner(self.target_model, self.vocab_size, self.max_length, self.transport)
         draft_runner = None
-        if k > 0 and self.method in ("draft", "layerskip"):
+        if k > 0 and decision.method in ("draft", "layerskip"):
+            if self.draft_model is None:
+                raise SpecDeployError(f"method {decision.method!r} needs the draft model, which this repository does not serve")
             draft_runner = TritonRunner(self.draft_model, self.vocab_size, self.max_length, self.transport,
                                         sequence_id=target.sequence_id)
         failures: list[BaseException] = []
@@ -127,8 +134,9 @@ class SpecDecoder:
                 self.on_fallback(job.task, e)
 
         proposer = FallbackProposer(
-            build_proposer(self.method if k > 0 else "none", draft_runner=draft_runner,
+            build_proposer(decision.method if k > 0 else "none", draft_runner=draft_runner,
                            ngram_min=self.ngram_min, ngram_max=self.ngram_max), failed)
+
         def on_token(generated: list[int]) -> None:
             if cancelled is not None and cancelled():
                 raise RequestCancelled(f"cancelled after {len(generated)} tokens")
@@ -143,4 +151,6 @@ class SpecDecoder:
                 if runner is not None:
                     with contextlib.suppress(Exception):  # the servers evict it anyway
                         runner.release()
-        return Outcome(gen, k, failures[0] if failures else None)
+        if self.policy is not None and decision.reason not in ("request", "repository"):
+            self.policy.observe(decision, gen.stats)  # adaptive policies learn from each request
+        return Outcome(gen, decision, failures[0] if failures else None)

@@ -29,11 +29,8 @@ class SequenceCaches:
         return len(self._runners)
 
     def step(self, req: KVRequest) -> np.ndarray:
-        """Apply `keep`, append `tokens`; logits [m, vocab] float32 (empty for a release)."""
+        """Apply `keep`, append `tokens`, then free the cache if `release`; logits [m, vocab] float32."""
         with self._lock:
-            if req.release:
-                self._runners.pop(req.sequence_id, None)
-                return np.zeros((0, self.vocab_size), dtype=np.float32)
             if req.keep == RESET:
                 runner = self._runners.pop(req.sequence_id, None) or TorchRunner(self.model)
                 runner.reset()
@@ -43,11 +40,15 @@ class SequenceCaches:
             else:
                 runner = self._runners.get(req.sequence_id)
                 if runner is None:
+                    if req.release and req.tokens.size == 0:  # ending a sequence already gone: nothing to do
+                        return np.zeros((0, self.vocab_size), dtype=np.float32)
                     raise KeyError(f"unknown sequence_id {req.sequence_id} (never started with keep=-1, released or evicted)")
                 self._runners.move_to_end(req.sequence_id)
                 if req.keep > runner.length:
                     raise ValueError(f"sequence {req.sequence_id}: keep={req.keep} but the cache holds {runner.length} entries")
                 runner.rollback(req.keep)
+            if req.release:
+                self._runners.pop(req.sequence_id, None)
         if req.tokens.size == 0:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
         step = runner.forward(torch.from_numpy(np.ascontiguousarray(req.tokens, dtype=np.int64)))

@@ -34,8 +34,31 @@ def instance_group(kind: str, count: int, gpus: tuple[int, ...] = ()) -> str:
     return f"instance_group [\n  {{\n    kind: KIND_{kind.upper()}\n    count: {count}{gpu_list}\n  }}\n]\n"
 
 
+def sequence_batching(max_sequences: int, idle_s: float) -> str:
+    """Triton's sequence batcher, Oldest strategy, for models that keep state per sequence.
+
+    Every request with one correlation ID (a sequence: SEQUENCE_START flag on its first
+    request, SEQUENCE_END on its last) reaches the same model instance, so with several
+    instances a sequence's steps still find its KV cache. Each instance takes up to
+    `max_sequences` sequences at once (more wait in Triton's backlog); the control inputs
+    START, END (TYPE_BOOL [1]) and CORRID (TYPE_UINT64 [1]) tell the model which
+    sequence a request belongs to. A sequence idle for `idle_s` is dropped by Triton.
+    """
+    def control(name: str, kind: str, value: str) -> str:
+        return (f'    {{\n      name: "{name}"\n      control [\n        {{\n          kind: CONTROL_SEQUENCE_{kind}\n'
+                f'          {value}\n        }}\n      ]\n    }}')
+
+    controls = ",\n".join([control("START", "START", "bool_false_true: [ false, true ]"),
+                           control("END", "END", "bool_false_true: [ false, true ]"),
+                           control("CORRID", "CORRID", "data_type: TYPE_UINT64")])
+    return (f"sequence_batching {{\n  max_sequence_idle_microseconds: {int(idle_s * 1e6)}\n"
+            f"  oldest {{\n    max_candidate_sequences: {max_sequences}\n  }}\n"
+            f"  control_input [\n{controls}\n  ]\n}}\n")
+
+
 def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], group: str, settings: dict,
-                 *, decoupled: bool = False) -> str:
+                 *, decoupled: bool = False, scheduling: str = "") -> str:
+    """config.pbtxt of a Python-backend model; `scheduling`: e.g. a sequence_batching block."""
     parts = [
         f'name: "{name}"',
         'backend: "python"',
@@ -44,6 +67,8 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], group: 
         "output [\n" + ",\n".join(t.pbtxt() for t in outputs) + "\n]",
         group.rstrip(),
     ]
+    if scheduling:
+        parts.append(scheduling.rstrip())
     if decoupled:
         parts.append("model_transaction_policy {\n  decoupled: true\n}")
     parts.append(f'parameters {{\n  key: "{SETTINGS_KEY}"\n  value: {{\n    string_value: {quote(json.dumps(settings))}\n  }}\n}}')

@@ -1,11 +1,17 @@
 """TritonRunner: the Runner protocol over BLS calls to a served `verify` or `draft` model.
 
-The served model keeps one KV cache per `sequence_id`. Each `forward` is one BLS
-request carrying the tokens and `keep`, the number of cache entries to keep first:
-the runner's pending `reset()` (keep = -1) or `rollback(keep)` travels with the next
-forward instead of costing a call of its own. `release()` frees the served cache.
+The served model keeps one KV cache per sequence. Each `forward` is one BLS request
+carrying the tokens and `keep`, the number of cache entries to keep first: the runner's
+pending `reset()` or `rollback(keep)` travels with the next forward instead of costing a
+call of its own. `release()` frees the served cache.
 
-    request  sequence_id UINT64 [1], tokens INT64 [m], keep INT64 [1], release BOOL [1] (optional)
+The sequence is a Triton sequence (the models use the sequence batcher, see
+`pbtxt.sequence_batching`): the request's correlation ID is the sequence id, its first
+request carries the SEQUENCE_START flag (keep = RESET) and `release()` the SEQUENCE_END
+flag, so Triton routes all of a sequence's steps to the model instance holding its cache.
+
+    request  correlation_id = sequence id, flags START/END; tokens INT64 [m], keep INT64 [1]
+             (the model sees the flags and the id as its START, END, CORRID control inputs)
     response logits FP32 [m, vocab]
 
 The transport is a callable, so the same runner runs in-process in tests (`LocalTransport`).
@@ -31,10 +37,10 @@ RESET = -1  # `keep` value that starts a new sequence
 class KVRequest:
     """One call to a served runner model."""
 
-    sequence_id: int
+    sequence_id: int  # the Triton correlation ID
     tokens: np.ndarray  # [m] int64
-    keep: int  # cache entries to keep before appending; RESET = new sequence
-    release: bool = False
+    keep: int  # cache entries to keep before appending; RESET = new sequence (SEQUENCE_START)
+    release: bool = False  # free the cache after this request (SEQUENCE_END)
 
     @classmethod
     def dummy(cls) -> "KVRequest":
@@ -78,17 +84,18 @@ class TritonRunner:
 
     def reset(self) -> None:
         self._length = 0
-        self._keep = RESET
+        # a sequence starts once: a reset after the first forward keeps 0 entries of the same one
+        self._keep = 0 if self._opened else RESET
 
     def forward(self, tokens: torch.Tensor) -> Step:  # tokens: [m] int64
         m = int(tokens.numel())
         if self._length + m > self.max_length:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
         keep = self._length if self._keep is None else self._keep
+        self._opened = True  # from the first request on, the server may hold the sequence: release() ends it
         logits = self.transport(self.model, KVRequest(self.sequence_id, tokens.cpu().numpy().astype(np.int64), keep))
         if logits.shape != (m, self.vocab_size):
             raise RuntimeError(f"{self.model} returned logits of shape {logits.shape}, expected ({m}, {self.vocab_size})")
-        self._opened = True
         self._keep = None
         self._length += m
         return Step(logits=torch.from_numpy(logits))
@@ -104,20 +111,21 @@ class TritonRunner:
         """Free the served cache (best effort: the server also evicts the oldest caches)."""
         if self._opened:
             self._opened = False
-            self.transport(self.model, KVRequest(self.sequence_id, np.zeros(0, dtype=np.int64), RESET, release=True))
+            self.transport(self.model, KVRequest(self.sequence_id, np.zeros(0, dtype=np.int64), 0, release=True))
 
 
 def bls_transport(model: str, request: KVRequest) -> np.ndarray:
     """One BLS inference request from inside a Python-backend model."""
     import triton_python_backend_utils as pb_utils
 
-    inputs = [
-        pb_utils.Tensor("sequence_id", np.array([request.sequence_id], dtype=np.uint64)),
-        pb_utils.Tensor("tokens", request.tokens),
-        pb_utils.Tensor("keep", np.array([request.keep], dtype=np.int64)),
-        pb_utils.Tensor("release", np.array([request.release], dtype=bool)),
-    ]
-    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=["logits"]).exec()
+    inputs = [pb_utils.Tensor("tokens", request.tokens), pb_utils.Tensor("keep", np.array([request.keep], dtype=np.int64))]
+    flags = 0
+    if request.keep == RESET:
+        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+    if request.release:
+        flags |= pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+    response = pb_utils.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=["logits"],
+                                         correlation_id=request.sequence_id, flags=flags).exec()
     if response.has_error():
         raise RuntimeError(f"BLS call to {model} failed: {response.error().message()}")
     return np.array(pb_utils.get_output_tensor_by_name(response, "logits").as_numpy(), dtype=np.float32)

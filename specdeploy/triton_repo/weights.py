@@ -2,7 +2,9 @@
 
 The writer records every file of the target (and draft) with its sha256; a served model
 checks them before loading, so a missing or corrupt file fails the model's load with a
-message that names the file rather than a stack trace from deep inside a loader.
+message that names the file rather than a stack trace from deep inside a loader. This
+holds for engine folders from `specdeploy build` too (weights, config, tokenizer and
+manifest.json), which load through `build.engine.load_quantized`.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def check_files(files: dict[str, str]) -> None:
 
 
 def load_weights(entry: dict, device: str = "cpu", dtype: str = "float32"):
-    """The model a repository entry names (the target, a draft, or the target's first N layers)."""
+    """The model a repository entry names (the target, a draft, or the target's first N layers),
+    from a model source or from a built engine (`entry["engine"]`)."""
     import torch
 
     from specdeploy.models.layerskip import layerskip_model
@@ -39,11 +42,17 @@ def load_weights(entry: dict, device: str = "cpu", dtype: str = "float32"):
     if dtype not in DTYPES:
         raise SpecDeployError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     check_files(entry["files"])
-    loaded = load_model(entry["source_path"], device=device, dtype=getattr(torch, dtype))
-    if loaded.source_hash != entry["sha256"]:
-        raise SpecDeployError(f"{entry['source_path']}: weights hash {loaded.source_hash[:16]}... differs from the "
+    if entry.get("engine"):  # a torch engine of `specdeploy build`: quantized weights + manifest
+        from specdeploy.build.engine import load_quantized
+
+        model, manifest = load_quantized(entry["engine"], device, getattr(torch, dtype))
+        digest = manifest.source_hash
+    else:
+        loaded = load_model(entry["source_path"], device=device, dtype=getattr(torch, dtype))
+        model, digest = loaded.model, loaded.source_hash
+    if digest != entry["sha256"]:
+        raise SpecDeployError(f"{entry['source_path']}: weights hash {digest[:16]}... differs from the "
                               f"repository's {entry['sha256'][:16]}...")
-    model = loaded.model
     if entry.get("layerskip_layers"):
         model = layerskip_model(model, entry["layerskip_layers"])
     return model

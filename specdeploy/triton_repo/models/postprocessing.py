@@ -2,7 +2,7 @@
 
 Stateless: a streamed response carries every id generated so far and how many the
 previous responses carried, so each piece is decoded from whole characters. The
-acceptance statistics from spec_decode pass through unchanged.
+acceptance statistics and the decision from spec_decode pass through unchanged.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.triton_repo.models.common import array, error_response, scalar, settings, string_tensor, strings, tokenizer_from
 from specdeploy.triton_repo.text import text_delta
 
-PASS_THROUGH = ("acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens", "acceptance_length", "finish_reason")
+PASS_THROUGH = ("acceptance_rate", "total_accepted_draft_tokens", "total_draft_tokens", "acceptance_length", "finish_reason",
+                "decision")
 
 
 class TritonPythonModel:

@@ -8,13 +8,15 @@ Outputs, per response:
     output_ids INT64 [all generated so far], previous_length INT32 [1] (how many the
     previous responses carried), stop_words (echoed for postprocessing), finish_reason STRING [1] ("" until the last response),
     acceptance_rate FP32, total_accepted_draft_tokens INT32, total_draft_tokens INT32,
-    acceptance_length FP32 (the statistics are filled in the last response only)
+    acceptance_length FP32, decision STRING [1] (JSON: task, method, k or "off", reason;
+    see decoder.SpecDecoder.decide) -- statistics and decision are filled in the last response only
 
 Each request runs on a worker thread, so requests interleave their BLS calls; the
 counters of `specdeploy.triton_repo.metrics` are exported through pb_utils.MetricFamily.
 """
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,9 +24,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.policy import Decision
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.triton_repo.decoder import Outcome, RequestCancelled, SpecDecoder
-from specdeploy.triton_repo.metrics import COUNTERS, PER_POSITION
+from specdeploy.triton_repo.metrics import COUNTERS, DECISIONS, PER_POSITION
 from specdeploy.triton_repo.models.common import array, error_response, logger, scalar, settings, string_tensor, strings, tokenizer_from
 from specdeploy.triton_repo.runner import bls_transport
 from specdeploy.triton_repo.text import decode
@@ -54,8 +57,10 @@ class Counters:
                 self._metrics[key] = self.families[name].Metric(labels=labels)
             return self._metrics[key]
 
-    def record(self, task: str, stats: SpecStats, fallback: bool) -> None:
+    def record(self, task: str, stats: SpecStats, fallback: bool, decision: Decision) -> None:
         self.add("spec_decode_num_requests", 1, task=task)
+        d = decision.as_dict()
+        self.add(DECISIONS, 1, task=task, method=d["method"], k=str(d["k"]), reason=d["reason"])
         self.add("spec_decode_num_drafts", stats.proposed_at[0] if stats.proposed_at else 0, task=task)
         self.add("spec_decode_num_draft_tokens", stats.proposed, task=task)
         self.add("spec_decode_num_accepted_tokens", stats.accepted, task=task)
@@ -80,7 +85,8 @@ class TritonPythonModel:
         self.decoder = SpecDecoder.from_settings(s, self._transport, lambda ids: decode(self.tokenizer, ids),
                                                  on_fallback=self._fallback)
         self.pool = ThreadPoolExecutor(max_workers=int(s.get("max_concurrency", 64)), thread_name_prefix="spec_decode")
-        self.log.info("spec_decode ready: method=%s k=%d target=%s draft=%s", s["method"], s["k"], s["target_model"], s.get("draft_model"))
+        self.log.info("spec_decode ready: method=%s k=%d target=%s draft=%s policy=%s", s["method"], s["k"], s["target_model"],
+                      s.get("draft_model"), "yes" if s.get("policy") else "no")
 
     def execute(self, requests):
         for request in requests:
@@ -146,7 +152,7 @@ class TritonPythonModel:
             self._send(sender, lambda: error_response(message), FINAL)
             return
         self._send(sender, lambda: self._response(outcome.generation.token_ids, sent, job.params.stop, outcome), FINAL)
-        self.counters.record(job.task, outcome.generation.stats, outcome.fallback is not None)
+        self.counters.record(job.task, outcome.generation.stats, outcome.fallback is not None, outcome.decision)
 
     @staticmethod
     def _response(ids: list[int], previous: int, stop: tuple[str, ...], outcome: Outcome | None = None):
@@ -162,4 +168,5 @@ class TritonPythonModel:
             pb_utils.Tensor("total_draft_tokens", np.array([stats.proposed if stats else 0], dtype=np.int32)),
             pb_utils.Tensor("acceptance_length", np.array([length], dtype=np.float32)),
             string_tensor("finish_reason", outcome.generation.finish_reason if outcome else ""),
+            string_tensor("decision", json.dumps(outcome.decision.as_dict()) if outcome else ""),
         ])
