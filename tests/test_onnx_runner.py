@@ -1,9 +1,10 @@
-"""ONNX Runtime runner on SmolLM2 (fp32, CPU): speculative greedy through ORT (n-gram, and a
-draft model that also runs in ORT) == ORT plain greedy == the torch target's greedy.
+"""ONNX Runtime runner on SmolLM2 (fp32, CPU): speculative greedy through ORT (n-gram, a
+draft model that also runs in ORT, and the shipped Medusa / EAGLE heads as ORT graphs, token
+trees included) == ORT plain greedy == the torch target's greedy.
 
-SmolLM2 (+ a 2-layer layerskip draft) is exported once and cached under the specdeploy
-cache folder, keyed by the model hash, the exporter source and the library versions: the
-first run pays the export (~1-2 min on 2 cores), later runs reuse it.
+SmolLM2 (+ a 2-layer layerskip draft + the Medusa and EAGLE head graphs) is exported once and
+cached under the specdeploy cache folder, keyed by the model hash, the exporters' source and
+the library versions: the first run pays the export (~2 min on 2 cores), later runs reuse it.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import pytest
 import torch
 
 import specdeploy.export.onnx as onnx_export
+import specdeploy.export.onnx_heads as onnx_heads_export
 from specdeploy.build.manifest import read_manifest
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.export.onnx import OnnxExportConfig, export_onnx, resolve_draft
 from specdeploy.models.loader import cache_root
 from specdeploy.runtime.engine import SpecEngine
+from specdeploy.runtime.onnx_heads import OrtEagleHead, OrtMedusaHeads
 from specdeploy.runtime.onnx_runner import OnnxRunner, load_onnx_engine, load_onnx_runner
+from conftest import assert_matches_reference, greedy_reference
 
 PROMPTS = [
     "Write a Python function that returns the factorial of n.",
@@ -37,7 +41,7 @@ def _cache_key(source_hash: str) -> str:
     import onnxruntime
     import transformers
 
-    h = hashlib.sha256(Path(onnx_export.__file__).read_bytes())
+    h = hashlib.sha256(Path(onnx_export.__file__).read_bytes() + Path(onnx_heads_export.__file__).read_bytes())
     h.update(f"{source_hash}|{torch.__version__}|{transformers.__version__}|{onnxruntime.__version__}".encode())
     return h.hexdigest()[:16]
 
@@ -50,7 +54,8 @@ def smollm2_onnx(smollm2) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # optimize=False: the onnxscript optimizer doubles export time; ORT optimizes at load anyway
-    export_onnx(smollm2, tmp, resolve_draft("layerskip:2", smollm2), OnnxExportConfig(optimize=False))
+    export_onnx(smollm2, tmp, resolve_draft("layerskip:2", smollm2), OnnxExportConfig(optimize=False),
+                heads={"medusa": None, "eagle": None})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -58,11 +63,17 @@ def smollm2_onnx(smollm2) -> Path:
 
 def test_export_manifest_and_parity(smollm2, smollm2_onnx):
     bundle = read_manifest(smollm2_onnx)
-    assert bundle.kind == "bundle" and bundle.components == {"target": "target", "draft": "draft"}
+    assert bundle.kind == "bundle"
+    assert bundle.components == {"target": "target", "draft": "draft", "medusa": "medusa", "eagle": "eagle"}
     target = read_manifest(smollm2_onnx / "target")
     assert target.source_hash == smollm2.source_hash
     assert target.info["parity"]["max_abs_logits"] < 1e-3 and target.info["parity"]["argmax_agree"]
+    assert target.info["parity"]["tree_nodes"] >= 3 and "hidden_states" in target.info["outputs"]
     assert read_manifest(smollm2_onnx / "draft").info["num_layers"] == 2
+    for method in ("medusa", "eagle"):
+        m = read_manifest(smollm2_onnx / method)
+        assert m.source_hash == smollm2.source_hash and m.info["parity"]["ok"], m.info["parity"]
+        assert bundle.info["parity"][method] < 1e-3
 
 
 def test_rollback_matches_fresh_forward(smollm2, smollm2_onnx):
@@ -113,4 +124,35 @@ def test_cli_generate_with_engine(smollm2, smollm2_onnx, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     plain = SpecEngine(smollm2, SpecConfig(method="none"))
     expected = plain.generate(prompt, SamplingParams(max_new_tokens=12)).token_ids
+    assert out["token_ids"] == expected
+
+
+HEAD_PROMPTS = PROMPTS[:3]
+HEAD_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 4, 24)]
+
+
+@pytest.fixture(scope="module")
+def head_reference(smollm2):
+    return greedy_reference(smollm2, HEAD_PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize("method, k, tree_size", HEAD_CASES, ids=[f"{m}-k{k}-tree{t}" for m, k, t in HEAD_CASES])
+def test_ort_heads_greedy_equals_torch_target(smollm2, smollm2_onnx, head_reference, method, k, tree_size):
+    """Target and head both in ORT (trees through the 4D mask + keep_path) == the torch target's greedy."""
+    engine = load_onnx_engine(smollm2_onnx, SpecConfig(method=method, k=k, tree_size=tree_size), smollm2)
+    assert isinstance(engine.runner, OnnxRunner) and engine.runner.output_hidden
+    ort_head = engine.proposer.heads if method == "medusa" else engine.proposer.head
+    assert isinstance(ort_head, OrtMedusaHeads if method == "medusa" else OrtEagleHead)
+    assert_matches_reference(engine, head_reference, HEAD_PROMPTS, MAX_NEW)
+    assert engine.task_stats.total().accepted > 0
+
+
+def test_cli_generate_with_engine_and_eagle(smollm2, smollm2_onnx, head_reference, capsys):
+    from specdeploy.cli import main
+
+    ids, expected = head_reference[1]
+    code = main(["generate", "--engine", str(smollm2_onnx), "--prompt", HEAD_PROMPTS[1], "--method", "eagle",
+                 "--k", "3", "--max-new-tokens", str(MAX_NEW), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["token_ids"] == expected

@@ -1,6 +1,7 @@
 """CLI for the deployment half: `export`, `build`, and `generate --engine DIR`.
 
-    specdeploy export --format onnx [--target smollm2] [--draft PATH|layerskip[:N]] --out DIR
+    specdeploy export --format onnx [--target smollm2] [--draft PATH|layerskip[:N]]
+                      [--method medusa|eagle|medusa,eagle [--head PATH]] --out DIR
     specdeploy export --format trtllm ...          (specdeploy.export.trtllm_checkpoint)
     specdeploy build  --from DIR | --target smollm2 --quant none|int8|int8_wo|fp8
                       [--target-quant Q] [--draft-quant Q] [--draft PATH] [--smooth-alpha 0.5] --out DIR
@@ -21,6 +22,8 @@ def add_cli(subparsers: Any) -> None:
     e.add_argument("--format", choices=["onnx", "trtllm"], default="onnx")
     e.add_argument("--target", default="smollm2", help="'smollm2', a .gguf file or a Hugging Face directory")
     e.add_argument("--draft", help="draft model to export too (ONNX): a model path, or layerskip[:N]")
+    e.add_argument("--method", help="onnx: head graphs to export too: medusa, eagle or medusa,eagle")
+    e.add_argument("--head", help="onnx: the trained head artifact for --method (default: the shipped one)")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset")
     e.add_argument("--quant", help="trtllm: none | fp8 | int8 (SmoothQuant) | int8_wo")
@@ -68,11 +71,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         return int(trtllm_export_cli(args) or 0)
     from specdeploy.export.onnx import OnnxExportConfig, export_onnx, resolve_draft
+    from specdeploy.export.onnx_heads import HEAD_METHODS
     from specdeploy.models.loader import load_model
 
+    methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
+    bad = [m for m in methods if m not in HEAD_METHODS]
+    if bad:
+        raise SpecDeployError(f"--method {','.join(bad)}: ONNX exports the heads of {' and '.join(HEAD_METHODS)} "
+                              f"(a draft model: --draft)")
+    if args.head and len(methods) != 1:
+        raise SpecDeployError("--head PATH needs exactly one --method (medusa or eagle)")
     target = load_model(args.target)
     draft = resolve_draft(args.draft, target) if args.draft else None
-    out = export_onnx(target, args.out, draft, OnnxExportConfig(opset=args.opset))
+    out = export_onnx(target, args.out, draft, OnnxExportConfig(opset=args.opset), heads={m: args.head for m in methods})
     from specdeploy.build.manifest import read_manifest
 
     parity = read_manifest(out).info.get("parity", {})

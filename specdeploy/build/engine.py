@@ -6,6 +6,7 @@
   that runs through TorchRunner. Quantization: specdeploy.build.quantize.
 - "onnx": an ONNX Runtime graph, from an `export --format onnx` directory, either copied
   ("none") or with dynamic INT8 MatMuls (`onnxruntime.quantization.quantize_dynamic`).
+  Medusa / EAGLE head graphs are copied as exported (small; their parity stays recorded).
 A build of target and draft is a bundle: out/target, out/draft, out/manifest.json.
 
 Calibration runs on offline text: the training prompts of specdeploy.training (else the
@@ -228,7 +229,8 @@ def build_onnx_engine(src_dir: str | Path, out_dir: str | Path, algo: str, name:
         quant = {"algo": "ort_dynamic_int8", "weights": "int8 per-channel (QInt8)",
                  "activations": "uint8 per-tensor, dynamic (computed at run time)",
                  "kernel_path": "onnxruntime DynamicQuantizeMatMul / MatMulInteger"}
-    AutoTokenizer.from_pretrained(src_dir).save_pretrained(out)
+    if (Path(src_dir) / "tokenizer_config.json").is_file():  # head graphs carry no tokenizer
+        AutoTokenizer.from_pretrained(src_dir).save_pretrained(out)
     try:
         from transformers import GenerationConfig
 
@@ -268,7 +270,10 @@ def build_from_onnx(src_dir: str | Path, out_dir: str | Path, *, target_quant: s
     built = {}
     for role in roles:
         d = component_dir(src_dir, role)
-        built[role] = build_onnx_engine(d, out / role, draft_quant if role == "draft" else target_quant, role)
+        quant = draft_quant if role == "draft" else target_quant
+        if read_manifest(d).info.get("graph") in ("medusa", "eagle"):
+            quant = "none"  # head graphs are copied as exported
+        built[role] = build_onnx_engine(d, out / role, quant, role)
     first = built.get("target") or next(iter(built.values()))
     write_manifest(out, Manifest(
         kind="bundle", name="onnx-engine", source=first.source, source_hash=first.source_hash,

@@ -3,13 +3,14 @@
 Graph I/O (L layers, KV heads H, head size D; every `batch`, `seq`, `past` axis is dynamic):
 
     inputs   input_ids                    [batch, seq] int64
-             attention_mask               [batch, past + seq] int64 (1 = attend, 0 = padding)
-             position_ids                 [batch, seq] int64
+             attention_mask               [batch, 1, seq, past + seq] int64: 1 where a token may
+                                          attend (causal chains, padding and token trees alike)
+             position_ids                 [batch, seq] int64 (a tree node: cache length + depth)
              past_key_values.{i}.key      [batch, H, past, D] float32, i < L   (past may be 0)
              past_key_values.{i}.value    [batch, H, past, D]
     outputs  logits                       [batch, seq, vocab] float32
              hidden_states                [batch, seq, hidden] last hidden state (after the final
-                                          norm), what Medusa / EAGLE heads read
+                                          norm), what Medusa / EAGLE heads read (onnx_heads.py)
              present.{i}.key / .value     [batch, H, past + seq, D]
 
 How: `KVCacheWrapper` takes the KV tensors explicitly, fills a transformers DynamicCache
@@ -18,9 +19,13 @@ exporter (torch.export) traces that, so there is no copied modeling code. Tied i
 output embeddings are one parameter, so the graph stores them once. Weights over
 `external_data_bytes` (2 GB, protobuf's limit) go to an external data file.
 
+The 4D mask makes a token tree one call: node i attends to the cache and to its ancestors
+(`OnnxRunner.forward(tokens, tree_parents)`); `causal_mask` builds the chain mask from a 2D
+padding mask.
+
 Each exported model is a directory with model.onnx, its tokenizer, its generation config
 and manifest.json (kind "onnx": source and tokenizer hashes, opset, versions, I/O names and
-the measured logit parity with torch on a prompt plus a few decode steps).
+the measured logit parity with torch on a prompt, a few decode steps and one token tree).
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -39,6 +46,7 @@ from transformers import DynamicCache
 from specdeploy.build.manifest import MANIFEST, Manifest, now, tokenizer_hash, versions, write_manifest
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.loader import LoadedModel
+from specdeploy.runtime.onnx_runner import causal_mask
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,7 @@ class OnnxExportConfig:
     opset: int = 18
     external_data_bytes: int = 2 * 1024**3  # protobuf cannot hold a model over 2 GB
     parity_prompt: str = PARITY_PROMPT
-    parity_decode_steps: int = 3  # greedy decode steps after the prompt, each one ORT call
+    parity_decode_steps: int = 3  # greedy decode steps after the prompt, each one ORT call (then one tree)
     parity_tolerance: float = 1e-3  # max abs logit difference accepted in float32
     optimize: bool = True  # onnxscript graph optimizer (fewer nodes; ORT optimizes at load either way)
 
@@ -84,11 +92,12 @@ class KVCacheWrapper(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past_key_values: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # attention_mask: [batch, 1, seq, past + seq] int64, 1 = attend; transformers uses a 4D mask as given
         # past_key_values: 2 * L tensors [batch, H, past, D], key then value per layer
         cache = DynamicCache(config=self.model.config)
         for i in range(self.num_layers):
             cache.update(past_key_values[2 * i], past_key_values[2 * i + 1], i)
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask.bool(), position_ids=position_ids,
                                use_cache=True, **{self._cache_kw: cache})
         hidden = out.last_hidden_state  # [batch, seq, hidden]
         logits = self.model.lm_head(hidden).float()  # [batch, seq, vocab]
@@ -101,7 +110,7 @@ def _example_inputs(model: nn.Module, batch: int = 2, seq: int = 3, past: int = 
     heads, head_dim = kv_shape(model.config)
     dtype = next(model.parameters()).dtype
     ids = torch.randint(0, int(model.config.vocab_size), (batch, seq))
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask = torch.from_numpy(causal_mask(np.ones((batch, past + seq), dtype=np.int64), seq))
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     kv = [torch.zeros(batch, heads, past, head_dim, dtype=dtype) for _ in range(2 * int(model.config.num_hidden_layers))]
     return ids, mask, pos, kv
@@ -111,7 +120,7 @@ def _dynamic_shapes(num_layers: int) -> dict:
     from torch.export import Dim
 
     batch, seq, past, total = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+    return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 2: seq, 3: total},
             "position_ids": {0: batch, 1: seq}, "past_key_values": [{0: batch, 2: past} for _ in range(2 * num_layers)]}
 
 
@@ -126,20 +135,20 @@ def param_bytes(model: nn.Module) -> int:
     return total
 
 
-def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxExportConfig()) -> dict[str, str]:
-    """Export `model` to `path` (float32); returns the files written (role -> name)."""
+def save_graph(module: nn.Module, example: tuple, dynamic_shapes: dict, inputs: list[str], outputs: list[str],
+               path: Path, config: OnnxExportConfig, nbytes: int) -> dict[str, str]:
+    """torch.onnx.export (dynamo) of `module` on `example` inputs, saved to `path` (weights in an
+    external data file when `nbytes` is over the limit) and checked by onnx.checker; returns the
+    files written (role -> name)."""
     import onnx
 
-    model = model.eval().float()
-    num_layers = int(model.config.num_hidden_layers)
-    inputs, outputs = io_names(num_layers)
-    external = param_bytes(model) > config.external_data_bytes
+    external = nbytes > config.external_data_bytes
     start = time.perf_counter()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter: axis renames, pytree deprecations
-        program = torch.onnx.export(KVCacheWrapper(model).eval(), _example_inputs(model), dynamo=True, verbose=False,
-                                    dynamic_shapes=_dynamic_shapes(num_layers), input_names=inputs,
-                                    output_names=outputs, opset_version=config.opset, optimize=config.optimize)
+        program = torch.onnx.export(module.eval(), example, dynamo=True, verbose=False, dynamic_shapes=dynamic_shapes,
+                                    input_names=inputs, output_names=outputs, opset_version=config.opset,
+                                    optimize=config.optimize)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=external)
     log.info("exported %s in %.1f s", path, time.perf_counter() - start)
@@ -151,9 +160,21 @@ def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxEx
     return files
 
 
+def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxExportConfig()) -> dict[str, str]:
+    """Export `model` to `path` (float32); returns the files written (role -> name)."""
+    model = model.eval().float()
+    num_layers = int(model.config.num_hidden_layers)
+    inputs, outputs = io_names(num_layers)
+    return save_graph(KVCacheWrapper(model), _example_inputs(model), _dynamic_shapes(num_layers), inputs, outputs,
+                      path, config, param_bytes(model))
+
+
+TREE_PARENTS = (-1, 0, 0, 1, 2)  # the parity check's token tree: the pending token, two children, a grandchild each
+
+
 def parity(model: nn.Module, graph_path: Path, token_ids: list[int], decode_steps: int) -> dict:
     """Max abs difference of logits (and hidden states) between torch and ORT on a prompt
-    (one prefill call) followed by `decode_steps` greedy steps of one token each."""
+    (one prefill call), `decode_steps` greedy steps of one token each, then one token tree."""
     from specdeploy.runtime.onnx_runner import OnnxGraph, OnnxRunner
     from specdeploy.runtime.runner import TorchRunner
 
@@ -162,14 +183,18 @@ def parity(model: nn.Module, graph_path: Path, token_ids: list[int], decode_step
     feed = torch.tensor(token_ids, dtype=torch.long)
     max_logits = max_hidden = 0.0
     agree = True
-    for _ in range(1 + decode_steps):
-        a, b = ref.forward(feed), ort.forward(feed)
+    tree = torch.tensor(TREE_PARENTS)
+    for i in range(2 + decode_steps):
+        parents = tree if i == 1 + decode_steps else None
+        if parents is not None:  # the pending token and the top-2 guesses after it, each with its own top-1
+            feed = torch.cat([feed, feed.new_tensor([7, 11, 13, 17])])
+        a, b = ref.forward(feed, parents), ort.forward(feed, parents)
         max_logits = max(max_logits, float((a.logits - b.logits).abs().max()))
         max_hidden = max(max_hidden, float((a.hidden.float() - b.hidden).abs().max()))
         agree &= bool(torch.equal(a.logits.argmax(-1), b.logits.argmax(-1)))
         feed = a.logits[-1:].argmax(-1)
-    return {"prompt_tokens": len(token_ids), "decode_steps": decode_steps, "max_abs_logits": max_logits,
-            "max_abs_hidden": max_hidden, "argmax_agree": agree}
+    return {"prompt_tokens": len(token_ids), "decode_steps": decode_steps, "tree_nodes": len(TREE_PARENTS),
+            "max_abs_logits": max_logits, "max_abs_hidden": max_hidden, "argmax_agree": agree}
 
 
 def export_model(loaded: LoadedModel, out_dir: str | Path, name: str = "target",
@@ -236,8 +261,11 @@ def resolve_draft(draft: str, target: LoadedModel) -> LoadedModel:
 
 
 def export_onnx(target: LoadedModel, out_dir: str | Path, draft: LoadedModel | None = None,
-                config: OnnxExportConfig = OnnxExportConfig()) -> Path:
-    """Export the target (and draft) under out_dir/target, out_dir/draft, with a bundle manifest."""
+                config: OnnxExportConfig = OnnxExportConfig(), heads: Mapping[str, str | None] | None = None) -> Path:
+    """Export the target (and draft) under out_dir/target, out_dir/draft, the Medusa / EAGLE heads
+    named in `heads` (method -> artifact folder, None = the shipped one; onnx_heads.py) under
+    out_dir/<method>, with a bundle manifest."""
+    from specdeploy.export.onnx_heads import export_heads
     from specdeploy.models.tokenizers import check_compatible
 
     out = Path(out_dir)
@@ -247,9 +275,10 @@ def export_onnx(target: LoadedModel, out_dir: str | Path, draft: LoadedModel | N
     results = {}
     for role, loaded in parts.items():
         results[role] = export_model(loaded, out / role, role, config)
+    results |= export_heads(target, out, heads or {}, config)
     write_manifest(out, Manifest(
         kind="bundle", name="onnx-export", source=target.source, source_hash=target.source_hash,
-        tokenizer_hash=results["target"].tokenizer_hash, components={r: r for r in parts},
+        tokenizer_hash=results["target"].tokenizer_hash, components={r: r for r in results},
         info={"format": "onnx", "parity": {r: m.info["parity"]["max_abs_logits"] for r, m in results.items()}},
         versions=results["target"].versions, created=now()))
     return out

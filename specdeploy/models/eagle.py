@@ -59,12 +59,15 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding as in Llama (rotate_half form). x: [..., seq, head_dim]; positions: [seq]."""
+    """Rotary embedding as in Llama (rotate_half form). x: [batch, heads, seq, head_dim];
+    positions: [seq] (shared by the batch) or [batch, seq]."""
     dim = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [seq, dim / 2]
+    angles = positions.float()[..., None] * inv_freq  # [(batch,) seq, dim / 2]
     emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    if positions.dim() == 2:  # [batch, 1, seq, dim] against x's heads axis
+        cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -79,7 +82,8 @@ class _Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x, positions, mask, cache):
-        """x: [B, T, H]; positions: [T]; mask: [T, L + T] bool (True = attend) or None = causal;
+        """x: [B, T, H]; positions: [T] or [B, T]; mask: [T, L + T] or [B, 1, T, L + T] bool (True = attend)
+        or None = causal;
         cache: (keys, values) [B, kv_heads, L, head_dim] or None. Returns output and the new cache."""
         c = self.c
         b, t, _ = x.shape
@@ -137,7 +141,7 @@ class EagleHead(nn.Module):
         self.layer = DecoderLayer(c)
 
     def forward(self, features, embeds, positions, mask=None, cache=None):
-        """features, embeds: [B, T, H]; positions: [T]. Returns predicted features [B, T, H] and the cache."""
+        """features, embeds: [B, T, H]; positions: [T] or [B, T]. Returns predicted features [B, T, H] and the cache."""
         x = self.fc(torch.cat([features, embeds.to(features.dtype)], dim=-1))
         return self.layer(x, positions, mask, cache)
 
