@@ -1,18 +1,31 @@
 """GPU memory estimate for a Llama-family target (and optional draft), computed offline.
 
-For each model: weights + KV cache + activations, in bytes.
+For each model: weights + KV cache + activations, in bytes; then the process's overheads.
 
 - weights: embedding, per layer q/k/v/o (GQA: k and v have num_key_value_heads * head_dim
   rows), gate/up/down, two RMSNorms, the final norm, and lm_head unless tied. Linear weights
   use `dtype`; with an 8- or 4-bit dtype the embedding, lm_head and norms stay 16-bit (as
   TensorRT-LLM's default quantization excludes lm_head and vocab_embedding). Scales and
-  biases are ignored (< 0.1 %).
+  biases are ignored (< 0.1 %). A draft that is the target's own first layers (layerskip)
+  adds no weights (`draft_shares_weights`).
 - kv_cache: 2 (K and V) * layers * kv_heads * head_dim * context * batch * bytes(kv_dtype).
-- activations: the working set of one decoder layer during a prefill of batch * context
-  tokens (residual + normed hidden, the q/k/v output, the gate and up outputs) in 16 bits
-  (32 for float32), plus float32 logits for the last token of each sequence:
+- activations: the working set of one decoder layer during the largest forward, `tokens` at
+  once (residual + normed hidden, the q/k/v output, the gate and up outputs) in 16 bits
+  (32 for float32), plus float32 logits: for the target, the k + 1 rows a verify step scores
+  per sequence; for a draft, one row per sequence:
   tokens * (2*hidden + (heads + 2*kv_heads)*head_dim + 2*intermediate) * act_bytes
-  + batch * vocab * 4. An estimate of the peak, not a measurement: engines add workspace.
+  + logits_rows * vocab * 4. `tokens` is the engine's `max_num_tokens` (a prefill chunk or
+  batch * (k + 1), as TensorRT-LLM's max_num_tokens or vLLM's max_num_batched_tokens); unset,
+  batch * context: every sequence prefilled whole in one forward, the worst case.
+- overhead: one cuBLAS workspace per CUDA stream that runs GEMMs (torch allocates it through
+  its caching allocator, per (handle, stream): 32 MiB on Hopper and Blackwell, 8 MiB + 128 KiB
+  before; aten/src/ATen/cuda/CublasHandlePool.cpp), `streams` of them (default 2: the default
+  stream and one graph-capture stream per engine, as cuda_runner.py uses).
+
+Not included: the CUDA context and loaded kernel images (a few hundred MB per process, outside
+torch's allocator: nvidia-smi shows them, torch.cuda.memory_allocated does not) and the
+allocator's cached-but-free blocks. results/estimate_vs_measured.md compares this estimate
+with the peaks measured on an H100 (`python -m specdeploy.bench.memory_check`).
 """
 from __future__ import annotations
 
@@ -23,6 +36,7 @@ from typing import Any, Mapping
 
 from specdeploy.errors import SpecDeployError
 
+WORKSPACE_BYTES = 4096 * 8 * 1024  # cuBLAS workspace per stream, torch's default on Hopper (CUBLAS_WORKSPACE_CONFIG :4096:8)
 BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 KV_DTYPES = ("float32", "float16", "bfloat16", "fp8", "int8")
 
@@ -76,6 +90,21 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class EngineShape:
+    """How the serving engine runs: what the activation and overhead terms depend on."""
+
+    k: int = 0  # draft tokens verified per step: the target scores batch * (k + 1) rows
+    max_num_tokens: int | None = None  # most tokens in one target forward; None: batch * context
+    draft_max_num_tokens: int | None = None  # the same for the draft; None: as the target
+    streams: int = 2  # CUDA streams running GEMMs, one cuBLAS workspace each
+    workspace_bytes: int = WORKSPACE_BYTES
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.streams * self.workspace_bytes
+
+
+@dataclass(frozen=True)
 class ModelMemory:
     """Bytes one model needs on the GPU."""
 
@@ -99,6 +128,7 @@ class MemoryEstimate:
     kv_dtype: str
     batch: int
     context: int
+    engine: EngineShape = EngineShape()
 
     def _models(self) -> list[ModelMemory]:
         return [self.target] + ([self.draft] if self.draft else [])
@@ -116,13 +146,20 @@ class MemoryEstimate:
         return sum(m.activation_bytes for m in self._models())
 
     @property
+    def overhead_bytes(self) -> int:
+        """cuBLAS workspaces (see the module docstring)."""
+        return self.engine.overhead_bytes
+
+    @property
     def total(self) -> int:
-        return sum(m.total for m in self._models())
+        return sum(m.total for m in self._models()) + self.overhead_bytes
 
     def rows(self) -> list[tuple[str, int, int, int, int]]:
-        """(name, weights, kv_cache, activations, total) per model, then a 'total' row."""
+        """(name, weights, kv_cache, activations, total) per model, the overhead, then a 'total' row."""
         rows = [(m.name, m.weights_bytes, m.kv_cache_bytes, m.activation_bytes, m.total) for m in self._models()]
-        if self.draft:
+        if self.overhead_bytes:
+            rows.append((f"cuBLAS workspaces ({self.engine.streams})", 0, 0, 0, self.overhead_bytes))
+        if len(rows) > 1:
             rows.append(("total", self.weights_bytes, self.kv_cache_bytes, self.activation_bytes, self.total))
         return rows
 
@@ -130,7 +167,8 @@ class MemoryEstimate:
         """A rich Table of rows() in GB (1e9 bytes)."""
         from rich.table import Table
 
-        title = f"GPU memory, {self.dtype} weights, {self.kv_dtype} KV, batch {self.batch} x context {self.context}"
+        title = (f"GPU memory, {self.dtype} weights, {self.kv_dtype} KV, batch {self.batch} x context {self.context}"
+                 f"{f', k {self.engine.k}' if self.engine.k else ''} (CUDA context not included)")
         table = Table(title=title)
         for col in ("model", "weights", "KV cache", "activations", "total"):
             table.add_column(col, justify="left" if col == "model" else "right")
@@ -142,6 +180,7 @@ class MemoryEstimate:
         out = {k: v for k, v in asdict(self).items() if k not in ("target", "draft")}
         for key, m in (("target", self.target), ("draft", self.draft)):
             out[key] = None if m is None else {**asdict(m), "total": m.total}
+        out["overhead_bytes"] = self.overhead_bytes
         out["total"] = self.total
         return out
 
@@ -160,14 +199,16 @@ def arch_of(config: Mapping[str, Any] | Any) -> Arch:
         raise SpecDeployError(f"config lacks {e.args[0]!r}: not a Llama-family config") from e
 
 
-def model_memory(name: str, arch: Arch, *, dtype: str, kv_dtype: str, batch: int, context: int) -> ModelMemory:
-    """Weights, KV cache and activation bytes of one model (formulas in the module docstring)."""
+def model_memory(name: str, arch: Arch, *, dtype: str, kv_dtype: str, batch: int, context: int, tokens: int,
+                 logits_rows: int, shares_weights: bool = False) -> ModelMemory:
+    """Weights, KV cache and activation bytes of one model (formulas in the module docstring);
+    tokens: the most tokens of one forward; logits_rows: float32 logit rows it returns."""
     other_bytes = BYTES[dtype] if dtype in ("float32", "float16", "bfloat16") else 2.0
     act_bytes = 4 if dtype == "float32" else 2
-    weights = arch.linear_params * BYTES[dtype] + arch.other_params * other_bytes
+    weights = 0 if shares_weights else arch.linear_params * BYTES[dtype] + arch.other_params * other_bytes
     kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * context * batch * BYTES[kv_dtype]
     per_token = 2 * arch.hidden + (arch.heads + 2 * arch.kv_heads) * arch.head_dim + 2 * arch.intermediate
-    activations = batch * context * per_token * act_bytes + batch * arch.vocab * 4
+    activations = tokens * per_token * act_bytes + logits_rows * arch.vocab * 4
     return ModelMemory(name, int(weights), int(kv), int(activations))
 
 
@@ -179,8 +220,11 @@ def estimate_memory(
     context: int = 4096,
     draft_config: Mapping[str, Any] | Any | None = None,
     kv_dtype: str | None = None,
+    engine: EngineShape = EngineShape(),
+    draft_shares_weights: bool = False,
 ) -> MemoryEstimate:
-    """Estimate GPU memory for serving `config` (and `draft_config`) at batch x context tokens."""
+    """Estimate GPU memory for serving `config` (and `draft_config`) at batch x context tokens,
+    `engine.k` draft tokens verified per step; a layerskip draft shares the target's weights."""
     if dtype not in BYTES:
         raise SpecDeployError(f"dtype must be one of {sorted(BYTES)}, got {dtype!r}")
     kv_dtype = kv_dtype or (dtype if dtype in ("float32", "float16", "bfloat16") else "bfloat16")
@@ -188,10 +232,30 @@ def estimate_memory(
         raise SpecDeployError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
     if batch < 1 or context < 1:
         raise SpecDeployError("batch and context must be >= 1")
+    if engine.k < 0 or engine.streams < 0 or any(n is not None and n < 1 for n in (engine.max_num_tokens, engine.draft_max_num_tokens)):
+        raise SpecDeployError("k and streams must be >= 0, max_num_tokens >= 1")
     shape = {"dtype": dtype, "kv_dtype": kv_dtype, "batch": batch, "context": context}
-    target = model_memory("target", arch_of(config), **shape)
-    draft = model_memory("draft", arch_of(draft_config), **shape) if draft_config is not None else None
-    return MemoryEstimate(target=target, draft=draft, **shape)
+    tokens = engine.max_num_tokens or batch * context
+    target = model_memory("target", arch_of(config), **shape, tokens=tokens, logits_rows=batch * (engine.k + 1))
+    draft = None
+    if draft_config is not None:
+        draft = model_memory("draft", arch_of(draft_config), **shape, tokens=engine.draft_max_num_tokens or tokens,
+                             logits_rows=batch, shares_weights=draft_shares_weights)
+    return MemoryEstimate(target=target, draft=draft, **shape, engine=engine)
+
+
+def resolve_draft_config(draft: str, target: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(config, shares the target's weights) of a --draft value: 'layerskip:N' (the target's first
+    N layers) or anything `load_config` reads."""
+    if draft.startswith("layerskip:"):
+        try:
+            n = int(draft.split(":", 1)[1])
+        except ValueError as e:
+            raise SpecDeployError(f"--draft {draft!r}: expected layerskip:N with an integer N") from e
+        if not 1 <= n <= int(target["num_hidden_layers"]):
+            raise SpecDeployError(f"--draft {draft!r}: N must be in [1, {target['num_hidden_layers']}]")
+        return {**target, "num_hidden_layers": n}, True
+    return load_config(draft), False
 
 
 def load_config(name_or_path: str | Path) -> dict[str, Any]:
@@ -213,14 +277,19 @@ def load_config(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def add_cli(subparsers: Any) -> Any:
-    """Add `estimate --config HF_CONFIG_OR_NAME [--draft ...] [--dtype] [--batch] [--context] [--json]`."""
+    """Add `estimate --config HF_CONFIG_OR_NAME [--draft ...] [--dtype] [--batch] [--context] [--k]
+    [--max-num-tokens] [--streams] [--json]`."""
     p = subparsers.add_parser("estimate", help="estimate GPU memory for a target (and draft) offline")
     p.add_argument("--config", required=True, help=f"config.json, model dir, or one of {sorted(BUILTIN_CONFIGS)}")
-    p.add_argument("--draft", default=None, help="draft model config (same forms as --config)")
+    p.add_argument("--draft", default=None, help="draft model config (same forms as --config), or layerskip:N")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
     p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES, help="KV cache dtype (default: dtype)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence (prompt + output)")
+    p.add_argument("--k", type=int, default=EngineShape.k, help="draft tokens verified per step")
+    p.add_argument("--max-num-tokens", type=int, default=None,
+                   help="most tokens in one forward (prefill chunk); default batch * context")
+    p.add_argument("--streams", type=int, default=EngineShape.streams, help="CUDA streams with a cuBLAS workspace")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=estimate_cli)
     return p
@@ -228,9 +297,11 @@ def add_cli(subparsers: Any) -> Any:
 
 def estimate_cli(args: Any) -> int:
     """Run the estimate subcommand: print a rich table or JSON. Returns exit status 0."""
-    est = estimate_memory(load_config(args.config), dtype=args.dtype, batch=args.batch, context=args.context,
-                          draft_config=load_config(args.draft) if args.draft else None,
-                          kv_dtype=getattr(args, "kv_dtype", None))
+    config = load_config(args.config)
+    draft, shared = resolve_draft_config(args.draft, config) if args.draft else (None, False)
+    engine = EngineShape(k=args.k, max_num_tokens=args.max_num_tokens, streams=args.streams)
+    est = estimate_memory(config, dtype=args.dtype, batch=args.batch, context=args.context, draft_config=draft,
+                          kv_dtype=getattr(args, "kv_dtype", None), engine=engine, draft_shares_weights=shared)
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
     else:

@@ -44,6 +44,12 @@ PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
 CATCHUP = 64  # tokens per slot fed to a draft model per catch-up pass (after plain steps)
 
 
+def cache_positions(max_length: int, k: int, prefill_buckets: Sequence[int] = PREFILL_BUCKETS) -> int:
+    """KV cache positions per slot: the context, the padding of a last prefill chunk, the over-run
+    of one step past max_new_tokens (+ one in flight), and a scratch slot at the very end."""
+    return int(max_length) + max(max(prefill_buckets), 2 * (k + 1), CATCHUP) + 1
+
+
 def greedy_accept_batch(
     draft_tokens: torch.Tensor,  # [B, k] int64 (entries past draft_lens are ignored)
     draft_lens: torch.Tensor,  # [B] int64 usable draft tokens per row, <= k
@@ -209,9 +215,7 @@ class BatchSpeculator:
         self.use_graphs = graphs_default(self.device) if use_graphs is None else use_graphs
         self.overlap = overlap and self.device.type == "cuda"
         self.prefill_buckets = tuple(sorted(prefill_buckets))
-        # positions: the context, the padding of a last prefill chunk, the over-run of one step
-        # past max_new_tokens (+ one in flight), and a scratch slot at the very end
-        self.positions = self.max_length + max(self.prefill_buckets[-1], 2 * (self.k + 1), CATCHUP) + 1
+        self.positions = cache_positions(self.max_length, self.k, self.prefill_buckets)
         self.scratch = self.positions - 1
         self.kv_buckets = kv_buckets_for(self.positions)
         self.tcache = target.new_cache(self.B, self.positions)
