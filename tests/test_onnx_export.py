@@ -274,3 +274,17 @@ def test_bundle_with_heads_builds_int8_and_runs_losslessly(tiny, tiny_heads, tmp
     for prompt in ([5, 9, 17, 33, 2, 8], [100, 200, 300]):
         assert tree.generate_ids(prompt, params).token_ids == plain.generate_ids(prompt, params).token_ids
     assert tree.task_stats.total().proposed > 0
+
+
+def test_cli_export_method_eagle(tiny, tiny_heads, tmp_path, monkeypatch, capsys):
+    """`specdeploy export --format onnx --method eagle --head PATH` writes target + eagle with a bundle manifest."""
+    import specdeploy.models.loader as loader
+    from specdeploy.cli import main
+
+    root, _ = tiny_heads
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: tiny)
+    code = main(["export", "--format", "onnx", "--target", "tiny", "--method", "eagle", "--head", str(root / "eagle-artifact"),
+                 "--out", str(tmp_path / "exp")])
+    assert code == 0 and "eagle" in capsys.readouterr().out
+    bundle = read_manifest(tmp_path / "exp")
+    assert bundle.components == {"target": "target", "eagle": "eagle"} and bundle.info["parity"]["eagle"] < 1e-4
