@@ -193,7 +193,9 @@ def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
     """What SpecEngine.load does on CUDA (compiled_for), run eagerly: same text as the eager engine."""
     from specdeploy.config import SpecConfig
     from specdeploy.runtime.cuda_runner import compiled_for
+    from specdeploy.runtime.eagle_graphs import GraphEagleProposer
     from specdeploy.runtime.engine import SpecEngine
+    from specdeploy.runtime.head_proposers import EagleProposer
 
     spec = SpecConfig(method=method, k=3)
     runner, proposer = compiled_for(spec, smollm2, max_length=256)
@@ -205,8 +207,13 @@ def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
     assert compiled.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
     runner, _ = compiled_for(SpecConfig(method="medusa"), smollm2, max_length=64)
     assert isinstance(runner, CudaGraphRunner) and runner.output_hidden and runner.supports_tree
-    runner, _ = compiled_for(SpecConfig(method="eagle", tree_size=200), smollm2, max_length=64)
+    runner, proposer = compiled_for(SpecConfig(method="eagle", k=3, tree_size=200), smollm2, max_length=64)
     assert runner.query_buckets[-1] == 256  # the pending token + 200 nodes fit one query bucket
+    assert isinstance(proposer, GraphEagleProposer) and proposer.max_length == runner.max_length == 64
+    _, proposer = compiled_for(SpecConfig(method="multi", k=3), smollm2, max_length=64)
+    assert isinstance(proposer.proposers[1], GraphEagleProposer)
+    _, proposer = compiled_for(SpecConfig(method="eagle", k=3, tree_size=0), smollm2, max_length=64)
+    assert isinstance(proposer, EagleProposer)  # chains stay eager
 
 
 def _branch(parents: list[int], leaf: int) -> list[int]:

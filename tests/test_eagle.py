@@ -100,3 +100,59 @@ def test_vllm_style_config_for_trained_methods():
     assert (s.method, s.draft, s.k, s.tree_size) == ("eagle", "/drafts/eagle", 5, None)
     with pytest.raises(SpecDeployError, match="tree_size"):
         SpecConfig(method="eagle", tree_size=-1)
+
+
+def _contexts(smollm2, texts, extra):
+    """Contexts as the loop builds them: a prompt, then committed tokens appended (target hidden states too)."""
+    for text in texts:
+        ids = smollm2.tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            hidden = smollm2.model.model(torch.tensor([ids + extra])).last_hidden_state[0]
+        yield [Context(token_ids=ids + extra[:n], prompt_len=len(ids), params=SamplingParams(),
+                       target_hidden=hidden[: len(ids) + n - 1]) for n in (0, 0, 2, 3, len(extra))]
+
+
+@pytest.mark.parametrize("tree_size, topk, depth", [(48, 8, 6), (20, 4, 5), (10, 3, 2)])
+def test_graph_eagle_drafts_the_same_trees(smollm2, tree_size, topk, depth):
+    """The static-cache EAGLE drafter (the code CUDA graphs capture, run eagerly) proposes the very trees
+    of EagleProposer: after a prompt (chunked into query buckets), again without a commit, after commits."""
+    from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+
+    head, _ = eagle.load(None, smollm2)
+    embed, lm_head = smollm2.model.get_input_embeddings(), smollm2.model.get_output_embeddings()
+    ref = EagleProposer(head, embed, lm_head, tree_size=tree_size, topk=topk)
+    static = GraphEagleProposer.from_head(head, embed, lm_head, tree_size=tree_size, topk=topk, max_depth=depth,
+                                          max_length=256, query_buckets=(1, 4, 16))
+    texts = ["def square(x):\n    return", "SELECT country, COUNT(*) AS n FROM users WHERE active = 1 GROUP BY country "
+             "ORDER BY n DESC LIMIT 10; -- the ten countries with the most active users, then"]
+    for steps in _contexts(smollm2, texts, [42, 77, 1001, 5, 9, 300]):
+        ref.reset()
+        static.reset()
+        for i, ctx in enumerate(steps):
+            k = (depth, depth, max(1, depth - 1), 1, depth)[i]
+            a, b = ref.propose(ctx, k), static.propose(ctx, k)
+            assert b.tokens.tolist() == a.tokens.tolist() and b.parents.tolist() == a.parents.tolist(), (i, k)
+    assert static.max_nodes == tree_size and static.propose(steps[-1], depth + 3).depth <= depth
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graph_eagle_replay_matches_eager_on_cuda():
+    """Each drafting step replayed as a CUDA graph gives the trees of the same steps run eagerly."""
+    from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+    from test_cuda_runner import tiny_llama
+
+    model = tiny_llama().to("cuda")
+    torch.manual_seed(1)
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to("cuda").eval()
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    kw = dict(tree_size=12, topk=3, max_depth=4, max_length=64, query_buckets=(1, 4, 16))
+    graphed = GraphEagleProposer.from_head(head, embed, lm_head, **kw)
+    eager = GraphEagleProposer.from_head(head, embed, lm_head, use_graphs=False, **kw)
+    assert graphed.num_graphs > 0
+    ids = torch.randint(1, 64, (30,)).tolist()
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids], device="cuda")).last_hidden_state[0]
+    for n, k in ((20, 4), (20, 3), (23, 1), (30, 4)):
+        ctx = Context(token_ids=ids[:n], prompt_len=20, params=SamplingParams(), target_hidden=hidden[: n - 1])
+        a, b = graphed.propose(ctx, k), eager.propose(ctx, k)
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()

@@ -62,7 +62,8 @@ COMPILED_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 5, 48), ("mult
 @pytest.mark.parametrize("method, k, tree_size", COMPILED_CASES, ids=[f"{m}-k{k}-tree{t}" for m, k, t in COMPILED_CASES])
 def test_greedy_over_compiled_runner_equals_target_generate(smollm2, reference, method, k, tree_size):
     """What SpecEngine.load builds on CUDA for the head methods: CudaGraphRunner (hidden states, tree
-    attention over the static cache, keep_path) + the head proposer; graphs off on CPU."""
+    attention over the static cache, keep_path) + the head proposer (EAGLE trees: GraphEagleProposer);
+    graphs off on CPU."""
     from specdeploy.runtime.cuda_runner import CudaGraphRunner, compiled_for
 
     spec = SpecConfig(method=method, k=k, tree_size=tree_size)

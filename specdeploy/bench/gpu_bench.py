@@ -219,8 +219,11 @@ class Bench:
                "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "per_task": per_task(prompts, stats),
                "total": _stat_row(_total(stats)), "peak_mem_bytes": _peak()}
         runner.close()
-        if hasattr(proposer, "runner"):
-            proposer.runner.close()
+        for p in getattr(proposer, "proposers", [proposer]):  # a multi-draft proposer's parts too
+            if hasattr(p, "runner"):
+                p.runner.close()
+            elif hasattr(p, "close"):  # GraphEagleProposer's graphs
+                p.close()
         if plain_key in self.outputs:
             ref = self.outputs[plain_key]
             rec["mismatches_vs_plain"] = sum(o != r for o, r in zip(outs, ref))
@@ -344,10 +347,46 @@ class Bench:
                     if not graphs and b != 1:
                         continue
                     self.guarded(f"micro {method} b{b} graphs={graphs}", self._micro_engine, rows, lean, method, draft, b, graphs)
+        if a.head_methods:
+            self.guarded("micro trees", self._micro_trees, rows, loaded, lean)
         for r in rows:
             print(f"{r['ms']:8.3f} ms  {r['what']}", flush=True)
         self.records.append({"name": "micro", "path": "micro", "batch": 0, "dtype": "bfloat16", "rows": rows,
                              "total": {"tokens_per_s": 0.0}, "prompts": 0, "max_new_tokens": a.max_new_tokens})
+
+    def _micro_trees(self, rows, loaded, lean) -> None:
+        """The token-tree path: the target's verify step (chain of k + 1 vs an EAGLE tree) through
+        CudaGraphRunner, and EAGLE drafting eager (EagleProposer) vs static + graphs."""
+        from specdeploy.models import eagle
+        from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+        from specdeploy.runtime.head_proposers import EagleProposer
+        from specdeploy.runtime.types import Context
+
+        a = self.args
+        ids = torch.randint(0, 1000, (100,))
+        head, _ = eagle.load(None, loaded)
+        embed, lm_head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
+        with torch.no_grad():
+            hidden = loaded.model.model(ids[None].to(a.device)).last_hidden_state[0]
+        ctx = Context(token_ids=ids.tolist(), prompt_len=100, params=SamplingParams(), target_hidden=hidden[:-1])
+        drafters = {"eager": EagleProposer(head, embed, lm_head, tree_size=48),
+                    "static cache + graphs": GraphEagleProposer.from_head(head, embed, lm_head, tree_size=48, max_depth=a.k,
+                                                                          max_length=a.max_length)}
+        for name, p in drafters.items():
+            tree = p.propose(ctx, a.k)  # the first call feeds the prompt; later calls draft one tree each
+            ms = _time_ms(lambda: p.propose(ctx, a.k))
+            rows.append({"what": f"EAGLE draft, tree of {tree.k} nodes (top-8, depth {a.k}), {name}", "ms": ms})
+        runner = CudaGraphRunner(lean, max_length=a.max_length, output_hidden=True)
+        runner.forward(ids[:-1])
+        feed = torch.cat([ids[-1:], tree.tokens])
+        parents = torch.cat([torch.tensor([-1]), tree.parents + 1])
+        for what, step in ((f"chain of {a.k + 1}", lambda: runner.forward(feed[: a.k + 1])),
+                           (f"tree of {feed.numel()}", lambda: runner.forward(feed, tree_parents=parents))):
+            ms = _time_ms(lambda: (step(), runner.rollback(99)))
+            rows.append({"what": f"target verify, {what} tokens, CudaGraphRunner ({'graph' if runner.num_graphs else 'eager'})",
+                         "ms": ms})
+        runner.close()
+        drafters["static cache + graphs"].close()
 
     def _micro_engine(self, rows, lean, method, draft, b, graphs) -> None:
         a = self.args

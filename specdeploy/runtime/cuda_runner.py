@@ -55,6 +55,11 @@ def bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} is over the largest bucket {buckets[-1]}")
 
 
+def context_length(dims: "LlamaDims", max_length: int | None = None) -> int:
+    """A compiled runner's context in tokens: `max_length`, else the model's, capped at 4096."""
+    return int(max_length or min(dims.max_positions, 4096))
+
+
 def kv_buckets_for(positions: int, smallest: int = 256) -> tuple[int, ...]:
     """KV-length buckets: powers of two from `smallest` below `positions`, then `positions` itself.
 
@@ -66,6 +71,20 @@ def kv_buckets_for(positions: int, smallest: int = 256) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, positions)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: int, dtype: torch.dtype,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sign-folded sin), each [positions, head_dim] in `dtype`, as HF's LlamaRotaryEmbedding:
+    angles in float32, cos/sin scaled, then cast. inv_freq: [head_dim / 2]."""
+    device = inv_freq.device
+    freqs = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [positions, head_dim]
+    cos = (emb.cos() * scale).to(dtype)
+    sin = (emb.sin() * scale).to(dtype)
+    half = emb.shape[-1] // 2
+    # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]: one roll instead of neg + cat
+    return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -195,18 +214,8 @@ class LeanLlama:
         if not 1 <= n <= len(layers):
             raise SpecDeployError(f"num_layers must be in [1, {len(layers)}], got {n}")
         rotary = inner.rotary_emb
-        dtype = inner.embed_tokens.weight.dtype
-        device = inner.embed_tokens.weight.device
-        # as HF's LlamaRotaryEmbedding: angles in float32, cos/sin scaled, then cast to the model dtype
-        positions = torch.arange(dims.max_positions + ROPE_SLACK, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.to(device=device, dtype=torch.float32)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [positions, head_dim]
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        cos = (emb.cos() * scale).to(dtype)
-        sin = (emb.sin() * scale).to(dtype)
-        half = dims.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]: one roll instead of neg + cat
-        sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        cos, sin_signed = rope_tables(rotary.inv_freq, dims.max_positions + ROPE_SLACK, inner.embed_tokens.weight.dtype,
+                                      float(getattr(rotary, "attention_scaling", 1.0)))
         return cls(dims, inner.embed_tokens.weight, layers[:n], inner.norm.weight, model.lm_head.weight, cos, sin_signed)
 
     def truncated(self, num_layers: int) -> "LeanLlama":
@@ -253,36 +262,48 @@ class LeanLlama:
         """
         d = self.dims
         R, m = tokens.shape
-        g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
         h = F.embedding(tokens, self.embed).view(R * m, d.hidden)  # [R*m, hidden]
-
-        # once per forward, shared by every layer:
-        # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv)
-        rope_pos = pos if rope_pos is None else rope_pos
-        cos = self.rope_cos[rope_pos][:, :, None, :]  # [R, m, 1, hd]
-        sin = self.rope_sin[rope_pos][:, :, None, :]
-        cos = torch.cat([cos.expand(R, m, hq + hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)  # [R, m, hq+2hkv, hd]
-        sin = torch.cat([sin.expand(R, m, hq + hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
-        # additive mask (see above); queries of the g heads sharing a KV head are stacked along the
-        # query axis ([R, hkv, g*m, hd]), so the mask repeats g times
         keys = torch.arange(kv_len, device=tokens.device)
         if ancestry is None:
             allowed = keys[None, None, :] <= pos[:, :, None]  # [R, m, kv_len]
         else:
             allowed = keys[None, None, :] < pos[:, :1, None].expand(R, m, 1)  # [R, m, kv_len] the cache before
             allowed.scatter_(2, pos[:, None, :].expand(R, m, m), ancestry)  # the fed tokens' own slots
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~allowed, float("-inf"))
-        mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
-        row_idx = (rows if rows is not None else torch.arange(R, device=tokens.device))[:, None]  # [R, 1]
-
-        with sdpa_kernel(SDPA_BACKENDS):
-            h = self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
+        h = self.run_layers(cache, h, pos, pos if rope_pos is None else rope_pos, allowed, rows)
         h = h.view(R, m, d.hidden)
         if logits == "last":
             h = h[:, -1:]
         normed = F.rms_norm(h, (d.hidden,), self.norm, d.eps) if (logits != "none" or want_hidden) else None
         out = normed @ self.lm_head.t() if logits != "none" else None  # [R, m or 1, vocab]
         return out, (normed if want_hidden else None)
+
+    def run_layers(
+        self,
+        cache: StaticKVCache,
+        h: torch.Tensor,  # [R*m, hidden] the layers' input (embeddings, or EAGLE's fused features)
+        pos: torch.Tensor,  # [R, m] int64 cache slot each token's keys/values are written to
+        rope_pos: torch.Tensor,  # [R, m] int64 rotary position of each token
+        allowed: torch.Tensor,  # [R, m, kv_len] bool: which cache slots each token attends to
+        rows: torch.Tensor | None = None,  # [R] int64 cache rows fed, or None for every row in order
+    ) -> torch.Tensor:
+        """The decoder layers alone (no embedding, no final norm): h -> [R*m, hidden]. Capturable."""
+        d = self.dims
+        R, m = pos.shape
+        kv_len = allowed.shape[-1]
+        g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
+        # once per forward, shared by every layer:
+        # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv)
+        cos = self.rope_cos[rope_pos][:, :, None, :]  # [R, m, 1, hd]
+        sin = self.rope_sin[rope_pos][:, :, None, :]
+        cos = torch.cat([cos.expand(R, m, hq + hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)  # [R, m, hq+2hkv, hd]
+        sin = torch.cat([sin.expand(R, m, hq + hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
+        # additive mask; queries of the g heads sharing a KV head are stacked along the query axis
+        # ([R, hkv, g*m, hd]), so the mask repeats g times
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
+        mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
+        row_idx = (rows if rows is not None else torch.arange(R, device=h.device))[:, None]  # [R, 1]
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
 
     def _layers(self, cache: StaticKVCache, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 row_idx: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, kv_len: int, R: int, m: int) -> torch.Tensor:
@@ -380,7 +401,7 @@ class CudaGraphRunner:
         self.model = model
         self.device = model.device
         self.vocab_size = model.dims.vocab
-        self.max_length = int(max_length or min(model.dims.max_positions, 4096))
+        self.max_length = context_length(model.dims, max_length)
         self.output_hidden = output_hidden
         self.query_buckets = tuple(sorted(set(query_buckets)))
         self.positions = self.max_length + self.query_buckets[-1]  # room for the padding of a last chunk
@@ -529,13 +550,14 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
     if spec.method in HEAD_METHODS:
         from specdeploy.runtime.head_proposers import build_head_proposer
 
-        proposer = build_head_proposer(spec, target)
+        length = context_length(lean.dims, max_length)
+        proposer = build_head_proposer(spec, target, graph_max_length=length)  # EAGLE trees as graphs too
         # a verify forward holds the pending token + the whole tree: one query bucket must fit it
         nodes = 1 + getattr(proposer, "max_nodes", 0)
         buckets = DEFAULT_QUERY_BUCKETS
         if nodes > buckets[-1]:
             buckets = (*buckets, 1 << (nodes - 1).bit_length())
-        return CudaGraphRunner(lean, max_length=max_length, query_buckets=buckets, output_hidden=True), proposer
+        return CudaGraphRunner(lean, max_length=length, query_buckets=buckets, output_hidden=True), proposer
     runner = CudaGraphRunner(lean, max_length=max_length)
     if spec.method == "none":
         return runner, NoProposer()

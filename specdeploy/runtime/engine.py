@@ -123,7 +123,7 @@ class SpecEngine:
         if spec.method == "draft" and spec.draft and not is_artifact(spec.draft):
             draft = load_model(spec.draft, device=device, dtype=torch_dtype)
         runner = proposer = None
-        if device.startswith("cuda"):  # static KV cache + CUDA graphs for chain methods on Llama models
+        if device.startswith("cuda"):  # static KV cache + CUDA graphs (chains and token trees) on Llama models
             from specdeploy.runtime.cuda_runner import compiled_for
 
             runner, proposer = compiled_for(spec, loaded, draft)

@@ -202,8 +202,12 @@ class MultiDraftProposer:
         return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
 
 
-def build_head_proposer(spec, target) -> Proposer:
-    """The medusa / eagle / multi proposer a SpecConfig names, from its artifact (default: shipped)."""
+def build_head_proposer(spec, target, graph_max_length: int | None = None) -> Proposer:
+    """The medusa / eagle / multi proposer a SpecConfig names, from its artifact (default: shipped).
+
+    graph_max_length: EAGLE trees drafted by `GraphEagleProposer` (static cache, CUDA graphs where
+    the model is on CUDA) over that many committed tokens, `spec.k` levels deep; None: eager.
+    """
     from specdeploy.models import eagle, medusa
     from specdeploy.runtime.proposers import NGramProposer
 
@@ -215,7 +219,13 @@ def build_head_proposer(spec, target) -> Proposer:
         return MedusaProposer(heads, lm_head, tree or None)
     head, _ = eagle.load(spec.draft, target)
     size = 48 if spec.tree_size is None else spec.tree_size
+    if graph_max_length is not None and size > 0:
+        from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+
+        eagle_proposer = GraphEagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk,
+                                                      max_depth=spec.k, max_length=graph_max_length)
+    else:
+        eagle_proposer = EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
     if spec.method == "eagle":
-        return EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
-    eagle_proposer = EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
+        return eagle_proposer
     return MultiDraftProposer([NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer], budget=size + spec.k)

@@ -1,0 +1,239 @@
+"""EAGLE-2 tree drafting over a static KV cache, every step a CUDA graph replay.
+
+`GraphEagleProposer` drafts the same trees as `EagleProposer` (head_proposers.py): expand the
+`topk` best nodes at each depth, keep the `tree_size` nodes of highest cumulative draft
+log-probability. The eager proposer grows its cache by concatenation and builds masks of
+growing width, so each level costs ~1 ms of Python and kernel launches on a GPU; here every
+shape is fixed and each step is captured once:
+
+1. sync (per query bucket, KV bucket): the committed (feature, next token) pairs not yet in the
+   head's cache, causal, padded to a query bucket as in `CudaGraphRunner`; the last real output
+   is the root feature (the prediction at the pending position);
+2. root: the root's top-k tokens open the tree (level 0);
+3. level (per KV bucket, replayed depth - 1 times): the k frontier nodes of level d - 1 go
+   through the head at rotary position fed - 1 + d, written at cache slots fed + (d - 1) k + i,
+   each seeing the committed cache and its ancestors' slots; their top-k children are scored
+   and the k best become level d. The level number d is a device scalar, per-level state lives
+   in [max_depth, ...] buffers read at d - 1 and written at d, so one graph serves every level;
+4. select (per depth): the `tree_size` best nodes, renumbered parents first; one host copy.
+
+Committed entries sit at slots [0, fed); tree entries past fed are scratch, overwritten by the
+next sync, so nothing is ever cropped. The head's decoder layer runs through
+`LeanLlama.run_layers`, its weights fused like the target's; the fc input layer, rotary
+table (the head's own theta) and LM head are the head's and target's tensors, never copied.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from specdeploy.errors import SpecDeployError
+from specdeploy.models.eagle import EagleHead
+from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, LeanLlama, LlamaDims, bucket,
+                                            fuse_layer, graphs_default, kv_buckets_for, rope_tables)
+from specdeploy.runtime.types import Context, Draft
+
+
+class GraphEagleProposer:
+    """EAGLE-2 token trees (deterministic, `probs is None`) from static buffers and captured steps.
+
+    Trees are at most `max_depth` deep: a request for more draft tokens gets a `max_depth`-deep
+    tree (still lossless, only shallower). Chains (tree_size 0) stay on `EagleProposer`.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor, *, tree_size: int = 48,
+                 topk: int = 8, max_depth: int = 8, max_length: int = 2048,
+                 query_buckets: Sequence[int] = DEFAULT_QUERY_BUCKETS, use_graphs: bool | None = None,
+                 capture: bool = True) -> None:
+        if tree_size <= 0 or topk <= 0 or max_depth <= 0:
+            raise SpecDeployError("GraphEagleProposer drafts trees: tree_size, topk and max_depth must be > 0")
+        c = head.config
+        self.tree_size, self.topk, self.max_depth = tree_size, topk, max_depth
+        self.max_nodes = tree_size  # largest tree drafted
+        self.device, self.dtype = embed.device, embed.dtype
+        self.fc_weight, self.fc_bias = head.fc.weight, head.fc.bias  # [H, 2H], [H]
+        self.lm_head = lm_head  # [vocab, H]
+        self.query_buckets = tuple(sorted(set(query_buckets)))
+        k, maxq = topk, self.query_buckets[-1]
+        self.scratch = (max_depth - 1) * k  # cache slots of the tree levels, after the committed pairs
+        self.max_length = max_length
+        positions = max_length + max(self.scratch, maxq)
+        dims = LlamaDims(num_layers=1, hidden=c.hidden_size, num_heads=c.num_attention_heads,
+                         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab=int(lm_head.shape[0]),
+                         eps=c.rms_norm_eps, max_positions=positions)
+        # the head's own rotary embedding (models/eagle.py `rope`): plain theta, float32 angles
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=self.device, dtype=torch.float32) / c.head_dim))
+        cos, sin = rope_tables(inv_freq, positions, self.dtype)
+        norm = torch.ones(c.hidden_size, device=self.device, dtype=self.dtype)  # unused: the head has no final norm
+        self.lean = LeanLlama(dims, embed, [fuse_layer(head.layer)], norm, lm_head, cos, sin)
+        self.cache = self.lean.new_cache(1, positions)
+        self.kv_buckets = kv_buckets_for(positions)
+        H, D, S = c.hidden_size, max_depth, max(self.scratch, 1)
+        n_nodes = k + (max_depth - 1) * k * k
+        dev = self.device
+        self._keys = torch.arange(positions, device=dev)  # [positions]
+        self._offsets = torch.arange(max(maxq, k * k, S), device=dev)
+        # sync inputs
+        self._feat_in = torch.zeros(maxq, H, device=dev, dtype=self.dtype)  # [maxq, H] committed features
+        self._tok_in = torch.zeros(maxq, dtype=torch.long, device=dev)  # [maxq] the token after each
+        self._fed = torch.zeros(1, dtype=torch.long, device=dev)  # [1] first slot of this step's entries
+        self._root = torch.zeros(H, device=dev, dtype=self.dtype)  # [H] predicted feature, pending position
+        # per-level frontier state, level 0 .. max_depth - 1
+        self._level = torch.ones(1, dtype=torch.long, device=dev)  # [1] d, the level a level step builds
+        self._front_feat = torch.zeros(D, k, H, device=dev, dtype=self.dtype)  # parent feature of each node
+        self._front_tok = torch.zeros(D, k, dtype=torch.long, device=dev)
+        self._front_score = torch.zeros(D, k, device=dev)  # cumulative draft log-probability
+        self._front_id = torch.zeros(D, k, dtype=torch.long, device=dev)  # node number
+        self._front_anc = torch.zeros(D, k, S, dtype=torch.bool, device=dev)  # which scratch slots are ancestors
+        # every node in creation order: parents are numbered before their children
+        self._node_tok = torch.zeros(n_nodes, dtype=torch.long, device=dev)
+        self._node_score = torch.zeros(n_nodes, device=dev)
+        self._node_parent = torch.full((n_nodes,), -1, dtype=torch.long, device=dev)
+        self.use_graphs = graphs_default(self.device) if use_graphs is None else use_graphs
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
+        self._fns: dict[tuple, CapturedFn] = {}
+        self._fed_host = 0  # committed pairs in the cache
+        if capture and self.use_graphs:
+            self.capture_all()
+
+    @classmethod
+    def from_head(cls, head: EagleHead, embed: torch.nn.Module, lm_head: torch.nn.Module, **kw) -> "GraphEagleProposer":
+        return cls(head, embed.weight, lm_head.weight, **kw)
+
+    def capture_all(self) -> None:
+        """Capture every step now (at load): a level step changes state, so it must not be
+        warmed up in the middle of a draft."""
+        for q in self.query_buckets:
+            for kv in self.kv_buckets:
+                if kv >= q:
+                    self._fn("sync", q, kv)
+        self._fn("root")
+        for kv in self.kv_buckets:
+            if kv > self.scratch:
+                self._fn("level", kv)
+        for depth in range(1, self.max_depth + 1):
+            self._fn("select", depth)
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(f.graph is not None for f in self._fns.values())
+
+    def close(self) -> None:
+        self._fns.clear()
+
+    def reset(self) -> None:
+        self._fed_host = 0
+
+    # ---- the captured steps -------------------------------------------------------------
+    def _head(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, rope_pos: torch.Tensor,
+              allowed: torch.Tensor) -> torch.Tensor:
+        """features [n, H], tokens [n], slots / rope_pos [n], allowed [n, kv_len] -> predicted features [n, H]."""
+        x = torch.cat([features, F.embedding(tokens, self.lean.embed).to(features.dtype)], dim=-1)
+        x = F.linear(x, self.fc_weight, self.fc_bias)
+        return self.lean.run_layers(self.cache, x, slots[None], rope_pos[None], allowed[None])
+
+    def _sync_step(self, q: int, kv: int) -> torch.Tensor:
+        slots = self._fed + self._offsets[:q]  # [q]
+        allowed = self._keys[:kv][None, :] <= slots[:, None]  # [q, kv] causal
+        return self._head(self._feat_in[:q], self._tok_in[:q], slots, slots, allowed)  # [q, H]
+
+    def _root_step(self) -> None:
+        k = self.topk
+        top = torch.log_softmax(F.linear(self._root, self.lm_head).float(), -1).topk(k)
+        self._node_tok[:k].copy_(top.indices)
+        self._node_score[:k].copy_(top.values)
+        self._front_id[0].copy_(self._offsets[:k])
+        self._front_tok[0].copy_(top.indices)
+        self._front_score[0].copy_(top.values)
+        self._front_feat[0].copy_(self._root[None].expand(k, -1))
+        self._front_anc[0].zero_()
+
+    def _level_step(self, kv: int) -> None:
+        k, S = self.topk, self.scratch
+        prev, d = self._level - 1, self._level  # [1] each
+        feats = self._front_feat.index_select(0, prev)[0]  # [k, H]
+        tok = self._front_tok.index_select(0, prev)[0]  # [k]
+        score = self._front_score.index_select(0, prev)[0]  # [k]
+        ids = self._front_id.index_select(0, prev)[0]  # [k]
+        own = prev * k + self._offsets[:k]  # [k] this level's scratch columns
+        anc = self._front_anc.index_select(0, prev)[0].scatter(1, own[:, None], True)  # [k, S]: ancestors + self
+        allowed = self._keys[:kv].expand(k, kv) < self._fed  # [k, kv] the committed pairs
+        allowed.scatter_(1, (self._fed + self._offsets[:S]).expand(k, S), anc[:, :S])  # and the tree's slots
+        out = self._head(feats, tok, self._fed + own, (self._fed + prev).expand(k), allowed)  # [k, H]
+        top = torch.log_softmax(F.linear(out, self.lm_head).float(), -1).topk(k, dim=-1)  # [k, k]
+        cand = (score[:, None] + top.values).flatten()  # [k * k]
+        at = k + prev * (k * k) + self._offsets[: k * k]  # [k * k] node numbers of the children
+        self._node_tok.index_copy_(0, at, top.indices.flatten())
+        self._node_score.index_copy_(0, at, cand)
+        self._node_parent.index_copy_(0, at, ids[:, None].expand(k, k).reshape(-1))
+        best = cand.topk(k).indices  # [k] the next frontier
+        self._front_id.index_copy_(0, d, at[best][None])
+        self._front_tok.index_copy_(0, d, top.indices.flatten()[best][None])
+        self._front_score.index_copy_(0, d, cand[best][None])
+        self._front_feat.index_copy_(0, d, out[best // k][None])
+        self._front_anc.index_copy_(0, d, anc[best // k][None])
+
+    def _select_step(self, depth: int) -> torch.Tensor:
+        """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""
+        n = self.topk + (depth - 1) * self.topk * self.topk
+        dev = self.device
+        tok, score, parent = self._node_tok[:n], self._node_score[:n], self._node_parent[:n]
+        # the tiny index penalty breaks ties towards parents (numbered first), as EagleProposer
+        key = score.double() - torch.arange(n, device=dev, dtype=torch.float64) * 1e-9
+        chosen = key.topk(min(self.tree_size, n)).indices.sort().values
+        renumber = torch.full((n,), -1, dtype=torch.long, device=dev)
+        renumber[chosen] = torch.arange(chosen.numel(), device=dev)
+        p = parent[chosen]
+        return torch.stack([tok[chosen], torch.where(p >= 0, renumber[p.clamp_min(0)], p)])
+
+    def _fn(self, kind: str, *shape: int) -> CapturedFn:
+        key = (kind, *shape)
+        fn = self._fns.get(key)
+        if fn is None:
+            step = {"sync": self._sync_step, "root": self._root_step, "level": self._level_step,
+                    "select": self._select_step}[kind]
+            fn = self._fns[key] = CapturedFn(lambda: step(*shape), self.use_graphs, self._pool, self._stream)
+        return fn
+
+    # ---- the proposer -------------------------------------------------------------------
+    def _sync(self, ctx: Context, n_pairs: int) -> None:
+        """Feed the committed pairs [fed, n_pairs) in query-bucket chunks; the last output is the root."""
+        maxq = self.query_buckets[-1]
+        start = self._fed_host
+        while start < n_pairs:
+            c = min(maxq, n_pairs - start)
+            q = bucket(c, self.query_buckets)
+            self._feat_in[:c].copy_(ctx.target_hidden[start : start + c])  # padding keeps old (finite) rows
+            self._tok_in[:c].copy_(torch.tensor(ctx.token_ids[start + 1 : start + c + 1]), non_blocking=True)
+            self._fed.fill_(start)
+            out = self._fn("sync", q, bucket(start + q, self.kv_buckets))()
+            self._root.copy_(out[c - 1])
+            start += c
+        self._fed_host = n_pairs
+        self._fed.fill_(n_pairs)
+
+    @torch.inference_mode()
+    def propose(self, ctx: Context, k: int) -> Draft:
+        n_pairs = len(ctx.token_ids) - 1
+        hidden = ctx.target_hidden
+        if n_pairs <= 0 or hidden is None or hidden.shape[0] < n_pairs:
+            return Draft.empty()
+        if n_pairs > self.max_length:
+            raise ValueError(f"{n_pairs} committed tokens, over the drafter's context of {self.max_length}")
+        if n_pairs > self._fed_host:
+            self._sync(ctx, n_pairs)
+        if k <= 0:
+            return Draft.empty()
+        depth = min(k, self.max_depth)
+        self._fn("root")()
+        level = self._fn("level", bucket(n_pairs + self.scratch + 1, self.kv_buckets)) if depth > 1 else None
+        for d in range(1, depth):
+            self._level.fill_(d)
+            level()
+        flat = self._fn("select", depth)().cpu()  # the one sync
+        return Draft(tokens=flat[0].clone(), parents=flat[1].clone())
