@@ -20,8 +20,8 @@ class Backend:
     """The target loaded once, its runner (eager torch, or CUDA graphs) and each method's proposer.
 
     kind "graph": `CudaGraphRunner` for the target and the draft models (layerskip = the first
-    quarter of the target's layers, draft = the trained DraftLM artifact); Medusa/EAGLE draft
-    chains then (trees need the eager runner's tree attention). kind "torch": `TorchRunner`.
+    quarter of the target's layers, draft = the trained DraftLM artifact); its token trees serve
+    Medusa/EAGLE/multi. kind "torch": `TorchRunner`.
     """
 
     def __init__(self, loaded: LoadedModel, device: str, dtype: str, kind: str = "torch", max_length: int = 1024,
