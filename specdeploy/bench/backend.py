@@ -123,7 +123,9 @@ class Backend:
 
             tree = None if getattr(self.runner(True), "supports_tree", False) else 0  # else chains only
             try:
-                return build_head_proposer(SpecConfig(method=method, k=k, tree_size=tree), self.loaded)
+                graphs = self.max_length if self.kind == "graph" else None  # EAGLE trees drafted by CUDA graphs
+                return build_head_proposer(SpecConfig(method=method, k=k, tree_size=tree), self.loaded,
+                                           graph_max_length=graphs)
             except (OSError, ValueError, KeyError) as e:
                 raise SpecDeployError(f"{method} artifact not loadable: {e}") from None
         raise SpecDeployError(f"unknown method {method!r}; choose from {', '.join(SPEC_METHODS)}")
