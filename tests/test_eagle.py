@@ -78,7 +78,7 @@ def test_not_an_artifact_is_refused(smollm2, tmp_path):
 def test_eagle_tree_shape(smollm2):
     head, _ = eagle.load(None, smollm2)
     embed, lm_head = smollm2.model.get_input_embeddings(), smollm2.model.get_output_embeddings()
-    proposer = EagleProposer(head, embed, lm_head, tree_size=20, topk=4)
+    proposer = EagleProposer.from_head(head, embed, lm_head, tree_size=20, topk=4)
     ids = smollm2.tokenizer("def square(x):\n    return")["input_ids"]
     with torch.no_grad():
         hidden = smollm2.model.model(torch.tensor([ids[:-1]])).last_hidden_state[0]
@@ -91,7 +91,7 @@ def test_eagle_tree_shape(smollm2):
         assert draft.tokens[i].item() not in siblings.setdefault(p, set())  # no duplicate children
         siblings[p].add(draft.tokens[i].item())
     # the chain of top-1 guesses is the tree's first path
-    chain = EagleProposer(head, embed, lm_head, tree_size=0).propose(ctx, 3).tokens.tolist()
+    chain = EagleProposer.from_head(head, embed, lm_head, tree_size=0).propose(ctx, 3).tokens.tolist()
     assert draft.tokens[0].item() == chain[0]
 
 
@@ -120,7 +120,7 @@ def test_graph_eagle_drafts_the_same_trees(smollm2, tree_size, topk, depth):
 
     head, _ = eagle.load(None, smollm2)
     embed, lm_head = smollm2.model.get_input_embeddings(), smollm2.model.get_output_embeddings()
-    ref = EagleProposer(head, embed, lm_head, tree_size=tree_size, topk=topk)
+    ref = EagleProposer.from_head(head, embed, lm_head, tree_size=tree_size, topk=topk)
     static = GraphEagleProposer.from_head(head, embed, lm_head, tree_size=tree_size, topk=topk, max_depth=depth,
                                           max_length=256, query_buckets=(1, 4, 16))
     texts = ["def square(x):\n    return", "SELECT country, COUNT(*) AS n FROM users WHERE active = 1 GROUP BY country "

@@ -235,7 +235,7 @@ def test_ort_head_proposers_draft_what_torch_heads_draft(tiny, tiny_heads):
         assert torch.equal(a.tokens, b.tokens) and (a.parents is None) == (b.parents is None)
     for k, size in ((3, 6), (3, 0)):
         spec = SpecConfig(method="eagle", k=k, tree_size=size, tree_topk=3)
-        ort, ref = onnx_head_proposer(spec, root / "onnx/eagle", tiny), EagleProposer(head, embed, lm_head, tree_size=size, topk=3)
+        ort, ref = onnx_head_proposer(spec, root / "onnx/eagle", tiny), EagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=3)
         for n in (6, 8):  # a prefill, then one more committed token on top of the head's cache
             ctx = Context(list(ids[:n]), 4, SamplingParams(), target_hidden=hidden[: n - 1])
             a, b = ort.propose(ctx, k), ref.propose(ctx, k)
@@ -269,7 +269,7 @@ def test_bundle_with_heads_builds_int8_and_runs_losslessly(tiny, tiny_heads, tmp
     assert read_manifest(tmp_path / "int8" / "target").quant["algo"] == "ort_dynamic_int8"
     plain = load_onnx_engine(tmp_path / "int8", SpecConfig(method="none"), tiny)
     tree = load_onnx_engine(tmp_path / "int8", SpecConfig(method="eagle", k=3, tree_size=8, tree_topk=3), tiny)
-    assert isinstance(tree.proposer.head, OrtEagleHead)
+    assert isinstance(tree.proposer.step, OrtEagleHead)
     params = SamplingParams(max_new_tokens=12)
     for prompt in ([5, 9, 17, 33, 2, 8], [100, 200, 300]):
         assert tree.generate_ids(prompt, params).token_ids == plain.generate_ids(prompt, params).token_ids

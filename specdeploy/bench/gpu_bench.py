@@ -369,7 +369,7 @@ class Bench:
         with torch.no_grad():
             hidden = loaded.model.model(ids[None].to(a.device)).last_hidden_state[0]
         ctx = Context(token_ids=ids.tolist(), prompt_len=100, params=SamplingParams(), target_hidden=hidden[:-1])
-        drafters = {"eager": EagleProposer(head, embed, lm_head, tree_size=48),
+        drafters = {"eager": EagleProposer.from_head(head, embed, lm_head, tree_size=48),
                     "static cache + graphs": GraphEagleProposer.from_head(head, embed, lm_head, tree_size=48, max_depth=a.k,
                                                                           max_length=a.max_length)}
         for name, p in drafters.items():

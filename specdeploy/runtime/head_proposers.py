@@ -8,7 +8,9 @@ proposer drafts, 0 for chains) lets a compiled runner size its query buckets.
 - MedusaProposer: a fixed sparse tree of the heads' top-k candidates (deterministic).
 - EagleProposer: EAGLE-1 chains, or EAGLE-2 dynamic trees: expand the `topk` most
   confident nodes at each depth, then keep the `tree_size` nodes of highest cumulative
-  draft log-probability (a parent always scores at least as high as its children).
+  draft log-probability (a parent always scores at least as high as its children). It drafts
+  through one `EagleStep` (features, tokens -> features, logits): `TorchEagleStep` here (head,
+  embedding, lm_head), `OrtEagleHead` (onnx_heads.py) for the exported graph.
 - MultiDraftProposer: SpecInfer-style merge of several proposers' drafts into one tree.
 
 Tree drafts are deterministic (``probs is None``): the verifier treats each candidate as
@@ -17,6 +19,7 @@ a point mass, which is lossless whatever the candidates (EAGLE's own choice too)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -67,33 +70,69 @@ class MedusaProposer:
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
 
 
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (keys, values) [1, kv_heads, L, head_dim] each
+
+
+class EagleStep(Protocol):
+    """One EAGLE drafting step: (feature, next token) pairs through the head, over its KV cache.
+
+    features: [n, H] the target's (or the head's own predicted) feature at each position;
+    tokens: [n] the token after each; positions: [n] rotary positions; allowed: [n, L + n] bool,
+    the cache entries and new rows each row attends to; cache: None when empty. Returns the
+    predicted features [n, H], their draft logits [n, vocab] ([1, vocab], the last row's only,
+    when `last_only`) and the cache with the n new entries appended.
+    """
+
+    def __call__(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 allowed: torch.Tensor, cache: KVCache | None, last_only: bool = False,
+                 ) -> tuple[torch.Tensor, torch.Tensor, KVCache]: ...
+
+
+class TorchEagleStep:
+    """`EagleStep` of the torch head: features ++ embed(tokens) -> head -> features; lm_head -> logits."""
+
+    def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module) -> None:
+        self.head, self.embed, self.lm_head = head, embed, lm_head
+
+    def __call__(self, features, tokens, positions, allowed, cache, last_only=False):
+        out, cache = self.head(features[None], self.embed(tokens)[None], positions, allowed, cache)
+        out = out[0]  # [n, H]
+        # last_only: no lm_head over the prompt's rows; [H] in, as GraphEagleProposer's root step
+        logits = self.lm_head(out[-1])[None] if last_only else self.lm_head(out)  # [1 or n, vocab]
+        return out, logits, cache
+
+
 class EagleProposer:
     """EAGLE drafting with a KV cache of its own over the committed (feature, next token) pairs."""
 
     needs_hidden = True
 
-    def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module, tree_size: int = 48,
-                 topk: int = 8) -> None:
-        self.head, self.embed, self.lm_head = head, embed, lm_head
+    def __init__(self, step: EagleStep, tree_size: int = 48, topk: int = 8) -> None:
+        self.step = step
         self.tree_size, self.topk = tree_size, topk  # tree_size 0: chains
         self.max_nodes = max(tree_size, 0)  # largest tree drafted (0: chains)
         self.reset()
 
+    @classmethod
+    def from_head(cls, head: EagleHead, embed: nn.Module, lm_head: nn.Module, **kw) -> "EagleProposer":
+        return cls(TorchEagleStep(head, embed, lm_head), **kw)
+
     def reset(self) -> None:
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, kv_heads, L, head_dim] each
+        self._cache: KVCache | None = None
         self._fed = 0  # committed pairs whose entries the cache holds
-        self._root: torch.Tensor | None = None  # [H] predicted feature at the pending position
+        self._root: tuple[torch.Tensor, torch.Tensor] | None = None  # ([H] feature, [vocab] logits), pending position
 
     def _cache_len(self) -> int:
         return 0 if self._cache is None else self._cache[0].shape[2]
 
-    def _forward(self, features, tokens, positions, allowed):
-        """Feed pairs (features [n, H], tokens [n]) at `positions` [n]; allowed: [n, L + n] bool."""
-        out, self._cache = self.head(features[None], self.embed(tokens)[None], positions, allowed, self._cache)
-        return out[0]  # [n, H]
+    def _forward(self, features, tokens, positions, allowed, last_only=False):
+        """Feed pairs (features [n, H], tokens [n]) at `positions` [n]; allowed: [n, L + n] bool.
+        Returns the predicted features [n, H] and their logits [n or 1, vocab]."""
+        out, logits, self._cache = self.step(features, tokens, positions, allowed, self._cache, last_only)
+        return out, logits
 
-    def _sync(self, ctx: Context) -> torch.Tensor | None:
-        """Bring the cache to every committed pair; the predicted feature at the pending position."""
+    def _sync(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Bring the cache to every committed pair; (predicted feature [H], its logits [vocab]) at the pending slot."""
         n_pairs = len(ctx.token_ids) - 1
         hidden = ctx.target_hidden
         if n_pairs <= 0 or hidden is None or hidden.shape[0] < n_pairs:
@@ -107,9 +146,9 @@ class EagleProposer:
         positions = torch.arange(self._fed, n_pairs, device=device)
         tokens = torch.tensor(ctx.token_ids[self._fed + 1 : n_pairs + 1], dtype=torch.long, device=device)
         allowed = torch.ones(new, self._fed + new, dtype=torch.bool, device=device).tril(self._fed)
-        out = self._forward(hidden[self._fed : n_pairs], tokens, positions, allowed)
+        out, logits = self._forward(hidden[self._fed : n_pairs], tokens, positions, allowed, last_only=True)
         self._fed = n_pairs
-        self._root = out[-1]
+        self._root = (out[-1], logits[-1])
         return self._root
 
     @torch.inference_mode()
@@ -118,15 +157,16 @@ class EagleProposer:
         if root is None or k <= 0:
             return Draft.empty()
         if self.tree_size <= 0:
-            return self._chain(ctx, root, k)
-        return self._tree(root, k)
+            return self._chain(ctx, *root, k)
+        return self._tree(*root, k)
 
-    def _chain(self, ctx: Context, feature: torch.Tensor, k: int) -> Draft:
+    def _chain(self, ctx: Context, feature: torch.Tensor, logits: torch.Tensor, k: int) -> Draft:
+        """feature: [H] at the pending position; logits: [vocab] its draft logits."""
         device = feature.device
         tokens: list[torch.Tensor] = []  # [1] each, kept on the device: no sync per draft token
         probs: list[torch.Tensor] = []
         for i in range(k):
-            logits = self.lm_head(feature).float()  # [vocab]
+            logits = logits.float()  # [vocab]
             if ctx.params.greedy:
                 token = logits.argmax()[None]
             else:
@@ -138,18 +178,20 @@ class EagleProposer:
                 break
             allowed = torch.ones(1, self._cache_len() + 1, dtype=torch.bool, device=device)
             pos = torch.tensor([self._fed + i], device=device)
-            feature = self._forward(feature[None], token, pos, allowed)[0]
+            out, out_logits = self._forward(feature[None], token, pos, allowed, last_only=True)
+            feature, logits = out[0], out_logits[0]
         return Draft(tokens=torch.cat(tokens).cpu(), probs=torch.stack(probs) if probs else None)
 
-    def _tree(self, root: torch.Tensor, depth: int) -> Draft:
+    def _tree(self, root: torch.Tensor, root_logits: torch.Tensor, depth: int) -> Draft:
         """EAGLE-2: expand the `topk` best nodes per depth, keep the `tree_size` best overall.
+        root: [H] the predicted feature at the pending position; root_logits: [vocab].
 
         Everything stays on the device (one sync at the end): nodes are numbered in creation
         order, so a parent's number is below its children's; a node's score (cumulative draft
         log-probability) is never below a child's.
         """
         device, k = root.device, self.topk
-        logp = torch.log_softmax(self.lm_head(root).float(), -1)  # [vocab]
+        logp = torch.log_softmax(root_logits.float(), -1)  # [vocab]
         top = logp.topk(k)
         tok, score = [top.indices], [top.values]  # per depth: [nodes]
         parent = [torch.full((k,), -1, device=device)]
@@ -162,9 +204,9 @@ class EagleProposer:
             allowed = torch.cat([torch.ones(k, self._fed, dtype=torch.bool, device=device), anc,
                                  torch.eye(k, dtype=torch.bool, device=device)], dim=1)
             positions = torch.full((k,), self._fed - 1 + d, device=device)
-            out = self._forward(feats, front_tok, positions, allowed)  # [k, H]
+            out, logits = self._forward(feats, front_tok, positions, allowed)  # [k, H], [k, vocab]
             anc = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=device)], dim=1)
-            top = torch.log_softmax(self.lm_head(out).float(), -1).topk(k, dim=-1)  # [k, k]
+            top = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)  # [k, k]
             cand = (front_score[:, None] + top.values).flatten()  # [k * k]
             tok.append(top.indices.flatten())
             score.append(cand)
@@ -202,30 +244,39 @@ class MultiDraftProposer:
         return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
 
 
-def build_head_proposer(spec, target, graph_max_length: int | None = None) -> Proposer:
+def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
+                        medusa_heads: tuple | None = None, eagle_step: EagleStep | None = None) -> Proposer:
     """The medusa / eagle / multi proposer a SpecConfig names, from its artifact (default: shipped).
 
     graph_max_length: EAGLE trees drafted by `GraphEagleProposer` (static cache, CUDA graphs where
     the model is on CUDA) over that many committed tokens, `spec.k` levels deep; None: eager.
+    medusa_heads (heads, lm_head, full tree) or eagle_step: heads built elsewhere (the ORT graphs
+    of onnx_heads.py), drafting instead of the torch head of `spec.draft`; eagle_step drafts eagerly.
     """
     from specdeploy.models import eagle, medusa
     from specdeploy.runtime.proposers import NGramProposer
 
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     if spec.method == "medusa":
-        heads, tree, _ = medusa.load(spec.draft, target)
+        if medusa_heads is None:
+            heads, tree, _ = medusa.load(spec.draft, target)
+        else:
+            heads, lm_head, tree = medusa_heads
         if spec.tree_size is not None:
             tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
         return MedusaProposer(heads, lm_head, tree or None)
-    head, _ = eagle.load(spec.draft, target)
     size = 48 if spec.tree_size is None else spec.tree_size
-    if graph_max_length is not None and size > 0:
+    if eagle_step is not None:
+        eagle_proposer = EagleProposer(eagle_step, tree_size=size, topk=spec.tree_topk)
+    elif graph_max_length is not None and size > 0:
         from specdeploy.runtime.eagle_graphs import GraphEagleProposer
 
+        head, _ = eagle.load(spec.draft, target)
         eagle_proposer = GraphEagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk,
                                                       max_depth=spec.k, max_length=graph_max_length)
     else:
-        eagle_proposer = EagleProposer(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
+        head, _ = eagle.load(spec.draft, target)
+        eagle_proposer = EagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
     if spec.method == "eagle":
         return eagle_proposer
     return MultiDraftProposer([NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer], budget=size + spec.k)

@@ -1,19 +1,14 @@
-"""Medusa and EAGLE heads in ONNX Runtime, behind the module interfaces of the torch proposers.
+"""Medusa and EAGLE heads in ONNX Runtime, behind the interfaces of the torch proposers.
 
-`MedusaProposer` and `EagleProposer` (head_proposers.py) draft with a head, the target's
-token embedding and its lm_head, each a torch module. The exported head graphs
-(specdeploy.export.onnx_heads) fold the embedding and the lm_head in, so that one ORT call
-yields a whole tree level's logits; the adapters here present that fused call through the
-proposers' interfaces, so the drafting logic (trees, EAGLE-2 expansion) stays in one place:
+The exported head graphs (specdeploy.export.onnx_heads) fold the target's token embedding
+and lm_head in, so that one ORT call yields a whole tree level's logits. The adapters here
+plug that call into the proposers of head_proposers.py, so the drafting logic (trees,
+EAGLE-2 expansion) stays in one place:
 
 - `OrtMedusaHeads(features)` returns the heads' logits (the graph applied the lm_head), so
   the Medusa proposer's lm_head is the identity.
-- `OrtEagleHead` returns each predicted feature with its draft logits appended,
-  [..., hidden + vocab]: the proposer feeds features back (the adapter reads the first
-  `hidden` columns) and selects rows of them, which carries the logits along; its lm_head is
-  `LogitsOf`, the last `vocab` columns; its embedding passes token ids through (`TokenIds`),
-  as the graph embeds them itself. A hack, admitted: `EagleProposer` taking one callable
-  "features, tokens, positions, mask, cache -> features, logits, cache" would remove it.
+- `OrtEagleHead` is an `EagleStep`: features and tokens in, the graph's predicted features
+  and their draft logits out, as `TorchEagleStep` gives them from the torch head.
 """
 from __future__ import annotations
 
@@ -58,53 +53,35 @@ class OrtMedusaHeads:
 
 
 class OrtEagleHead:
-    """The EAGLE head + embedding + lm_head in ORT, called as `EagleHead` is by `EagleProposer`."""
+    """The EAGLE head + embedding + lm_head in ORT: an `EagleStep` (head_proposers.py) for `EagleProposer`."""
 
-    def __init__(self, graph: OnnxHeadGraph, hidden_size: int) -> None:
-        self.graph, self.hidden = graph, int(hidden_size)
+    def __init__(self, graph: OnnxHeadGraph) -> None:
+        self.graph = graph
 
-    def __call__(self, features: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
-        """features: [1, n, H] (the target's) or [1, n, H + vocab] (this head's own output);
-        token_ids: [1, n] int64 (`TokenIds` passed them through); positions: [n];
-        mask: [n, L + n] bool; cache: (keys, values) [1, kv_heads, L, head_dim] or None.
-        Returns features with their logits appended [1, n, H + vocab] and the new cache."""
-        x = np.ascontiguousarray(features[..., : self.hidden].detach().float().cpu().numpy())
-        n = x.shape[1]
+    def __call__(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                 allowed: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None, last_only: bool = False):
+        """features: [n, H]; tokens: [n] (the graph embeds them); positions: [n]; allowed: [n, L + n] bool;
+        cache: (keys, values) [1, kv_heads, L, head_dim] or None. Returns features [n, H], their
+        logits [n, vocab] ([1, vocab] when `last_only`) and the new cache."""
+        n = features.shape[0]
         if cache is None:
             key, value = self._empty()
         else:
             key, value = (np.ascontiguousarray(t.detach().cpu().numpy()) for t in cache)
         out, logits, key, value = self.graph.run(
-            hidden_states=x, input_ids=token_ids.detach().cpu().to(torch.long).numpy().reshape(1, n),
+            hidden_states=np.ascontiguousarray(features.detach().float().cpu().numpy())[None],
+            input_ids=tokens.detach().cpu().to(torch.long).numpy().reshape(1, n),
             position_ids=positions.detach().cpu().to(torch.long).numpy().reshape(1, n),
-            attention_mask=mask.detach().cpu().numpy().astype(np.int64)[None, None],
+            attention_mask=allowed.detach().cpu().numpy().astype(np.int64)[None, None],
             **{"past_key_values.0.key": key, "past_key_values.0.value": value})
-        joined = torch.from_numpy(np.concatenate([out, logits], axis=-1))  # [1, n, H + vocab]
-        return joined, (torch.from_numpy(key), torch.from_numpy(value))
+        logits = torch.from_numpy(logits[0])  # [n, vocab]
+        cache = (torch.from_numpy(key), torch.from_numpy(value))
+        return torch.from_numpy(out[0]), logits[-1:] if last_only else logits, cache
 
     def _empty(self) -> tuple[np.ndarray, np.ndarray]:
         shape = next(i.shape for i in self.graph.session.get_inputs() if i.name == "past_key_values.0.key")
         empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)  # [1, kv_heads, 0, head_dim]
         return empty, empty.copy()
-
-
-class TokenIds(nn.Module):
-    """The EAGLE proposer's "embedding": token ids pass through, the graph embeds them."""
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens
-
-
-class LogitsOf(nn.Module):
-    """The EAGLE proposer's "lm_head": the logits `OrtEagleHead` appended to each feature."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden = int(hidden_size)
-
-    def forward(self, joined: torch.Tensor) -> torch.Tensor:
-        return joined[..., self.hidden :]
 
 
 def load_head_graph(engine_dir: str | Path, method: str, target) -> tuple[OnnxHeadGraph, dict] | None:
@@ -123,26 +100,16 @@ def load_head_graph(engine_dir: str | Path, method: str, target) -> tuple[OnnxHe
 def onnx_head_proposer(spec, engine_dir: str | Path, target):
     """The medusa / eagle / multi proposer of `spec` over the export's head graphs, or None when
     the export has no graph for that method (the torch head is used then). Tree shape, tree size
-    and top-k follow `build_head_proposer`."""
-    from specdeploy.runtime.head_proposers import EagleProposer, MedusaProposer, MultiDraftProposer
-    from specdeploy.runtime.proposers import NGramProposer
+    and top-k: `build_head_proposer`, given these heads."""
+    from specdeploy.runtime.head_proposers import build_head_proposer
 
-    if spec.method == "medusa":
-        found = load_head_graph(engine_dir, "medusa", target)
-        if found is None:
-            return None
-        graph, info = found
-        tree = [tuple(p) for p in info["tree"]]
-        if spec.tree_size is not None:
-            tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
-        return MedusaProposer(OrtMedusaHeads(graph, info["num_heads"]), nn.Identity(), tree or None)
-    found = load_head_graph(engine_dir, "eagle", target)
+    method = "medusa" if spec.method == "medusa" else "eagle"
+    found = load_head_graph(engine_dir, method, target)
     if found is None:
         return None
     graph, info = found
-    size = 48 if spec.tree_size is None else spec.tree_size
-    hidden = int(info["hidden_size"])
-    eagle = EagleProposer(OrtEagleHead(graph, hidden), TokenIds(), LogitsOf(hidden), tree_size=size, topk=spec.tree_topk)
-    if spec.method == "eagle":
-        return eagle
-    return MultiDraftProposer([NGramProposer(spec.ngram_min, spec.ngram_max), eagle], budget=size + spec.k)
+    if method == "medusa":
+        tree = [tuple(p) for p in info["tree"]]
+        heads = OrtMedusaHeads(graph, info["num_heads"])
+        return build_head_proposer(spec, target, medusa_heads=(heads, nn.Identity(), tree))
+    return build_head_proposer(spec, target, eagle_step=OrtEagleHead(graph))
