@@ -200,6 +200,22 @@ def test_two_instances_serve_concurrent_requests_losslessly(served, reference):
         assert len(set(re.findall(rf"instance ({model}_\S+) started its first sequence", log))) == 2, model
 
 
+def test_concurrent_streams_arrive_in_order(served, reference):
+    """2 postprocessing instances may finish a stream's pieces out of order; preserve_ordering keeps them in order."""
+    from specdeploy.client import SpecClient
+
+    clients = [SpecClient(served.http_url, "http"), SpecClient(served.grpc_url, "grpc")]
+    prompt = PROMPTS["chat"] + ", red, green, blue"
+
+    def run(i: int) -> list[str]:
+        return list(clients[i % 2].stream(prompt, task="repeat", max_tokens=16))
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = list(pool.map(run, range(8)))
+    assert all(len(pieces) > 4 for pieces in streams)
+    assert ["".join(pieces) for pieces in streams] == [reference(prompt, 16)] * 8
+
+
 def test_policy_turns_a_task_off_and_sets_k(served, reference):
     from specdeploy.client import SpecClient
     from specdeploy.client.monitor import fetch_metrics

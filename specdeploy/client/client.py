@@ -211,6 +211,7 @@ class SpecClient:
 
         client = grpcclient.InferenceServerClient(self.url)
         responses: queue.Queue = queue.Queue()
+        done = False
         try:
             client.start_stream(callback=lambda result, error: responses.put((result, error)))
             client.async_stream_infer(self.model, req.grpc_inputs(), request_id=uuid.uuid4().hex,
@@ -227,11 +228,12 @@ class SpecClient:
                     yield out
                 final = result.get_response().parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
+                    done = True
                     return
         except InferenceServerException as e:
             raise TritonRequestError(e.message()) from None
         finally:
-            client.stop_stream(cancel_requests=True)
+            client.stop_stream(cancel_requests=not done)  # cancel only a request that has not finished
             client.close()
 
 

@@ -274,6 +274,9 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
             inputs=[Tensor("output_ids", "INT64", [-1]), Tensor("previous_length", "INT32", [1]),
                     Tensor("stop_words", "STRING", [-1])] + stats_outputs,
             outputs=[Tensor("text_output", "STRING", [1])] + stats_outputs,
+            # a stream's pieces reach postprocessing in order; with several instances they may
+            # finish out of order: preserve_ordering sends the responses in the requests' order
+            scheduling="dynamic_batching {\n  preserve_ordering: true\n}",
         )
         for name in ("preprocessing", "spec_decode", "postprocessing"):
             served.tokenizer.save_pretrained(tmp / name / tok["tokenizer"])
