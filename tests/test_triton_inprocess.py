@@ -58,6 +58,30 @@ def test_served_loop_equals_engine(smollm2, method):
         assert transport.calls["draft"] > 0
 
 
+def test_runner_starts_and_ends_one_sequence(smollm2):
+    """A runner's calls form one Triton sequence: START (keep = RESET) once, then keep/rollback,
+    END on release; a reset after the start keeps 0 entries instead of starting again."""
+    from specdeploy.triton_repo.runner import RESET, TritonRunner
+
+    caches = SequenceCaches(smollm2.model)
+    sent = []
+
+    def transport(model, request):
+        sent.append((request.keep, request.release, int(request.tokens.size)))
+        return caches.step(request)
+
+    runner = TritonRunner("verify", smollm2.model.config.vocab_size, 8192, transport)
+    runner.reset()
+    first = runner.forward(torch.tensor([1, 2, 3])).logits
+    runner.rollback(1)
+    runner.forward(torch.tensor([2, 3]))
+    runner.reset()
+    again = runner.forward(torch.tensor([1, 2, 3])).logits
+    runner.release()
+    assert sent == [(RESET, False, 3), (1, False, 2), (0, False, 3), (0, True, 0)]
+    assert torch.equal(first, again) and len(caches) == 0
+
+
 def test_draft_failure_falls_back_to_plain_decoding(smollm2):
     caches = SequenceCaches(smollm2.model)
     good = LocalTransport({"verify": caches})
