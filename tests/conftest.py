@@ -15,6 +15,15 @@ def smollm2() -> LoadedModel:
     return load_model("smollm2", dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules whose tests run beside server processes: on 2 cores one torch thread each is faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2) -> str:
     """The converted safetensors directory of SmolLM2 (a plain Hugging Face model dir)."""

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from specdeploy.cli import main
 from specdeploy.config import SamplingParams, SpecConfig
@@ -32,13 +31,7 @@ PROMPTS = {
 POLICY = {"tasks": {"chat": {"method": "none", "k": "off"}, "code": {"method": "ngram", "k": 2}}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Other processes (the server's models) share the 2 cores: one torch thread each is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

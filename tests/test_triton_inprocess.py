@@ -22,13 +22,7 @@ from specdeploy.triton_repo.writer import MARKER, RepoSpec, write_repository
 PROMPTS = ["What is the capital of France?", "Repeat exactly: red, green, blue, red, green, blue"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Other test processes share the 2 cores: one torch thread is several times faster then."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _decoder(smollm2, method: str, transport, k: int = 4) -> SpecDecoder:

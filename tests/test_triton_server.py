@@ -17,8 +17,9 @@ import pytest
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.triton_repo.server import Ports, TritonServer, shm_regions, tritonserver_available
 
-pytestmark = pytest.mark.skipif(not tritonserver_available(),
-                                reason='tritonserver not installed: pip install -e ".[triton]" (nvidia-pytriton)')
+pytestmark = [pytest.mark.skipif(not tritonserver_available(),
+                                 reason='tritonserver not installed: pip install -e ".[triton]" (nvidia-pytriton)'),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 MAX = 8
 PROMPTS = {
@@ -28,16 +29,6 @@ PROMPTS = {
     "repeat": "Repeat exactly: red, green, blue, red, green, blue",
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The reference runs beside the server's processes: one thread each is faster on 2 cores."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

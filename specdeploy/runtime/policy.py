@@ -132,6 +132,16 @@ class _TaskState:
     changes: list[str] = field(default_factory=list)  # "k 4->8", "off", "on" (latest last)
 
 
+def read_policy_file(path: str | Path) -> dict:
+    """The JSON object of a policy file; SpecDeployError when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecDeployError(f"{path}: policy file not found") from None
+    except (OSError, ValueError) as e:
+        raise SpecDeployError(f"{path}: cannot read policy ({e})") from None
+
+
 class Policy:
     """Per-task method and k, with optional online adaptation. Thread-safe."""
 
@@ -161,13 +171,7 @@ class Policy:
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SpecDeployError(f"{path}: policy file not found") from None
-        except (OSError, ValueError) as e:
-            raise SpecDeployError(f"{path}: cannot read policy ({e})") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_policy_file(path))
 
     def to_dict(self) -> dict:
         evidence = self.extra.get("tasks", {})

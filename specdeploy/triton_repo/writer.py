@@ -34,7 +34,7 @@ from typing import Any
 
 from specdeploy.config import SpecConfig
 from specdeploy.errors import SpecDeployError
-from specdeploy.runtime.policy import OFF, Policy
+from specdeploy.runtime.policy import OFF, Policy, read_policy_file
 from specdeploy.triton_repo.pbtxt import Tensor, ensemble_config, instance_group, model_config, sequence_batching
 
 MARKER = "specdeploy_repo.json"
@@ -86,12 +86,7 @@ class RepoSpec:
 def load_policy(path: str | Path, spec: SpecConfig) -> Policy:
     """A policy.json (runtime.policy's format, as `specdeploy advise` writes it) for a repository
     serving `spec`. Without a "default" entry, tasks the policy does not name get spec's method and k."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpecDeployError(f"{path}: policy file not found") from None
-    except (OSError, ValueError) as e:
-        raise SpecDeployError(f"{path}: cannot read policy ({e})") from None
+    data = read_policy_file(path)
     if isinstance(data, dict):
         rules = [data.get("default")] + list((data.get("tasks") or {}).values())
         if any(isinstance(r, dict) and "enabled" in r for r in rules):
