@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from specdeploy.bench.advisor import (Profile, StepCosts, expected_speedup, fit_alpha, geometric_length,
                                       predicted_speedup, recommend)
@@ -79,6 +80,32 @@ def test_short_drafts_count_only_the_tokens_drafted():
     assert prof.acceptance_length(4) == pytest.approx(2.0)
     assert prof.query_length(4) == pytest.approx(2.0)  # 1 + (2 tokens in half the steps)
     assert prof.alpha(4) == pytest.approx(1.0)
+
+
+def test_tree_verify_cost_is_the_measured_tree_length():
+    """A 48-node tree at depth 4 verifies 49 tokens, not 5: the prediction charges the measured length."""
+    prof = Profile.from_stats(HALF)
+    costs = {1: 10.0, 5: 12.0, 49: 40.0}
+    chain = StepCosts(costs, draft_ms=2.0, per_token=False)
+    tree = StepCosts(costs, draft_ms=2.0, per_token=False, verify_query=49.0)
+    assert predicted_speedup(prof, 4, chain) == pytest.approx(prof.acceptance_length(4) / (0.2 + 1.2))
+    assert predicted_speedup(prof, 4, tree) == pytest.approx(prof.acceptance_length(4) / (0.2 + 4.0))
+    assert tree.as_dict()["verify_query"] == 49.0
+
+
+def test_timed_proposer_records_time_size_and_trees():
+    from specdeploy.bench.advisor import TimedProposer
+    from specdeploy.runtime.types import Draft
+
+    class Tree:
+        def reset(self):
+            pass
+
+        def propose(self, ctx, k):
+            return Draft(tokens=torch.tensor([5, 6, 7]), parents=torch.tensor([-1, 0, 0]))
+
+    timed = TimedProposer(Tree())
+    assert timed.propose(None, 4).is_tree and timed.nodes == [3] and timed.tree and len(timed.ms) == 1
 
 
 def test_recommend_picks_k_and_turns_tasks_off():

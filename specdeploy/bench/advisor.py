@@ -3,7 +3,9 @@
 It measures, on this machine and the user's prompts,
 
 1. step costs: the target's verify step at query length 1 and k + 1 (forward + argmax + host
-   copy, what a decoding step pays), one draft-model token, one n-gram lookup;
+   copy, what a decoding step pays), one draft-model token, one n-gram lookup; for the head
+   methods (medusa, eagle, multi), their drafting time per step and their trees' mean verify
+   length, as measured in the runs of 2;
 2. acceptance per task, from ONE run per method at the largest k (K).
 
 Predicting any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding steps whose
@@ -113,8 +115,12 @@ class StepCosts:
     """Measured milliseconds: the target's verify step by query length, and one draft unit."""
 
     target_ms: dict[int, float]  # {query length: ms}, 1 included
-    draft_ms: float = 0.0  # one draft-model forward (per_token) or one lookup (per step)
+    draft_ms: float = 0.0  # one draft-model forward (per_token) or one lookup / head draft (per step)
     per_token: bool = True
+    # token trees (medusa, eagle, multi): the mean verify length measured in the runs at K, used
+    # for every k (a shallower tree verifies fewer nodes: conservative), as the depth-based q(k)
+    # of a tree would count one node per depth
+    verify_query: float | None = None
 
     def target(self, q: float) -> float:
         """Linear interpolation between measured query lengths (clamped at the ends)."""
@@ -131,12 +137,19 @@ class StepCosts:
         """Cost ratio: draft unit / target step at query length 1."""
         return self.draft_ms / self.target_ms[1]
 
+    def query(self, profile: "Profile", k: int) -> float:
+        """The verify step's query length at k: the profile's, or the tree's measured one."""
+        return self.verify_query if self.verify_query is not None else profile.query_length(k)
+
     def verify_ratio(self, q: float) -> float:
         return self.target(q) / self.target_ms[1]
 
     def as_dict(self) -> dict:
-        return {"target_ms": {str(q): round(t, 4) for q, t in sorted(self.target_ms.items())},
-                "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
+        out = {"target_ms": {str(q): round(t, 4) for q, t in sorted(self.target_ms.items())},
+               "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
+        if self.verify_query is not None:
+            out["verify_query"] = round(self.verify_query, 2)
+        return out
 
 
 def predicted_speedup(profile: Profile, k: int, costs: StepCosts) -> float:
@@ -147,7 +160,7 @@ def predicted_speedup(profile: Profile, k: int, costs: StepCosts) -> float:
         raise SpecDeployError(f"cannot predict k={k} from a run at k={profile.max_k}")
     drafted = sum(profile.drafted[:k])
     draft = costs.c * (drafted if costs.per_token else 1.0)  # a draft model pays one forward per token drafted
-    return profile.acceptance_length(k) / (draft + costs.verify_ratio(profile.query_length(k)))
+    return profile.acceptance_length(k) / (draft + costs.verify_ratio(costs.query(profile, k)))
 
 
 # ---- measuring costs -----------------------------------------------------------------------
@@ -196,6 +209,29 @@ def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_ru
         kmax = max(ks)
         out["ngram"] = StepCosts(target, time_ms(lambda: ngram.propose(ctx, kmax), max(reps, 20)), per_token=False)
     return out
+
+
+class TimedProposer:
+    """A proposer wrapper recording each draft's wall time (its tokens come back to the host, so
+    the time includes the device's work) and size; `tree` tells whether any draft was a tree."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.needs_hidden = getattr(inner, "needs_hidden", False)
+        self.ms: list[float] = []
+        self.nodes: list[int] = []
+        self.tree = False
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def propose(self, ctx, k: int):
+        t = time.perf_counter()
+        draft = self.inner.propose(ctx, k)
+        self.ms.append((time.perf_counter() - t) * 1e3)
+        self.nodes.append(int(draft.tokens.numel()))
+        self.tree = self.tree or draft.is_tree
+        return draft
 
 
 # ---- recommendations -----------------------------------------------------------------------
@@ -290,7 +326,7 @@ def recommend(measured: dict[str, dict[str, SpecStats]], costs: dict[str, StepCo
                     options.append(Option(task, method, k, None, 1.0, cost.c, 1.0, 1.0 / (1.0 + (k * cost.c if cost.per_token else cost.c))))
                     continue
                 options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), cost.c,
-                                      cost.verify_ratio(prof.query_length(k)), predicted_speedup(prof, k, cost)))
+                                      cost.verify_ratio(cost.query(prof, k)), predicted_speedup(prof, k, cost)))
     return Advice(options, costs, measured, min_speedup)
 
 
@@ -322,17 +358,24 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
     draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
     costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
                           ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
-    for m in engines:
-        if m not in costs:  # medusa / eagle heads: charged as free drafting (their cost is a small head forward)
-            costs[m] = StepCosts(costs["none"].target_ms, 0.0, per_token=False)
-            notes.append(f"{m}: draft cost not measured (counted as 0)")
+    timed = {m: TimedProposer(e.proposer) for m, e in engines.items() if m not in costs}  # medusa / eagle / multi
     for m, engine in engines.items():
+        if m in timed:
+            engine.proposer = timed[m]
         stats = TaskStats()
         for p, ids in zip(prompts, encoded):
             stats.add(p.task, engine.generate_ids(ids, params, p.task).stats)
             if progress:
                 progress()
         measured[m] = stats.by_task
+    for m, t in timed.items():  # their drafting and tree verify cost, as measured in those runs
+        q = 1.0 + statistics.fmean(t.nodes) if t.nodes else 1.0
+        target = dict(costs["none"].target_ms)
+        qi = max(1, round(q))
+        if qi not in target:
+            target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), target[max(target)] if qi > max(target) else 0.0)
+        costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
+                             verify_query=q if t.tree else None)
     advice = recommend(measured, costs, ks, min_speedup)
     advice.notes.extend(notes)
     return advice
