@@ -284,13 +284,23 @@ class Bench:
         self.record(rec)
 
     # ---- parts -------------------------------------------------------------------------
+    def setup(self, dtype: torch.dtype):
+        """(loaded target, eval prompts, their ids, stop ids, lean target, lean drafts) in `dtype`."""
+        loaded = self.load(dtype)
+        prompts, enc = self.prompts(loaded.tokenizer, self.args.prompts_per_task)
+        lean = LeanLlama.from_hf(loaded.model)
+        return loaded, prompts, enc, self.eos_ids(loaded), lean, self.drafts(loaded, lean)
+
+    def loop_prompts(self, loaded, prompts: list[Prompt], plain_key: str):
+        """The loop rows' prompts (the first of each task), their ids, and the key of the fused
+        plain outputs of those same prompts (their greedy reference)."""
+        lp, lenc = self.prompts(loaded.tokenizer, self.args.loop_prompts_per_task)
+        self.outputs[plain_key + "|loop"] = [self.outputs[plain_key][prompts.index(p)] for p in lp]
+        return lp, lenc, plain_key + "|loop"
+
     def part_spec(self) -> None:
         a = self.args
-        loaded = self.load(torch.bfloat16)
-        prompts, enc = self.prompts(loaded.tokenizer, a.prompts_per_task)
-        eos = self.eos_ids(loaded)
-        lean = LeanLlama.from_hf(loaded.model)
-        drafts = self.drafts(loaded, lean)
+        loaded, prompts, enc, eos, lean, drafts = self.setup(torch.bfloat16)
         plain1 = "specdeploy plain|bfloat16|b1|on"
         self.fused("specdeploy plain", lean, "none", None, 1, "on", prompts, enc, eos, "bfloat16", None)
         self.fused("specdeploy ngram", lean, "ngram", None, 1, "on", prompts, enc, eos, "bfloat16", plain1)
@@ -309,18 +319,13 @@ class Bench:
             for k in a.extra_ngram_k:
                 self.fused(f"specdeploy ngram k={k}", lean, "ngram", None, b, "auto", prompts, enc, eos, "bfloat16", pb, k=k)
         if "loop" in a.parts:
-            lp, lenc = self.prompts(loaded.tokenizer, a.loop_prompts_per_task)
-            n = len(lp)
-            ref_key = plain1
-            # the fused plain outputs of the same prompts (the loop's prompts are the first of each task)
-            idx = [prompts.index(p) for p in lp]
-            self.outputs[ref_key + "|loop"] = [self.outputs[ref_key][i] for i in idx]
-            self.loop("specdeploy plain (loop)", lean, "none", None, lp, lenc, eos, ref_key + "|loop")
-            self.loop("specdeploy ngram (loop)", lean, "ngram", None, lp, lenc, eos, ref_key + "|loop")
-            self.loop("specdeploy layerskip (loop)", lean, "draft", drafts["layerskip"], lp, lenc, eos, ref_key + "|loop")
+            lp, lenc, ref = self.loop_prompts(loaded, prompts, plain1)
+            self.loop("specdeploy plain (loop)", lean, "none", None, lp, lenc, eos, ref)
+            self.loop("specdeploy ngram (loop)", lean, "ngram", None, lp, lenc, eos, ref)
+            self.loop("specdeploy layerskip (loop)", lean, "draft", drafts["layerskip"], lp, lenc, eos, ref)
             for method in a.head_methods:
-                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, ref_key + "|loop", loaded)
-            print(f"loop rows on {n} prompts", flush=True)
+                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, ref, loaded)
+            print(f"loop rows on {len(lp)} prompts", flush=True)
 
     def part_micro(self) -> None:
         """Milliseconds per step: HF eager forward, the lean forward eager, and its CUDA-graph replay."""
@@ -423,11 +428,7 @@ class Bench:
 
     def part_lossless(self) -> None:
         a = self.args
-        loaded = self.load(torch.float32)
-        prompts, enc = self.prompts(loaded.tokenizer, a.prompts_per_task)
-        eos = self.eos_ids(loaded)
-        lean = LeanLlama.from_hf(loaded.model)
-        drafts = self.drafts(loaded, lean)
+        loaded, prompts, enc, eos, lean, drafts = self.setup(torch.float32)
         plain = "specdeploy plain|float32|b1|on"
         self.fused("specdeploy plain", lean, "none", None, 1, "on", prompts, enc, eos, "float32", None)
         self.fused("specdeploy ngram", lean, "ngram", None, 1, "on", prompts, enc, eos, "float32", plain)
@@ -437,10 +438,9 @@ class Bench:
         self.fused("specdeploy ngram", lean, "ngram", None, b, "auto", prompts, enc, eos, "float32", plain)
         self.fused("specdeploy layerskip", lean, "draft", drafts["layerskip"], b, "on", prompts, enc, eos, "float32", plain)
         if a.head_methods:  # token trees through the graphs, against the fused plain outputs of the same prompts
-            lp, lenc = self.prompts(loaded.tokenizer, a.loop_prompts_per_task)
-            self.outputs[plain + "|loop"] = [self.outputs[plain][prompts.index(p)] for p in lp]
+            lp, lenc, ref = self.loop_prompts(loaded, prompts, plain)
             for method in a.head_methods:
-                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, plain + "|loop", loaded, "float32")
+                self.loop(f"specdeploy {method} (loop)", lean, method, None, lp, lenc, eos, ref, loaded, "float32")
 
 
 def _cuda() -> bool:

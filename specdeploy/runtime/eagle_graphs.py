@@ -33,6 +33,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, LeanLlama, LlamaDims, bucket,
                                             fuse_layer, graphs_default, kv_buckets_for, rope_tables)
+from specdeploy.runtime.tree import best_nodes
 from specdeploy.runtime.types import Context, Draft
 
 
@@ -181,15 +182,7 @@ class GraphEagleProposer:
     def _select_step(self, depth: int) -> torch.Tensor:
         """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""
         n = self.topk + (depth - 1) * self.topk * self.topk
-        dev = self.device
-        tok, score, parent = self._node_tok[:n], self._node_score[:n], self._node_parent[:n]
-        # the tiny index penalty breaks ties towards parents (numbered first), as EagleProposer
-        key = score.double() - torch.arange(n, device=dev, dtype=torch.float64) * 1e-9
-        chosen = key.topk(min(self.tree_size, n)).indices.sort().values
-        renumber = torch.full((n,), -1, dtype=torch.long, device=dev)
-        renumber[chosen] = torch.arange(chosen.numel(), device=dev)
-        p = parent[chosen]
-        return torch.stack([tok[chosen], torch.where(p >= 0, renumber[p.clamp_min(0)], p)])
+        return best_nodes(self._node_tok[:n], self._node_score[:n], self._node_parent[:n], self.tree_size)
 
     def _fn(self, kind: str, *shape: int) -> CapturedFn:
         key = (kind, *shape)

@@ -27,7 +27,7 @@ from torch import nn
 from specdeploy.models.eagle import EagleHead
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
-from specdeploy.runtime.tree import merge_drafts, shape_parents
+from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs
 
@@ -216,15 +216,7 @@ class EagleProposer:
             front_tok, front_score = top.indices.flatten()[best], cand[best]
             feats, anc = out[best // k], anc[best // k]
             n_nodes += k * k
-        tok, score, parent = torch.cat(tok), torch.cat(score), torch.cat(parent)
-        # best nodes overall; the tiny index penalty breaks ties towards parents (numbered first)
-        key = score.double() - torch.arange(n_nodes, device=device, dtype=torch.float64) * 1e-9
-        chosen = key.topk(min(self.tree_size, n_nodes)).indices.sort().values
-        renumber = torch.full((n_nodes,), -1, dtype=torch.long, device=device)
-        renumber[chosen] = torch.arange(chosen.numel(), device=device)
-        p = parent[chosen]
-        new_parent = torch.where(p >= 0, renumber[p.clamp_min(0)], p)
-        flat = torch.stack([tok[chosen], new_parent]).cpu()  # the one sync
+        flat = best_nodes(torch.cat(tok), torch.cat(score), torch.cat(parent), self.tree_size).cpu()  # the one sync
         return Draft(tokens=flat[0].clone(), parents=flat[1].clone())
 
 

@@ -35,6 +35,22 @@ def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     return anc[:m]
 
 
+def best_nodes(tok: torch.Tensor, score: torch.Tensor, parent: torch.Tensor, size: int) -> torch.Tensor:
+    """[2, nodes]: tokens and renumbered parents of the `size` best-scoring nodes of a tree whose
+    nodes are numbered parents first (tok, score, parent: [n]; parent -1 = the pending token).
+
+    A parent scores at least as high as its children; the tiny index penalty breaks ties towards
+    parents, so the chosen nodes always form a tree. No host sync: capturable in a CUDA graph.
+    """
+    n, device = tok.numel(), tok.device
+    key = score.double() - torch.arange(n, device=device, dtype=torch.float64) * 1e-9
+    chosen = key.topk(min(size, n)).indices.sort().values
+    renumber = torch.full((n,), -1, dtype=torch.long, device=device)
+    renumber[chosen] = torch.arange(chosen.numel(), device=device)
+    p = parent[chosen]
+    return torch.stack([tok[chosen], torch.where(p >= 0, renumber[p.clamp_min(0)], p)])
+
+
 def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
     """Children of each node (and of -1, the pending token), in index order."""
     out: dict[int, list[int]] = {-1: []}
