@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.runner import path_needs_move
 from specdeploy.runtime.tree import ancestor_matrix
 from specdeploy.runtime.types import Step
 
@@ -460,10 +461,8 @@ class CudaGraphRunner:
     def keep_path(self, keep: int, path: list[int]) -> None:
         """Keep the first `keep` cache entries, then the entries at positions `path` (ascending,
         all >= keep) moved down behind them; drop the rest. One gather over every layer."""
-        if not 0 <= keep <= self._length or any(not keep <= p < self._length for p in path):
-            raise ValueError(f"cannot keep {keep} + {path} of {self._length} cache entries")
         n = len(path)
-        if list(path) != list(range(keep, keep + n)):
+        if path_needs_move(keep, path, self._length):
             src = torch.tensor(path, dtype=torch.long).to(self.device, non_blocking=True)
             kv = self.cache.kv  # [layers, 1, positions, 2 * kv_heads, head_dim]
             kv[:, :, keep : keep + n] = kv.index_select(2, src)  # index_select copies first: overlap is safe

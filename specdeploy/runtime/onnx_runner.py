@@ -20,6 +20,7 @@ import torch
 
 from specdeploy.build.manifest import artifact_file, check_source, component_dir, read_manifest, tokenizer_hash
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.runner import path_needs_move
 from specdeploy.runtime.types import Step
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,7 @@ class OnnxRunner:
     def keep_path(self, keep: int, path: list[int]) -> None:
         """Keep the first `keep` cache entries, then the entries at positions `path` (ascending,
         all >= keep) moved down behind them; drop the rest."""
-        if not 0 <= keep <= self._length or any(not keep <= p < self._length for p in path):
-            raise ValueError(f"cannot keep {keep} + {path} of {self._length} cache entries")
-        if list(path) == list(range(keep, keep + len(path))):
+        if not path_needs_move(keep, path, self._length):
             self.rollback(keep + len(path))
             return
         index = np.concatenate([np.arange(keep), np.asarray(path, dtype=np.int64)])

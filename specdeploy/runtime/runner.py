@@ -40,6 +40,14 @@ class Runner(Protocol):
         """Drop cache entries past the first `keep`."""
 
 
+def path_needs_move(keep: int, path: list[int], length: int) -> bool:
+    """Check a `keep_path(keep, path)` request against a cache of `length` entries (ValueError if
+    it asks for entries out of range); False when the path already sits right behind `keep`."""
+    if not 0 <= keep <= length or any(not keep <= p < length for p in path):
+        raise ValueError(f"cannot keep {keep} + {path} of {length} cache entries")
+    return list(path) != list(range(keep, keep + len(path)))
+
+
 def _cache_kwarg(model: PreTrainedModel) -> str:
     # transformers 5.x renames `past_key_values` to `cache` (the old name warns, then goes)
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -102,10 +110,8 @@ class TorchRunner:
     def keep_path(self, keep: int, path: list[int]) -> None:
         """Keep the first `keep` cache entries, then the entries at positions `path` (ascending,
         all >= keep) moved down behind them; drop the rest."""
-        if not 0 <= keep <= self._length or any(not keep <= p < self._length for p in path):
-            raise ValueError(f"cannot keep {keep} + {path} of {self._length} cache entries")
         n = len(path)
-        if path != list(range(keep, keep + n)):
+        if path_needs_move(keep, path, self._length):
             idx = torch.tensor(path, dtype=torch.long, device=self.device)
             for layer in self._cache.layers:
                 layer.keys[:, :, keep : keep + n] = layer.keys.index_select(2, idx)
