@@ -92,7 +92,7 @@ class Bench:
         return chosen, enc
 
     def eos_ids(self, loaded) -> list[int]:
-        return stop_token_ids(loaded.model, loaded.tokenizer)
+        return stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
 
     def drafts(self, loaded, lean: LeanLlama) -> dict[str, LeanLlama]:
         """The LeanLlama drafts to bench: layerskip, plus the shipped trained draft if present."""

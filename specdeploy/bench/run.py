@@ -32,6 +32,7 @@ from specdeploy.bench.backend import SPEC_METHODS, Backend, _has_module, encode_
 from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.tokenizers import stop_token_ids
 from specdeploy.runtime.stats import SpecStats
 
 BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft"}  # ours -> BatchSpeculator's
@@ -89,10 +90,8 @@ class Bench:
         self.costs: dict = {}
         self.bar = None
         self.bar_task = None
-        model = backend.loaded.model
-        eos = model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos = sorted({int(e) for e in eos + [backend.loaded.tokenizer.eos_token_id] if e is not None})
+        loaded = backend.loaded
+        self.eos = stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)  # as SpecEngine's
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append({"what": what, "reason": reason})

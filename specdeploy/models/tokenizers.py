@@ -54,14 +54,14 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if ids and ids[0] in set(tokenizer.all_special_ids) else None
 
 
-def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | list[int] | None = None) -> list[int]:
     """The ids that end a generation: the generation config's EOS, the tokenizer's, the chat end-of-turn.
 
     The BOS id is left out when other candidates exist: some transformers versions read a GGUF's
     special tokens so that EOS reports the BOS id (SmolLM2 on 5.17: eos = <|im_start|>), and
     stopping there would run every chat answer past its <|im_end|>.
     """
-    eos = model.generation_config.eos_token_id
+    eos = generation_eos
     found = {int(e) for e in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
              if e is not None}
     bos = tokenizer.bos_token_id

@@ -110,7 +110,7 @@ class SpecEngine:
             runner = None  # a runner of our own over the same model, returning hidden states
         self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
         self.task_stats = TaskStats()
-        self.eos_ids = frozenset(stop_token_ids(target.model, self.tokenizer))
+        self.eos_ids = frozenset(stop_token_ids(self.tokenizer, target.model.generation_config.eos_token_id))
 
     @classmethod
     def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None,

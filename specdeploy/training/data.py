@@ -31,7 +31,7 @@ MODES = {"greedy": 0.0, "sampled": None}  # None: the --temperature given
 
 
 def eos_ids(target: LoadedModel) -> list[int]:
-    return stop_token_ids(target.model, target.tokenizer)
+    return stop_token_ids(target.tokenizer, target.model.generation_config.eos_token_id)
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from typing import Any
 
 from specdeploy.config import SpecConfig
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.tokenizers import stop_token_ids
 from specdeploy.runtime.policy import OFF, Policy, read_policy_file
 from specdeploy.triton_repo.pbtxt import Tensor, ensemble_config, instance_group, model_config, sequence_batching
 
@@ -157,7 +158,7 @@ def served_from_model(rs: RepoSpec) -> Served:
     elif rs.spec.method == "draft":
         draft = _draft_model_entry(rs.spec.draft, target.tokenizer, vocab)
     return Served(target.tokenizer, vocab, int(getattr(cfg, "max_position_embeddings", 2048)),
-                  _eos_ids(target.model.generation_config.eos_token_id, target.tokenizer), target_entry, draft)
+                  stop_token_ids(target.tokenizer, target.model.generation_config.eos_token_id), target_entry, draft)
 
 
 def served_from_engines(rs: RepoSpec) -> Served:
@@ -199,7 +200,7 @@ def served_from_engines(rs: RepoSpec) -> Served:
         draft = _engine_entry(ddir, dm, "draft")
     elif rs.spec.method == "draft":  # a float draft model beside the built target
         draft = _draft_model_entry(rs.spec.draft, tokenizer, vocab)
-    return Served(tokenizer, vocab, int(getattr(cfg, "max_position_embeddings", 2048)), _eos_ids(eos, tokenizer),
+    return Served(tokenizer, vocab, int(getattr(cfg, "max_position_embeddings", 2048)), stop_token_ids(tokenizer, eos),
                   target_entry, draft)
 
 
@@ -354,11 +355,6 @@ def _layerskip_layers(spec: SpecConfig, num_layers: int) -> int:
     if not 1 <= n < num_layers:
         raise SpecDeployError(f"layerskip needs 1 <= layers < {num_layers}, got {n}")
     return n
-
-
-def _eos_ids(eos, tokenizer) -> list[int]:
-    eos = eos if isinstance(eos, list) else [eos]
-    return sorted({int(e) for e in eos + [tokenizer.eos_token_id] if e is not None})
 
 
 def _groups(inst: InstanceSpec) -> dict[str, str]:
