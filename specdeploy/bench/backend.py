@@ -5,6 +5,7 @@ from specdeploy.bench.tasks import Prompt
 from specdeploy.config import METHODS, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.loader import LoadedModel
+from specdeploy.models.layerskip import layerskip_layers as layerskip_draft_layers
 from specdeploy.models.tokenizers import encode_prompt
 
 SPEC_METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi")
@@ -28,8 +29,7 @@ class Backend:
                  layerskip_layers: int | None = None, draft_path: str | None = None) -> None:
         self.loaded, self.device, self.dtype, self.kind = loaded, device, dtype, kind
         self.max_length = max_length
-        n = loaded.model.config.num_hidden_layers
-        self.layerskip_layers = layerskip_layers or max(1, n // 4)
+        self.layerskip_layers = layerskip_draft_layers(loaded.model.config.num_hidden_layers, layerskip_layers)
         self.draft_path = draft_path
         self._runners: dict[bool, object] = {}
         self._drafts: dict[str, object] = {}  # method -> draft runner

@@ -33,6 +33,7 @@ import torch
 
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
 from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.models.layerskip import layerskip_layers
 from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 from specdeploy.runtime.cuda_runner import HEAD_METHODS, CudaGraphRunner, LeanLlama, compiled_for
@@ -96,7 +97,7 @@ class Bench:
 
     def drafts(self, loaded, lean: LeanLlama) -> dict[str, LeanLlama]:
         """The LeanLlama drafts to bench: layerskip, plus the shipped trained draft if present."""
-        out = {"layerskip": lean.truncated(self.args.layerskip_layers or max(1, lean.num_layers // 4))}
+        out = {"layerskip": lean.truncated(layerskip_layers(lean.num_layers, self.args.layerskip_layers))}
         try:
             from specdeploy.models import artifacts, draft_lm
 
@@ -336,7 +337,7 @@ class Bench:
         a = self.args
         loaded = self.load(torch.bfloat16)
         lean = LeanLlama.from_hf(loaded.model)
-        layerskip = lean.truncated(a.layerskip_layers or max(1, lean.num_layers // 4))
+        layerskip = lean.truncated(layerskip_layers(lean.num_layers, a.layerskip_layers))
         rows = []
         ids = torch.randint(0, 1000, (1, 100), device=self.args.device)
         with torch.no_grad():

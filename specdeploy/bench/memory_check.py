@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specdeploy.build.estimate import WORKSPACE_BYTES, EngineShape, MemoryEstimate, estimate_memory, load_config
+from specdeploy.models.layerskip import layerskip_layers
 
 TOTAL_TOLERANCE = 0.05  # |estimate - measured| / measured, weights + KV + working set (see results/estimate_vs_measured.md)
 WORKING_SET_SLACK = WORKSPACE_BYTES  # |estimated - measured| working set: kernels' temporaries the formula does not itemise
@@ -117,7 +118,7 @@ def _estimate(rec: dict, args: argparse.Namespace, config: dict) -> tuple[Memory
     chunk = max(PREFILL_BUCKETS)
     draft = None
     if rec["method"] == "draft":  # the layerskip draft: the target's first layers, its weights shared
-        layers = args.layerskip_layers or max(1, int(config["num_hidden_layers"]) // 4)
+        layers = layerskip_layers(int(config["num_hidden_layers"]), args.layerskip_layers)
         draft = {**config, "num_hidden_layers": layers}
     engine = EngineShape(k=k, max_num_tokens=max(chunk, batch * (k + 1)), draft_max_num_tokens=max(chunk, batch * CATCHUP))
     shape = dict(dtype=rec["dtype"], batch=batch, context=context, draft_config=draft, draft_shares_weights=draft is not None)

@@ -15,12 +15,18 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from specdeploy.errors import SpecDeployError
 
 
+def layerskip_layers(total: int, requested: int | None = None) -> int:
+    """Layers of a layerskip draft of a `total`-layer target: `requested`, or a quarter (at least 1)."""
+    n = requested or max(1, total // 4)
+    if not 1 <= n < total:
+        raise SpecDeployError(f"layerskip needs 1 <= layers < {total}, got {n}")
+    return n
+
+
 def layerskip_model(target: PreTrainedModel, num_layers: int | None = None) -> PreTrainedModel:
     """A model of the target's first `num_layers` layers (default: a quarter, at least 1)."""
     layers = target.model.layers
-    n = num_layers or max(1, len(layers) // 4)
-    if not 1 <= n < len(layers):
-        raise SpecDeployError(f"layerskip needs 1 <= layers < {len(layers)}, got {n}")
+    n = layerskip_layers(len(layers), num_layers)
     config = copy.deepcopy(target.config)
     config.num_hidden_layers = n
     if getattr(config, "layer_types", None):

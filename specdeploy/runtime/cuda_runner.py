@@ -563,9 +563,9 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
     if spec.method == "ngram":
         return runner, NGramProposer(spec.ngram_min, spec.ngram_max)
     if spec.method == "layerskip":
-        n = spec.layerskip_layers or max(1, lean.num_layers // 4)
-        if not 1 <= n < lean.num_layers:
-            raise SpecDeployError(f"layerskip needs 1 <= layers < {lean.num_layers}, got {n}")
+        from specdeploy.models.layerskip import layerskip_layers
+
+        n = layerskip_layers(lean.num_layers, spec.layerskip_layers)
         return runner, DraftModelProposer(CudaGraphRunner(lean.truncated(n), max_length=runner.max_length))
     if draft is None:
         from specdeploy.models import draft_lm

@@ -350,11 +350,10 @@ def _draft_model_entry(draft: str, target_tokenizer, vocab: int) -> dict:
 
 
 def _layerskip_layers(spec: SpecConfig, num_layers: int) -> int:
-    """Layers of the layerskip draft (default a quarter, as models.layerskip), checked now, not at serve time."""
-    n = spec.layerskip_layers or max(1, num_layers // 4)
-    if not 1 <= n < num_layers:
-        raise SpecDeployError(f"layerskip needs 1 <= layers < {num_layers}, got {n}")
-    return n
+    """Layers of the layerskip draft, checked now, not at serve time."""
+    from specdeploy.models.layerskip import layerskip_layers
+
+    return layerskip_layers(num_layers, spec.layerskip_layers)
 
 
 def _groups(inst: InstanceSpec) -> dict[str, str]:
