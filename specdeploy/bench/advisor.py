@@ -372,8 +372,9 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         q = 1.0 + statistics.fmean(t.nodes) if t.nodes else 1.0
         target = dict(costs["none"].target_ms)
         qi = max(1, round(q))
-        if qi not in target:
-            target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), target[max(target)] if qi > max(target) else 0.0)
+        if qi not in target:  # monotone in the query length, as measure_costs keeps it
+            below = max((ms for q0, ms in target.items() if q0 < qi), default=0.0)
+            target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
         costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
                              verify_query=q if t.tree else None)
     advice = recommend(measured, costs, ks, min_speedup)
