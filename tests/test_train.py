@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from specdeploy.bench.tasks import Prompt
 from specdeploy.cli import main
