@@ -4,6 +4,9 @@
 #   bash results/drafts/run_gpu.sh train      # data, then the three drafts trained side by side
 #   bash results/drafts/run_gpu.sh eval       # every method on the eval prompts, greedy and T=0.7
 #   bash results/drafts/run_gpu.sh retrain    # data, EAGLE + DraftLM trained again, their methods evaluated
+# The same retrain over several device calls (training outlives the call that starts it):
+#   bash results/drafts/run_gpu.sh data; bash results/drafts/run_gpu.sh train-bg eagle draft
+#   ... later call: bash results/drafts/run_gpu.sh collect eagle draft   # waits, ships, evaluates
 # Outputs go to $OUT (the device tool's return folder) or /tmp/out. Settings come from the
 # environment (defaults below); the run of 2026-11-24 used N_PER_TASK=300 DATA_BATCH=500.
 set -euo pipefail
@@ -59,17 +62,18 @@ evaluate() {  # labels...: each at T=0 and T=0.7, all in parallel, ending by $DE
       --target "$T" --device "$DEV" --max-new-tokens "${MAX_NEW:-128}" ${EVAL_ARGS:-} \
       --out "/tmp/res/${label}_T$temp.json" "$@" > "/tmp/logs/eval_${label}_T$temp.log" 2>&1 || true
   }
+  art() { [ -d "$A/$1" ] && echo --draft "$A/$1"; }  # a draft trained in this session, else the shipped one
   for temp in 0 0.7; do
     for label in "$@"; do
       case $label in
         none) [ "$temp" = 0 ] && job none "$temp" --method none & ;;
         ngram) job ngram "$temp" --method ngram --k 4 & ;;
         layerskip) job layerskip "$temp" --method layerskip --k 4 & ;;
-        draft) job draft "$temp" --method draft --draft "$A/draft" --k 4 & ;;
-        medusa) job medusa "$temp" --method medusa --draft "$A/medusa" --k 4 & ;;
-        eagle) job eagle "$temp" --method eagle --draft "$A/eagle" --k 6 & ;;
-        eagle-chain) job eagle-chain "$temp" --method eagle --draft "$A/eagle" --k 4 --tree-size 0 & ;;
-        multi) job multi "$temp" --method multi --draft "$A/eagle" --k 6 & ;;
+        draft) job draft "$temp" --method draft $(art draft) --k 4 & ;;
+        medusa) job medusa "$temp" --method medusa $(art medusa) --k 4 & ;;
+        eagle) job eagle "$temp" --method eagle $(art eagle) --k 6 & ;;
+        eagle-chain) job eagle-chain "$temp" --method eagle $(art eagle) --k 4 --tree-size 0 & ;;
+        multi) job multi "$temp" --method multi $(art eagle) --k 6 & ;;
       esac
     done
   done
@@ -88,6 +92,20 @@ case $1 in
     tar czf "$OUT/logs.tgz" -C /tmp logs ;;
   eval)
     evaluate none ngram layerskip draft medusa eagle eagle-chain multi ;;
+  data)
+    data ;;
+  train-bg)  # detached: runs on after this device call returns; `collect` waits for it
+    shift
+    rm -f /tmp/logs/train.done
+    setsid nohup bash -c "$(declare -f train train_side_by_side); T=$T DEV=$DEV A=$A; train_side_by_side $*; touch /tmp/logs/train.done" \
+      > /tmp/logs/train_bg.log 2>&1 < /dev/null &
+    echo "training $* in the background (pid $!)" ;;
+  collect)
+    shift
+    while [ ! -f /tmp/logs/train.done ]; do sleep 5; done
+    for kind in "$@"; do grep -a "steps in" "/tmp/logs/train_$kind.log" || tail -5 "/tmp/logs/train_$kind.log"; done
+    for kind in "$@"; do tar czf "$OUT/$kind.tgz" -C "$A" "$kind" || true; done
+    evaluate "$@" $( [[ " $* " == *" eagle "* ]] && echo multi eagle-chain ) ;;
   retrain)
     data
     train_side_by_side eagle draft
