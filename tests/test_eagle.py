@@ -112,7 +112,7 @@ def _contexts(smollm2, texts, extra):
                        target_hidden=hidden[: len(ids) + n - 1]) for n in (0, 0, 2, 3, len(extra))]
 
 
-@pytest.mark.parametrize("tree_size, topk, depth", [(48, 8, 6), (20, 4, 5), (10, 3, 2)])
+@pytest.mark.parametrize("tree_size, topk, depth", [(48, 8, 6), (20, 4, 5), (10, 3, 2), (48, 8, 1)])
 def test_graph_eagle_drafts_the_same_trees(smollm2, tree_size, topk, depth):
     """The static-cache EAGLE drafter (the code CUDA graphs capture, run eagerly) proposes the very trees
     of EagleProposer: after a prompt (chunked into query buckets), again without a commit, after commits."""
@@ -136,7 +136,8 @@ def test_graph_eagle_drafts_the_same_trees(smollm2, tree_size, topk, depth):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_graph_eagle_replay_matches_eager_on_cuda():
+@pytest.mark.parametrize("depth", [4, 1])
+def test_graph_eagle_replay_matches_eager_on_cuda(depth):
     """Each drafting step replayed as a CUDA graph gives the trees of the same steps run eagerly."""
     from specdeploy.runtime.eagle_graphs import GraphEagleProposer
     from test_cuda_runner import tiny_llama
@@ -145,7 +146,7 @@ def test_graph_eagle_replay_matches_eager_on_cuda():
     torch.manual_seed(1)
     head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to("cuda").eval()
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
-    kw = dict(tree_size=12, topk=3, max_depth=4, max_length=64, query_buckets=(1, 4, 16))
+    kw = dict(tree_size=12, topk=3, max_depth=depth, max_length=64, query_buckets=(1, 4, 16))
     graphed = GraphEagleProposer.from_head(head, embed, lm_head, **kw)
     eager = GraphEagleProposer.from_head(head, embed, lm_head, use_graphs=False, **kw)
     assert graphed.num_graphs > 0

@@ -115,7 +115,8 @@ class GraphEagleProposer:
                     self._fn("sync", q, kv)
         self._fn("root")
         for kv in self.kv_buckets:
-            if kv > self.scratch:
+            # one-level trees have no level step, and its warm-up would index past their empty scratch
+            if self.max_depth > 1 and kv > self.scratch:
                 self._fn("level", kv)
         for depth in range(1, self.max_depth + 1):
             self._fn("select", depth)
