@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render bench.md from bench.json and put the results section into README.md.
+"""Render bench.md and the plots from bench.json and put the results section into README.md.
 
 Replaces what lies between the markers `<!-- bench-results -->` and `<!-- /bench-results -->`
 (the markers stay); every number comes from bench.json, none is typed by hand.
@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from specdeploy.bench.plots import make_plots
 from specdeploy.bench.report import render_markdown, render_readme_block
 
 START, END = "<!-- bench-results -->", "<!-- /bench-results -->"
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if stale else 0
     (folder / "bench.md").write_text(md)
     readme_path.write_text(new_readme)
-    print(f"wrote {folder / 'bench.md'} and the results block of {readme_path}")
+    plots = make_plots(result, folder)
+    print(f"wrote {folder / 'bench.md'}, {len(plots)} plots and the results block of {readme_path}")
     return 0
 
 

@@ -125,3 +125,23 @@ def test_generate_cli_policy(capsys, tmp_path, smollm2):
                  "--policy", str(path)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["policy"]["k"] == "off" and r["proposed"] == 0
+
+
+def test_policy_switches_to_a_head_method_per_task(smollm2):
+    """A policy that names EAGLE for one task runs EAGLE there (the engine's runner returns hidden states),
+    stays lossless, and an engine whose runner cannot feed a head refuses the head instead of silently
+    decoding plain."""
+    from specdeploy.bench.backend import Backend
+
+    backend = Backend(smollm2, "cpu", "float32")
+    policy = Policy({"code": TaskRule("eagle", 3)}, TaskRule("ngram", 2))
+    spec = backend.engine("none", 1, policy=policy, more={"eagle": backend.proposer("eagle", 3)})
+    plain = backend.engine("none", 0)
+    params = SamplingParams(max_new_tokens=12)
+    ids = spec.encode("def fib(n):\n    ", raw=True)
+    ref = plain.generate_ids(ids, params).token_ids
+    r = spec.generate_ids(ids, params, task="code")
+    assert r.token_ids == ref and r.decision.method == "eagle" and r.stats.proposed > 0
+    assert r.stats.acceptance_length > 1.0  # the head drafted and some of it was accepted
+    with pytest.raises(SpecDeployError, match="hidden states"):
+        plain.add_proposer("eagle", backend.proposer("eagle", 3))

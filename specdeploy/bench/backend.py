@@ -130,13 +130,18 @@ class Backend:
                 raise SpecDeployError(f"{method} artifact not loadable: {e}") from None
         raise SpecDeployError(f"unknown method {method!r}; choose from {', '.join(SPEC_METHODS)}")
 
-    def engine(self, method: str, k: int, policy=None):
+    def engine(self, method: str, k: int, policy=None, more: dict | None = None):
+        """An engine drafting with `method`; `more`: {method: proposer} a policy may switch to per task."""
         from specdeploy.runtime.engine import SpecEngine
 
         proposer = self.proposer(method, k)
-        hidden = getattr(proposer, "needs_hidden", False)
+        more = more or {}
+        hidden = any(getattr(p, "needs_hidden", False) for p in (proposer, *more.values()))
         spec = SpecConfig(method=method if method in METHODS else "none", k=max(1, k))
-        return SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy)
+        engine = SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy)
+        for m, p in more.items():
+            engine.add_proposer(m, p)
+        return engine
 
 
 def _has_module(name: str) -> bool:

@@ -514,10 +514,8 @@ def _policy_run(bench: "Bench", backend: Backend, box: dict, available: list[str
     if "policy" not in box:
         box["policy"] = _bench_policy(bench.args, backend, [m for m in available if m != "none"], ks, console)
     p = Policy.from_dict(box["policy"].to_dict())  # fresh counters per temperature
-    engine = backend.engine("none", 1, policy=p)
-    for m in {r.method for r in p.tasks.values()} | {p.default.method}:
-        if m != "none":
-            engine.add_proposer(m, backend.proposer(m, max(ks)))
+    named = {r.method for r in p.tasks.values()} | {p.default.method}
+    engine = backend.engine("none", 1, policy=p, more={m: backend.proposer(m, max(ks)) for m in named - {"none"}})
     bench.loop(engine, "policy", 0, t, label="policy")
 
 
@@ -540,7 +538,7 @@ def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], con
     console.print(f"policy: advising on {len(held)} {note}")
     enc = encode_all(backend, held, args.max_new_tokens)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    # a 5% margin: a task whose predicted gain is within noise of plain stays off
+    # a margin (10% by default): a task whose predicted gain is within the noise of a few held-out prompts stays off
     advice = advisor.advise(backend, held, enc, methods, ks, params, min_speedup=args.policy_min_speedup)
     console.print(advice.table())
     policy = advice.policy()
@@ -585,7 +583,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-prompts-per-task", type=int, default=0,
                    help="prompts per task of the batch > 1 rows (0: all of the set; batches need many requests)")
     p.add_argument("--policy", help="policy.json for the 'policy' method (default: advise on held-out prompts)")
-    p.add_argument("--policy-min-speedup", type=float, default=1.05,
+    p.add_argument("--policy-min-speedup", type=float, default=1.1,
                    help="the advised policy turns a task off below this expected speedup")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--target", default="smollm2")

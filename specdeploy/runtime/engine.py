@@ -155,16 +155,16 @@ class SpecEngine:
 
     def add_proposer(self, method: str, proposer: Proposer) -> None:
         """Use `proposer` whenever the policy names `method` (e.g. one over a compiled draft runner)."""
+        if getattr(proposer, "needs_hidden", False) and not getattr(self.runner, "output_hidden", False):
+            # without them a head drafts nothing, and the task silently runs as plain decoding
+            raise SpecDeployError(f"the policy asks for {method!r}, which needs the target's hidden states; "
+                                  f"start the engine with --method {method} so that its runner returns them")
         self._proposers[method] = proposer
 
     def _proposer_for(self, method: str) -> Proposer:
         """The proposer of a method a policy names (built once, with this engine's spec otherwise)."""
         if method not in self._proposers:
-            proposer = build_proposer(replace(self.spec, method=method), self.target, None)
-            if getattr(proposer, "needs_hidden", False) and not getattr(self.runner, "output_hidden", False):
-                raise SpecDeployError(f"the policy asks for {method!r}, which needs the target's hidden states; "
-                                      f"start the engine with --method {method} so that its runner returns them")
-            self._proposers[method] = proposer
+            self.add_proposer(method, build_proposer(replace(self.spec, method=method), self.target, None))
         return self._proposers[method]
 
     def generate(self, prompt: str, params: SamplingParams, task: str = "default", raw: bool = False) -> RequestResult:
