@@ -219,3 +219,25 @@ def test_cuda_quant_linear_bf16(algo):
         assert Q.kernel_path("fp8", "cuda") == "torch._scaled_mm"
     if algo == "int8":
         assert Q.kernel_path("int8", "cuda") == "torch._int_mm"
+
+
+@pytest.mark.parametrize("algo", ["int8", "fp8", "int8_wo"])
+def test_speculation_over_a_quantized_target_is_lossless(tiny, tmp_path, algo):
+    """Lossless relative to the quantized target: speculative greedy equals that target's own greedy."""
+    from specdeploy.config import SamplingParams, SpecConfig
+    from specdeploy.runtime.engine import SpecEngine
+
+    build_torch_engine(tiny, tmp_path / "e", algo, BuildConfig(calib_samples=4, calib_tokens=64, progress=False))
+    model, _ = load_quantized(tmp_path / "e")
+    quantized = LoadedModel(model, tiny.tokenizer, f"tiny-llama ({algo})", tiny.source_hash)
+    plain = SpecEngine(quantized, SpecConfig(method="none"))
+    params = SamplingParams(max_new_tokens=24)
+    for method in ("ngram", "layerskip"):
+        spec = SpecEngine(quantized, SpecConfig(method=method, k=3))
+        proposed = 0
+        for text in ("one two three one two three one two", "SELECT name FROM users WHERE id = 1;"):
+            ids = plain.encode(text, raw=True)
+            r = spec.generate_ids(ids, params)
+            assert r.token_ids == plain.generate_ids(ids, params).token_ids, (method, text)
+            proposed += r.stats.proposed
+        assert proposed > 0, method  # speculation really ran
