@@ -8,7 +8,7 @@ engines (specdeploy.build.engine: calibrate -> quantize -> engine directory -> l
                  `greedy_identical` = fraction of generated positions whose token equals the
                  reference's, `exact` = fraction of prompts generated identically,
                  `top1_forced` = argmax agreement along the reference text (no drift)
-- α (draft only) the unquantized target verifying a quantized draft (layerskip by default):
+- α (draft only) the unquantized target verifying a quantized draft (the shipped DraftLM by default):
                  accepted / proposed, and the acceptance length; the output must equal the
                  target's own greedy output (speculation is lossless), `lossless` checks it
 - memory         bytes of the quantized model's parameters and buffers; peak CUDA memory
@@ -102,7 +102,7 @@ def generate_all(engine: SpecEngine, prompt_ids: list[list[int]], params: Sampli
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="smollm2")
-    ap.add_argument("--draft", default="layerskip",
+    ap.add_argument("--draft", default="draft_lm",
                     help="draft for the α column: layerskip[:N], draft_lm[:PATH], self (the target itself) or a model path")
     ap.add_argument("--quants", default="none,int8,fp8", help="comma-separated: none,int8,fp8,int8_wo")
     ap.add_argument("--int8-activations", default="per-token", choices=["per-token", "static"])
