@@ -9,7 +9,7 @@ import os
 import sys
 from typing import NoReturn
 
-from specdeploy.config import METHODS
+from specdeploy.config import METHODS, SpecConfig
 from specdeploy.errors import SpecDeployError
 
 # modules that add their own subcommands: each has add_cli(subparsers)
@@ -39,7 +39,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layerskip-layers", type=int, help="layers in the layerskip draft (default: a quarter)")
     p.add_argument("--tree-size", type=int, help="nodes per token tree (medusa, eagle, multi); 0 = a chain of k "
                                                  "(default: medusa the artifact's tree, eagle 48)")
-    p.add_argument("--tree-topk", type=int, default=8, help="EAGLE-2 tree: nodes expanded per depth (1..64)")
+    p.add_argument("--tree-topk", type=int, default=SpecConfig.tree_topk, help="EAGLE-2 tree: nodes expanded per depth (1..64)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -60,8 +60,6 @@ def _sampling(args: argparse.Namespace):
 
 
 def _spec(args: argparse.Namespace, method: str | None = None):
-    from specdeploy.config import SpecConfig
-
     return SpecConfig(method=method or args.method, k=args.k, draft=args.draft, ngram_min=args.ngram_min,
                       ngram_max=args.ngram_max, layerskip_layers=args.layerskip_layers,
                       tree_size=args.tree_size, tree_topk=args.tree_topk)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from specdeploy.errors import SpecDeployError
 
 METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi")
+HEAD_METHODS = ("medusa", "eagle", "multi")  # proposers that read the target's hidden states
 TRAINED = ("draft", "medusa", "eagle", "multi")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
 

@@ -11,11 +11,12 @@ from specdeploy.cli import main
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.layerskip import layerskip_model
+from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.runtime.engine import SpecEngine
 from specdeploy.triton_repo.decoder import SpecDecoder
 from specdeploy.triton_repo.kvstore import SequenceCaches
 from specdeploy.triton_repo.runner import LocalTransport, failing_transport
-from specdeploy.triton_repo.text import encode_prompt, text_delta
+from specdeploy.triton_repo.text import text_delta
 from specdeploy.triton_repo.weights import check_files
 from specdeploy.triton_repo.writer import MARKER, RepoSpec, write_repository
 

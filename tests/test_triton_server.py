@@ -220,7 +220,7 @@ def test_cancelled_stream_stops_the_generation(server, engine, grpc, smollm2):
 
     import tritonclient.grpc as grpcclient
 
-    from specdeploy.triton_repo.text import encode_prompt
+    from specdeploy.models.tokenizers import encode_prompt
 
     ids = np.array(encode_prompt(smollm2.tokenizer, PROMPTS["code"]), dtype=np.int64)
     inputs = []

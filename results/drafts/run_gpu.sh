@@ -82,6 +82,11 @@ evaluate() {  # labels...: each at T=0 and T=0.7, all in parallel, ending by $DE
   tar czf "$OUT/raw.tgz" -C /tmp res logs
 }
 
+ship_eval() {  # kinds...: each trained artifact to $OUT as KIND.tgz, then its methods evaluated
+  for kind in "$@"; do tar czf "$OUT/$kind.tgz" -C "$A" "$kind" || true; done
+  evaluate "$@" $( [[ " $* " == *" eagle "* ]] && echo multi eagle-chain )
+}
+
 case $1 in
   train)
     smoke
@@ -103,13 +108,10 @@ case $1 in
   collect)
     shift
     while [ ! -f /tmp/logs/train.done ]; do sleep 5; done
-    for kind in "$@"; do grep -a "steps in" "/tmp/logs/train_$kind.log" || tail -5 "/tmp/logs/train_$kind.log"; done
-    for kind in "$@"; do tar czf "$OUT/$kind.tgz" -C "$A" "$kind" || true; done
-    evaluate "$@" $( [[ " $* " == *" eagle "* ]] && echo multi eagle-chain ) ;;
+    cat /tmp/logs/train_bg.log  # train_side_by_side's summary lines
+    ship_eval "$@" ;;
   retrain)
     data
     train_side_by_side eagle draft
-    tar czf "$OUT/draft.tgz" -C "$A" draft || true
-    tar czf "$OUT/eagle.tgz" -C "$A" eagle || true
-    evaluate eagle multi eagle-chain draft ;;
+    ship_eval eagle draft ;;
 esac

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from specdeploy.bench.tasks import Prompt
-from specdeploy.config import METHODS, SpecConfig
+from specdeploy.config import HEAD_METHODS, METHODS, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.loader import LoadedModel
 from specdeploy.models.layerskip import layerskip_layers as layerskip_draft_layers
 from specdeploy.models.tokenizers import encode_prompt
 
-SPEC_METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi")
+SPEC_METHODS = METHODS
 
 
 def encode_all(backend: "Backend", prompts: list[Prompt], max_new_tokens: int) -> list[list[int]]:
@@ -118,13 +118,12 @@ class Backend:
             return NGramProposer(1, 4)
         if method in ("layerskip", "draft"):
             return DraftModelProposer(self.draft_runner(method))
-        if method in ("medusa", "eagle", "multi"):
+        if method in HEAD_METHODS:
             from specdeploy.runtime.head_proposers import build_head_proposer
 
-            tree = None if getattr(self.runner(True), "supports_tree", False) else 0  # else chains only
             try:
                 graphs = self.max_length if self.kind == "graph" else None  # EAGLE trees drafted by CUDA graphs
-                return build_head_proposer(SpecConfig(method=method, k=k, tree_size=tree), self.loaded,
+                return build_head_proposer(SpecConfig(method=method, k=k), self.loaded,
                                            graph_max_length=graphs)
             except (OSError, ValueError, KeyError) as e:
                 raise SpecDeployError(f"{method} artifact not loadable: {e}") from None
@@ -137,7 +136,7 @@ class Backend:
         proposer = self.proposer(method, k)
         more = more or {}
         hidden = any(getattr(p, "needs_hidden", False) for p in (proposer, *more.values()))
-        spec = SpecConfig(method=method if method in METHODS else "none", k=max(1, k))
+        spec = SpecConfig(method=method, k=max(1, k))
         engine = SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy)
         for m, p in more.items():
             engine.add_proposer(m, p)

@@ -34,9 +34,10 @@ import torch
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.layerskip import layerskip_layers
-from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
+from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
-from specdeploy.runtime.cuda_runner import HEAD_METHODS, CudaGraphRunner, LeanLlama, compiled_for
+from specdeploy.config import HEAD_METHODS
+from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, compiled_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
 from specdeploy.runtime.stats import SpecStats
@@ -91,9 +92,6 @@ class Bench:
                 chosen.append(p)
         enc = [encode_prompt(tokenizer, p.prompt) for p in chosen]
         return chosen, enc
-
-    def eos_ids(self, loaded) -> list[int]:
-        return stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)
 
     def drafts(self, loaded, lean: LeanLlama) -> dict[str, LeanLlama]:
         """The LeanLlama drafts to bench: layerskip, plus the shipped trained draft if present."""
@@ -290,7 +288,7 @@ class Bench:
         loaded = self.load(dtype)
         prompts, enc = self.prompts(loaded.tokenizer, self.args.prompts_per_task)
         lean = LeanLlama.from_hf(loaded.model)
-        return loaded, prompts, enc, self.eos_ids(loaded), lean, self.drafts(loaded, lean)
+        return loaded, prompts, enc, loaded.stop_ids(), lean, self.drafts(loaded, lean)
 
     def loop_prompts(self, loaded, prompts: list[Prompt], plain_key: str):
         """The loop rows' prompts (the first of each task), their ids, and the key of the fused
@@ -413,7 +411,7 @@ class Bench:
         loaded = self.load(torch.bfloat16)
         model = loaded.model
         prompts, enc = self.prompts(loaded.tokenizer, a.hf_prompts_per_task)
-        eos = self.eos_ids(loaded)
+        eos = loaded.stop_ids()
         self.hf("HF generate eager", model, loaded.tokenizer, prompts, enc, eos, {}, a.hf_time_cap)
         self.hf("HF prompt lookup", model, loaded.tokenizer, prompts, enc, eos,
                 {"prompt_lookup_num_tokens": a.k, "max_matching_ngram_size": 4}, a.hf_time_cap)

@@ -32,7 +32,6 @@ from specdeploy.bench.backend import SPEC_METHODS, Backend, _has_module, encode_
 from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
-from specdeploy.models.tokenizers import stop_token_ids
 from specdeploy.runtime.stats import SpecStats
 
 BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft"}  # ours -> BatchSpeculator's
@@ -91,7 +90,7 @@ class Bench:
         self.bar = None
         self.bar_task = None
         loaded = backend.loaded
-        self.eos = stop_token_ids(loaded.tokenizer, loaded.model.generation_config.eos_token_id)  # as SpecEngine's
+        self.eos = loaded.stop_ids()  # as SpecEngine's
 
     def skip(self, what: str, reason: str) -> None:
         self.skipped.append({"what": what, "reason": reason})

@@ -25,7 +25,6 @@ Parity with the torch head (max abs difference of logits and features) is in the
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Mapping
 
@@ -35,8 +34,9 @@ from torch import nn
 from specdeploy.build.manifest import Manifest, now, tokenizer_hash, versions, write_manifest
 from specdeploy.errors import SpecDeployError
 from specdeploy.export.onnx import GRAPH_FILE, OnnxExportConfig, param_bytes, save_graph
+from specdeploy.models.artifacts import WEIGHTS
 from specdeploy.models.eagle import EagleHead
-from specdeploy.models.loader import LoadedModel
+from specdeploy.models.loader import LoadedModel, file_sha256
 from specdeploy.models.medusa import MedusaHeads
 
 HEAD_METHODS = ("medusa", "eagle")
@@ -131,7 +131,7 @@ def eagle_parity(module: EagleGraph, path: Path, features: torch.Tensor, token_i
 
 def _head_manifest(method: str, target: LoadedModel, artifact: Path, files: dict, info: dict,
                    check: dict, config: OnnxExportConfig) -> Manifest:
-    head_hash = hashlib.sha256((artifact / "weights.safetensors").read_bytes()).hexdigest()
+    head_hash = file_sha256(artifact / WEIGHTS)
     return Manifest(
         kind="onnx", name=method, source=f"{method} head {artifact} for {target.source}",
         source_hash=target.source_hash, tokenizer_hash=tokenizer_hash(target.tokenizer), files=files,
@@ -152,9 +152,9 @@ def _check(method: str, check: dict, config: OnnxExportConfig, out: Path) -> Non
 def _target_features(target: LoadedModel, config: OnnxExportConfig) -> tuple[list[int], torch.Tensor]:
     """Token ids of the parity prompt and the target's last hidden state at each ([n, H] float32)."""
     ids = target.tokenizer(config.parity_prompt)["input_ids"]
-    with torch.no_grad():
-        out = target.model(torch.tensor([ids]), output_hidden_states=True)
-    return ids, out.hidden_states[-1][0].float()
+    with torch.no_grad():  # the decoder stack alone: no lm_head, no per-layer states kept
+        features = target.model.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state
+    return ids, features[0].float()
 
 
 def export_medusa(heads: MedusaHeads, tree: list[tuple[int, ...]], target: LoadedModel, out_dir: str | Path,

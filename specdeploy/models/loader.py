@@ -34,6 +34,12 @@ class LoadedModel:
     source: str  # what the user asked for
     source_hash: str  # sha256 of the source weights (manifests compare it)
 
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation of this model (`tokenizers.stop_token_ids`)."""
+        from specdeploy.models.tokenizers import stop_token_ids
+
+        return stop_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SPECDEPLOY_CACHE", Path.home() / ".cache" / "specdeploy"))

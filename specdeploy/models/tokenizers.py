@@ -61,9 +61,8 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | lis
     special tokens so that EOS reports the BOS id (SmolLM2 on 5.17: eos = <|im_start|>), and
     stopping there would run every chat answer past its <|im_end|>.
     """
-    eos = generation_eos
-    found = {int(e) for e in (eos if isinstance(eos, list) else [eos]) + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
-             if e is not None}
+    eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    found = {int(e) for e in eos + [tokenizer.eos_token_id, end_of_turn_id(tokenizer)] if e is not None}
     bos = tokenizer.bos_token_id
     if bos in found and len(found) > 1:
         found.discard(bos)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.runner import path_needs_move
 from specdeploy.runtime.tree import ancestor_matrix
@@ -524,7 +525,6 @@ class CudaGraphRunner:
                     hidden=(torch.cat(hidden) if self.output_hidden else None))
 
 
-HEAD_METHODS = ("medusa", "eagle", "multi")  # proposers that read the target's hidden states (trees or chains)
 COMPILED_METHODS = ("none", "ngram", "layerskip", "draft", *HEAD_METHODS)
 
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.config import HEAD_METHODS, SamplingParams, SpecConfig
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.artifacts import is_artifact
 from specdeploy.models.layerskip import layerskip_model
 from specdeploy.models.loader import LoadedModel, load_model
-from specdeploy.models.tokenizers import check_compatible, encode_prompt, stop_token_ids
+from specdeploy.models.tokenizers import check_compatible, encode_prompt
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer, Proposer
@@ -80,7 +80,7 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
             return DraftModelProposer(TorchRunner(draft_lm.load(spec.draft, target)))
         check_compatible(target.tokenizer, draft.tokenizer)
         return DraftModelProposer(TorchRunner(draft.model))
-    if spec.method in ("medusa", "eagle", "multi"):
+    if spec.method in HEAD_METHODS:
         from specdeploy.runtime.head_proposers import build_head_proposer
 
         return build_head_proposer(spec, target)
@@ -110,7 +110,7 @@ class SpecEngine:
             runner = None  # a runner of our own over the same model, returning hidden states
         self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
         self.task_stats = TaskStats()
-        self.eos_ids = frozenset(stop_token_ids(self.tokenizer, target.model.generation_config.eos_token_id))
+        self.eos_ids = frozenset(target.stop_ids())
 
     @classmethod
     def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None,

@@ -258,16 +258,15 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
             tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
         return MedusaProposer(heads, lm_head, tree or None)
     size = 48 if spec.tree_size is None else spec.tree_size
+    head = None if eagle_step is not None else eagle.load(spec.draft, target)[0]
     if eagle_step is not None:
         eagle_proposer = EagleProposer(eagle_step, tree_size=size, topk=spec.tree_topk)
     elif graph_max_length is not None and size > 0:
         from specdeploy.runtime.eagle_graphs import GraphEagleProposer
 
-        head, _ = eagle.load(spec.draft, target)
         eagle_proposer = GraphEagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk,
                                                       max_depth=spec.k, max_length=graph_max_length)
     else:
-        head, _ = eagle.load(spec.draft, target)
         eagle_proposer = EagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
     if spec.method == "eagle":
         return eagle_proposer

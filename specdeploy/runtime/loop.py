@@ -93,7 +93,7 @@ def speculative_generate(
             rows = [0] + [1 + i for i in verdict.path]
         else:
             target.rollback(base + 1 + verdict.num_accepted)
-            rows = list(range(1 + verdict.num_accepted))
+            rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
         stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])

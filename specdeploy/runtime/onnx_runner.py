@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from specdeploy.build.manifest import artifact_file, check_source, component_dir, read_manifest, tokenizer_hash
+from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.runner import path_needs_move
+from specdeploy.runtime.tree import ancestor_matrix
 from specdeploy.runtime.types import Step
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,6 @@ class OnnxRunner:
         """tokens: [m] int64; tree_parents: [m] int64 index of each token's parent among `tokens`
         (-1 = the last cache entry), or None for a causal chain. Returns logits [m, vocab]
         float32 (hidden [m, hidden] if asked for)."""
-        from specdeploy.runtime.tree import ancestor_matrix
-
         m = int(tokens.numel())
         if self._length + m > self.max_length:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
@@ -196,7 +196,7 @@ def load_onnx_engine(engine_dir: str | Path, spec, target, draft=None):
     tdir = component_dir(engine_dir, "target")
     if tdir is None:
         raise SpecDeployError(f"{engine_dir}: no target model in this export")
-    heads = spec.method in ("medusa", "eagle", "multi")
+    heads = spec.method in HEAD_METHODS
     # Medusa / EAGLE heads read the target's last hidden state: the graph's hidden_states output
     runner = load_onnx_runner(tdir, source_hash=target.source_hash, tok_hash=target_tok, what=f"target {target.source}",
                               output_hidden=heads)

@@ -23,15 +23,11 @@ from specdeploy.bench.tasks import TASKS
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.artifacts import tokenizer_hash, write_json
 from specdeploy.models.loader import LoadedModel
-from specdeploy.models.tokenizers import encode_prompt, stop_token_ids
+from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.training.common import DATA_MANIFEST, TOKENS_FILE
 
 log = logging.getLogger(__name__)
 MODES = {"greedy": 0.0, "sampled": None}  # None: the --temperature given
-
-
-def eos_ids(target: LoadedModel) -> list[int]:
-    return stop_token_ids(target.tokenizer, target.model.generation_config.eos_token_id)
 
 
 @torch.inference_mode()
@@ -41,7 +37,7 @@ def answer(target: LoadedModel, prompts: list[list[int]], temperature: float, ma
     from tqdm import tqdm
 
     device = next(target.model.parameters()).device
-    stop = eos_ids(target)
+    stop = target.stop_ids()
     pad = target.tokenizer.pad_token_id if target.tokenizer.pad_token_id is not None else stop[0]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     out: list[list[int]] = [[] for _ in prompts]
@@ -79,6 +75,7 @@ def make_data(target: LoadedModel, out: Path, n_per_task: int, seed: int = 0, mo
     if not kept:
         raise SpecDeployError("no training prompt fits max_prompt_tokens")
     seqs, prompt_lens, tasks, mode_ids, finished = [], [], [], [], 0
+    stop = set(target.stop_ids())
     for m, mode in enumerate(modes):
         temp = MODES[mode] if MODES[mode] is not None else temperature
         answers = answer(target, [encoded[i] for i in kept], temp, max_new_tokens, batch_size, seed + m, desc=mode)
@@ -87,7 +84,7 @@ def make_data(target: LoadedModel, out: Path, n_per_task: int, seed: int = 0, mo
             prompt_lens.append(len(encoded[i]))
             tasks.append(TASKS.index(prompts[i].task))
             mode_ids.append(m)
-            finished += bool(ans) and ans[-1] in eos_ids(target)
+            finished += bool(ans) and ans[-1] in stop
     lengths = torch.tensor([len(s) for s in seqs])
     tensors = {
         "ids": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),

@@ -1,15 +1,13 @@
-"""Prompt encoding and incremental detokenization shared by the pre/postprocessing models.
+"""Incremental detokenization shared by the served models (prompts are encoded by
+`specdeploy.models.tokenizers.encode_prompt`, as `SpecEngine.encode` does).
 
-`encode_prompt` (from specdeploy.models.tokenizers) gives the ids `SpecEngine.encode` gives (the tests compare served
-text with in-process text). `text_delta` turns "all ids so far + how many were sent
-before" into the new piece of text, statelessly: a piece never ends inside a UTF-8
-character split over tokens, nor with the beginning of a stop string still undecided.
+`text_delta` turns "all ids so far + how many were sent before" into the new piece of text,
+statelessly: a piece never ends inside a UTF-8 character split over tokens, nor with the
+beginning of a stop string still undecided.
 """
 from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
-
-from specdeploy.models.tokenizers import encode_prompt  # noqa: F401 - re-exported for the served models
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:

@@ -158,7 +158,7 @@ def served_from_model(rs: RepoSpec) -> Served:
     elif rs.spec.method == "draft":
         draft = _draft_model_entry(rs.spec.draft, target.tokenizer, vocab)
     return Served(target.tokenizer, vocab, int(getattr(cfg, "max_position_embeddings", 2048)),
-                  stop_token_ids(target.tokenizer, target.model.generation_config.eos_token_id), target_entry, draft)
+                  target.stop_ids(), target_entry, draft)
 
 
 def served_from_engines(rs: RepoSpec) -> Served:

@@ -5,8 +5,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.triton_repo.models.common import error_response, scalar, settings, tokenizer_from
-from specdeploy.triton_repo.text import encode_prompt
 
 
 class TritonPythonModel:
