@@ -51,11 +51,18 @@ def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method,
     assert m["target_hash"] == smollm2.source_hash and m["training"]["steps_done"] == 2
     assert m["data"]["num_sequences"] == 4 and m["final_losses"] and m["loss_curve"]
     assert (out / "loss.png").stat().st_size > 0 and (out / "weights.safetensors").is_file()
-    engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(out)))
-    ids = engine.encode("What is 2 + 2?")
-    got = engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
-    plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
-    assert got == plain
+    # continued training starts from the artifact (same weights before its first step) and records it
+    more = tmp_path / f"{kind}-more"
+    assert main(argv[:5] + [str(more), "--init", str(out), "--steps", "1", "--lr", "0"] + argv[8:] + extra) == 0
+    m2 = json.loads((more / "manifest.json").read_text())
+    assert m2["init_from"]["steps_before"] == 2 and m2["init_from"]["path"] == str(out) and m2["training"]["steps_done"] == 1
+    assert (more / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()  # lr 0: unchanged
+    for folder in (out, more):
+        engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(folder)))
+        ids = engine.encode("What is 2 + 2?")
+        got = engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
+        plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
+        assert got == plain
 
 
 def test_train_refuses_data_of_another_target(data_dir, tmp_path):

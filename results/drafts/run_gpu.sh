@@ -44,10 +44,12 @@ data() {
   tar czf "$OUT/data.tgz" -C /tmp distill
 }
 
-train_side_by_side() {  # kinds...: trained in parallel on the one GPU
+train_side_by_side() {  # kinds...: trained in parallel on the one GPU; CONTINUE=1: from the shipped artifacts
   for kind in "$@"; do
+    local init=""
+    [ -n "${CONTINUE:-}" ] && init="--init specdeploy/models/artifacts/smollm2-$kind"
     train "$kind" --target "$T" --device "$DEV" --data /tmp/distill --out "$A/$kind" --minutes "${TRAIN_MINUTES:-4}" \
-      --steps "${STEPS:-20000}" ${TRAIN_ARGS:-} > "/tmp/logs/train_$kind.log" 2>&1 &
+      --steps "${STEPS:-20000}" $init ${TRAIN_ARGS:-} > "/tmp/logs/train_$kind.log" 2>&1 &
   done
   wait || true
   for kind in "$@"; do grep -a "steps in\|planning" "/tmp/logs/train_$kind.log" || true; done
@@ -102,7 +104,7 @@ case $1 in
   train-bg)  # detached: runs on after this device call returns; `collect` waits for it
     shift
     rm -f /tmp/logs/train.done
-    setsid nohup bash -c "$(declare -f train train_side_by_side); T=$T DEV=$DEV A=$A; train_side_by_side $*; touch /tmp/logs/train.done" \
+    setsid nohup bash -c "$(declare -f train train_side_by_side); T=$T DEV=$DEV A=$A CONTINUE=${CONTINUE:-}; train_side_by_side $*; touch /tmp/logs/train.done" \
       > /tmp/logs/train_bg.log 2>&1 < /dev/null &
     echo "training $* in the background (pid $!)" ;;
   collect)

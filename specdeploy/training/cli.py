@@ -51,6 +51,8 @@ def add_cli(sub) -> None:
         p.add_argument("--seq-len", type=int, default=512)
         p.add_argument("--lr", type=float, default=1e-3 if name == "medusa" else 5e-4)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--init", metavar="DIR",
+                       help="start from this trained artifact of the same kind (continue training; default: from the target)")
         p.set_defaults(func=cmd_train, kind=name)
         if name == "draft":
             p.add_argument("--layers", type=int, default=2, help="decoder layers in the draft")
@@ -122,15 +124,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from specdeploy.training.draft_lm import train_draft
 
         layers = [int(x) for x in args.init_layers.split(",")] if args.init_layers else None
-        m = train_draft(target, data, out, cfg, args.layers, layers, _command(), log)
+        m = train_draft(target, data, out, cfg, args.layers, layers, _command(), log, init=args.init)
     elif args.kind == "medusa":
         from specdeploy.training.medusa import train_medusa
 
-        m = train_medusa(target, data, out, cfg, args.heads, args.tree_size, command=_command(), log=log)
+        m = train_medusa(target, data, out, cfg, args.heads, args.tree_size, command=_command(), log=log, init=args.init)
     else:
         from specdeploy.training.eagle import train_eagle
 
-        m = train_eagle(target, data, out, cfg, args.ce_weight, args.noise, args.unroll, _command(), log)
+        m = train_eagle(target, data, out, cfg, args.ce_weight, args.noise, args.unroll, _command(), log, init=args.init)
     print(f"{args.kind}: {m['training']['steps_done']} steps, final {m['final_losses']} -> {out}")
     return 0
 

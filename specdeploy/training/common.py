@@ -234,6 +234,14 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def init_record(init: str | Path, prior: dict) -> dict:
+    """What a continued training started from: the artifact's path, its data and its steps (all
+    runs before it included)."""
+    steps = int(prior["training"]["steps_done"]) + int((prior.get("init_from") or {}).get("steps_before", 0))
+    return {"path": str(init), "steps_before": steps, "data_sha256": prior["data"].get("sha256"),
+            "created": prior.get("created")}
+
+
 def artifact_manifest(target: LoadedModel, data: DistillData, cfg: TrainConfig, result: TrainResult,
                       command: str, **extra) -> dict:
     """The manifest fields every trained draft records."""

@@ -13,19 +13,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from specdeploy.models import draft_lm
+from specdeploy.models import artifacts, draft_lm
 from specdeploy.models.loader import LoadedModel
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, masked_mean,
-                                        plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
+                                        masked_mean, plot_curve, target_features, train_loop)
 
 
 def train_draft(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, num_layers: int = 2,
-                init_layers: list[int] | None = None, command: str = "", log=print) -> dict:
-    """Train and save a DraftLM artifact under `out`; returns its manifest."""
+                init_layers: list[int] | None = None, command: str = "", log=print,
+                init: str | Path | None = None) -> dict:
+    """Train and save a DraftLM artifact under `out` (from target layers, or continuing the artifact
+    `init`); returns its manifest."""
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
-    layer_ids = init_layers or list(range(num_layers))
-    draft = draft_lm.init_from_target(target.model, layer_ids)
+    if init is None:
+        layer_ids, started = init_layers or list(range(num_layers)), None
+        draft = draft_lm.init_from_target(target.model, layer_ids)
+    else:
+        draft = draft_lm.load(init, target)
+        prior = artifacts.read_manifest(artifacts.resolve("draft_lm", init), "draft_lm")
+        layer_ids, started = prior["architecture"]["init_layers"], init_record(init, prior)
     own = [p for n, p in draft.named_parameters() if not n.startswith(draft_lm.SHARED)]
     for p in own:
         p.data = p.data.float()  # fp32 master weights (autocast runs the matmuls in bf16 on GPU)
@@ -45,7 +52,8 @@ def train_draft(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     log(f"draft: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")
     manifest = artifact_manifest(target, data, cfg, result, command, architecture={
-        "num_layers": len(layer_ids), "init_layers": layer_ids, "shared_with_target": ["embed_tokens", "lm_head"]})
+        "num_layers": len(layer_ids), "init_layers": layer_ids, "shared_with_target": ["embed_tokens", "lm_head"]},
+        init_from=started)
     draft_lm.save(draft, out, manifest)
     plot_curve(result.curve, out / "loss.png", f"DraftLM ({len(layer_ids)} layers) distillation")
     return manifest

@@ -18,18 +18,24 @@ import torch.nn.functional as F
 
 from specdeploy.models import eagle
 from specdeploy.models.loader import LoadedModel
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, masked_mean,
-                                        plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
+                                        masked_mean, plot_curve, target_features, train_loop)
 
 
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
-                noise: float = 0.2, unroll: int = 2, command: str = "", log=print) -> dict:
+                noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None) -> dict:
+    """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
+    `init`); returns its manifest."""
     if unroll not in (1, 2):
         raise ValueError(f"unroll must be 1 or 2, got {unroll}")
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
-    head = eagle.EagleHead.init_from_target(target.model).to(device)
+    if init is None:
+        head, started = eagle.EagleHead.init_from_target(target.model).to(device), None
+    else:
+        head, prior = eagle.load(init, target)
+        head, started = head.float().train(), init_record(init, prior)
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict]:
         feats = target_features(target, batch.ids)  # [B, T, H] f_j: the target's feature after t_j
@@ -66,7 +72,7 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
     log(f"eagle: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")
     manifest = artifact_manifest(target, data, cfg, result, command, architecture={
         "layers": 1, "init_layer": len(target.model.model.layers) - 1, "ce_weight": ce_weight, "noise": noise,
-        "unroll": unroll})
+        "unroll": unroll}, init_from=started)
     eagle.save(head, out, manifest)
     plot_curve(result.curve, out / "loss.png", "EAGLE head: feature regression + cross-entropy")
     return manifest

@@ -15,18 +15,25 @@ import torch.nn.functional as F
 from specdeploy.models import medusa
 from specdeploy.models.loader import LoadedModel
 from specdeploy.runtime.tree import sparse_tree
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, make_batch,
-                                        masked_mean, plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
+                                        make_batch, masked_mean, plot_curve, target_features, train_loop)
 
 TOP_RANKS = 10  # candidates per head whose accuracy is measured
 
 
 def train_medusa(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, num_heads: int = 4,
-                 tree_size: int = 48, decay: float = 0.8, command: str = "", log=print) -> dict:
+                 tree_size: int = 48, decay: float = 0.8, command: str = "", log=print,
+                 init: str | Path | None = None) -> dict:
+    """Train and save Medusa heads under `out` (fresh, or continuing the artifact `init`, whose head
+    count wins over `num_heads`); the tree is chosen again from the new accuracies. Returns the manifest."""
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     lm_head = target.model.get_output_embeddings()
-    heads = medusa.MedusaHeads(target.model.config.hidden_size, num_heads).to(device)
+    if init is None:
+        heads, started = medusa.MedusaHeads(target.model.config.hidden_size, num_heads).to(device), None
+    else:
+        heads, _, prior = medusa.load(init, target)
+        heads, started, num_heads = heads.float().train(), init_record(init, prior), heads.num_heads
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict]:
         feats = target_features(target, batch.ids)  # [B, T, H]
@@ -53,7 +60,8 @@ def train_medusa(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCo
     log(f"medusa: {result.steps} steps in {result.seconds:.0f} s; top-1 accuracy per head "
         f"{[round(a[0], 3) for a in accuracy]}; tree of {len(tree)} nodes, depth {max(len(p) for p in tree)}")
     manifest = artifact_manifest(target, data, cfg, result, command, head_accuracy=accuracy,
-                                 architecture={"num_heads": num_heads, "tree_size": len(tree), "loss_decay": decay})
+                                 architecture={"num_heads": num_heads, "tree_size": len(tree), "loss_decay": decay},
+                                 init_from=started)
     medusa.save(heads, out, manifest, tree)
     plot_curve(result.curve, out / "loss.png", f"Medusa-1 heads (K={num_heads}) distillation")
     return manifest
