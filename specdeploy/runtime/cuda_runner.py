@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
@@ -43,9 +42,6 @@ from specdeploy.runtime.types import Step
 log = logging.getLogger(__name__)
 
 DEFAULT_QUERY_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-# attention kernels that take an arbitrary additive mask and capture in CUDA graphs (the cuDNN
-# backend is left out: it broke graph capture of the 128-token prefill on an H100, torch 2.11)
-SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 ROPE_SLACK = 1024  # rope table rows past max_position_embeddings, for padded and scratch positions
 
 
@@ -73,6 +69,22 @@ def kv_buckets_for(positions: int, smallest: int = 256) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return (*out, positions)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ + mask) v with q already scaled: q [R, H, M, D], k / v [R, H, K, D] (any strides),
+    mask [R, 1, M, K] additive -> [R, H, M, D]. Scores in the model dtype, softmax in float32, as HF's
+    eager attention.
+
+    Why not `scaled_dot_product_attention`: with a mask, its memory-efficient kernel gives a decode
+    step one thread block per KV head; on an H100 that took 27 µs at 512 keys and 179 µs at 2048,
+    against 14 / 25 µs for these three kernels (results/gpu/run6_kernels).
+    """
+    if q.shape[0] == 1:  # one row: 3-D GEMMs over the heads, the mask added in the GEMM's epilogue
+        scores = torch.baddbmm(mask[0], q[0], k[0].transpose(1, 2))  # [H, M, K]
+        return torch.bmm(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v[0])[None]
+    scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)  # [R, H, M, K]
+    return torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v)
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: int, dtype: torch.dtype,
@@ -294,18 +306,19 @@ class LeanLlama:
         kv_len = allowed.shape[-1]
         g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
         # once per forward, shared by every layer:
-        # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv)
+        # rope factors for all q/k/v heads (v heads get cos 1, sin 0: one rope pass over qkv); the
+        # q heads' factors carry attention's 1/sqrt(head_dim), so q comes out of rope scaled
         cos = self.rope_cos[rope_pos][:, :, None, :]  # [R, m, 1, hd]
         sin = self.rope_sin[rope_pos][:, :, None, :]
-        cos = torch.cat([cos.expand(R, m, hq + hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)  # [R, m, hq+2hkv, hd]
-        sin = torch.cat([sin.expand(R, m, hq + hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
+        scale = hd**-0.5
+        cos = torch.cat([cos.expand(R, m, hq, hd) * scale, cos.expand(R, m, hkv, hd), cos.new_ones(R, m, hkv, hd)], dim=2)
+        sin = torch.cat([sin.expand(R, m, hq, hd) * scale, sin.expand(R, m, hkv, hd), sin.new_zeros(R, m, hkv, hd)], dim=2)
         # additive mask; queries of the g heads sharing a KV head are stacked along the query axis
         # ([R, hkv, g*m, hd]), so the mask repeats g times
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
         row_idx = (rows if rows is not None else torch.arange(R, device=h.device))[:, None]  # [R, 1]
-        with sdpa_kernel(SDPA_BACKENDS):
-            return self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
+        return self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
 
     def _layers(self, cache: StaticKVCache, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 row_idx: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None, kv_len: int, R: int, m: int) -> torch.Tensor:
@@ -324,7 +337,7 @@ class LeanLlama:
             k = kv[:, :, :hkv].transpose(1, 2)  # [R, hkv, kv_len, hd]
             v = kv[:, :, hkv:].transpose(1, 2)
             q = qkv[:, :, :hq].reshape(R, m, hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(R, hkv, g * m, hd)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [R, hkv, g*m, hd]
+            o = attention(q, k, v, mask)  # [R, hkv, g*m, hd]
             o = o.view(R, hkv, g, m, hd).permute(0, 3, 1, 2, 4).reshape(R * m, hq * hd)
             h = torch.addmm(h, o, w.wo.t())  # residual folded into the GEMM
             # MLP
