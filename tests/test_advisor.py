@@ -1,13 +1,14 @@
 """The advisor's arithmetic: the speedup formula, "off" decisions, α for any k from one run at K."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from specdeploy.bench.advisor import (Profile, StepCosts, expected_speedup, fit_alpha, geometric_length,
-                                      predicted_speedup, recommend)
+                                      predicted_speedup, recommend, step_overhead_ms)
 from specdeploy.cli import main
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
@@ -130,3 +131,15 @@ def test_what_if_cli(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == [{"k": 4, "expected_speedup": pytest.approx(1.646857, abs=1e-6)}]
     assert main(["advise", "--what-if", "--alpha", "0.6", "--k", "4"]) == 2  # needs --cost-ratio
+
+
+def test_step_overhead_is_measured_and_enters_the_prediction():
+    prof = Profile(steps=10, reach=(0.5,), drafted=(1.0,))  # acceptance length 1.5 at k=1
+    cost = StepCosts({1: 2.0, 2: 2.0}, draft_ms=0.0, per_token=False)
+    assert predicted_speedup(prof, 1, cost) == pytest.approx(1.5)
+    slow = dataclasses.replace(cost, overhead_ms=1.0)  # 1 ms of host work a step the timings missed
+    assert predicted_speedup(prof, 1, slow) == pytest.approx(1.5 * 2 / 3)
+    assert predicted_speedup(prof, 1, slow, plain_overhead_ms=1.0) == pytest.approx(1.5)  # plain pays it too
+    runs = SpecStats(target_forwards=10, wall_s=0.05)  # 5 ms a step measured, 2 modelled
+    assert step_overhead_ms(runs, 2.0) == pytest.approx(3.0)
+    assert step_overhead_ms(runs, 9.0) == 0.0 and step_overhead_ms(SpecStats(), 2.0) == 0.0

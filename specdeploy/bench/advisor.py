@@ -6,7 +6,11 @@ It measures, on this machine and the user's prompts,
    copy, what a decoding step pays), one draft-model token, one n-gram lookup; for the head
    methods (medusa, eagle, multi), their drafting time per step and their trees' mean verify
    length, as measured in the runs of 2;
-2. acceptance per task, from ONE run per method at the largest k (K).
+2. acceptance per task, from ONE run per method at the largest k (K), and one plain run;
+3. each method's per-step overhead: the wall time per step of its runs in 2 minus what 1 accounts
+   for (the loop's host work: acceptance, tree bookkeeping, cache compaction, hidden-state
+   appends). Without it the advisor sent code to Medusa expecting 1.45x and measured 0.90x
+   (results/bench, 2026-11-25): a tree step's host work is about 0.7 ms on an H100.
 
 Predicting any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding steps whose
 first i + 1 draft tokens were all accepted (`SpecStats.accepted_at[i] / target_forwards`) and
@@ -25,7 +29,9 @@ L(k) = (1 − α^(k+1)) / (1 − α).
 Expected speedup over plain decoding (same runner): tokens per step over time per step, in
 units of a plain step,
 
-    S(k) = L(k) / (draft cost of a step / T_target(1) + T_target(q(k)) / T_target(1))
+    S(k) = L(k) · (T_target(1) + o_plain) / (draft cost of a step + T_target(q(k)) + o_method)
+
+with o the per-step overheads of 3 (0 when not measured, as in the textbook formula below).
 
 A draft model pays k forwards a step: draft cost / T_target(1) = k·c, c = T_draft(1) /
 T_target(1); an n-gram lookup pays c once a step. With T_target(k + 1) = T_target(1) (verify
@@ -39,6 +45,7 @@ Recommendation per task: the (method, k) of highest S; "off" when even that is b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -121,6 +128,7 @@ class StepCosts:
     # for every k (a shallower tree verifies fewer nodes: conservative), as the depth-based q(k)
     # of a tree would count one node per depth
     verify_query: float | None = None
+    overhead_ms: float = 0.0  # per-step wall time the parts above miss, measured in the runs at K
 
     def target(self, q: float) -> float:
         """Linear interpolation between measured query lengths (clamped at the ends)."""
@@ -149,18 +157,33 @@ class StepCosts:
                "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
         if self.verify_query is not None:
             out["verify_query"] = round(self.verify_query, 2)
+        if self.overhead_ms:
+            out["overhead_ms"] = round(self.overhead_ms, 4)
         return out
 
+    def modelled_step_ms(self, profile: "Profile", k: int) -> float:
+        """Drafting + verify of one step at k, from the component timings (no overhead)."""
+        draft = self.draft_ms * (sum(profile.drafted[:k]) if self.per_token else 1.0)
+        return draft + self.target(self.query(profile, k))
 
-def predicted_speedup(profile: Profile, k: int, costs: StepCosts) -> float:
-    """S(k) from a measured acceptance profile (k <= profile.max_k) and measured costs (module docstring)."""
+
+def predicted_speedup(profile: Profile, k: int, costs: StepCosts, plain_overhead_ms: float = 0.0) -> float:
+    """S(k) from a measured acceptance profile (k <= profile.max_k) and measured costs (module docstring);
+    `plain_overhead_ms`: plain decoding's own per-step overhead."""
     if k == 0:
         return 1.0
     if k > profile.max_k:
         raise SpecDeployError(f"cannot predict k={k} from a run at k={profile.max_k}")
-    drafted = sum(profile.drafted[:k])
-    draft = costs.c * (drafted if costs.per_token else 1.0)  # a draft model pays one forward per token drafted
-    return profile.acceptance_length(k) / (draft + costs.verify_ratio(costs.query(profile, k)))
+    plain = costs.target_ms[1] + plain_overhead_ms
+    return profile.acceptance_length(k) * plain / (costs.modelled_step_ms(profile, k) + costs.overhead_ms)
+
+
+def step_overhead_ms(stats: SpecStats, modelled_ms: float) -> float:
+    """Wall milliseconds per step of measured runs beyond the modelled step time (never negative).
+    The runs' wall time includes their prefills, a small share over a generation of many steps."""
+    if not stats.target_forwards:
+        return 0.0
+    return max(0.0, 1e3 * stats.wall_s / stats.target_forwards - modelled_ms)
 
 
 # ---- measuring costs -----------------------------------------------------------------------
@@ -294,7 +317,8 @@ class Advice:
         from rich.table import Table
 
         table = Table(title=title)
-        for col in ("task", "method", "α at K", "acc. len at K", "c", "best k", "v(k)", "expected speedup", "decision"):
+        for col in ("task", "method", "α at K", "acc. len at K", "c", "best k", "v(k)", "overhead ms", "expected speedup",
+                    "decision"):
             table.add_column(col, justify="left" if col in ("task", "method", "decision") else "right")
         for t in self.tasks():
             method, k, _ = self.choice(t)
@@ -306,16 +330,21 @@ class Advice:
                 chosen = method == m and k == top.k
                 decision = ("→ " + (f"{m} k={k}" if k else "off")) if (chosen or (k == 0 and i == 0)) else ""
                 table.add_row(t if i == 0 else "", m, _f(at_k.alpha), f"{at_k.acceptance_length:.2f}", f"{top.c:.3f}",
-                              str(top.k), f"{top.verify_ratio:.2f}", f"{top.expected_speedup:.2f}x", decision,
+                              str(top.k), f"{top.verify_ratio:.2f}", f"{self.costs[m].overhead_ms:.2f}",
+                              f"{top.expected_speedup:.2f}x", decision,
                               end_section=i == len(methods) - 1)
         return table
 
 
 def recommend(measured: dict[str, dict[str, SpecStats]], costs: dict[str, StepCosts], ks: Sequence[int],
               min_speedup: float = 1.0) -> Advice:
-    """Options for every task × method × k from the runs at K = max(ks), and the advice built on them."""
+    """Options for every task × method × k from the runs at K = max(ks), and the advice built on them.
+    A measured "none" is the baseline (its overhead enters every prediction), not an option."""
     options = []
+    plain_overhead = costs["none"].overhead_ms if "none" in costs else 0.0
     for method, by_task in measured.items():
+        if method == "none":
+            continue
         cost = costs[method]
         for task, stats in by_task.items():
             prof = Profile.from_stats(stats)
@@ -326,7 +355,8 @@ def recommend(measured: dict[str, dict[str, SpecStats]], costs: dict[str, StepCo
                     options.append(Option(task, method, k, None, 1.0, cost.c, 1.0, 1.0 / (1.0 + (k * cost.c if cost.per_token else cost.c))))
                     continue
                 options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), cost.c,
-                                      cost.verify_ratio(cost.query(prof, k)), predicted_speedup(prof, k, cost)))
+                                      cost.verify_ratio(cost.query(prof, k)),
+                                      predicted_speedup(prof, k, cost, plain_overhead)))
     return Advice(options, costs, measured, min_speedup)
 
 
@@ -345,13 +375,15 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
     from specdeploy.runtime.stats import TaskStats
 
     K = max(ks)
-    notes, measured, engines = [], {}, {}
+    notes, measured, engines = [], {}, {"none": backend.engine("none", 0)}  # plain: the baseline's overhead
     for m in methods:
+        if m == "none":
+            continue
         try:
             engines[m] = backend.engine(m, K)
         except SpecDeployError as e:
             notes.append(f"{m}: skipped ({e})")
-    if not engines:
+    if len(engines) == 1:
         raise SpecDeployError("no method to advise on: " + "; ".join(notes))
     reps = reps or (20 if backend.device.startswith("cuda") else 3)
     context = max(encoded, key=len)
@@ -377,6 +409,12 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
         costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
                              verify_query=q if t.tree else None)
+    for m, by_task in measured.items():  # what the component timings miss, from the runs' wall time
+        total = SpecStats()
+        for s in by_task.values():
+            total.merge(s)
+        modelled = costs[m].target_ms[1] if m == "none" else costs[m].modelled_step_ms(Profile.from_stats(total), K)
+        costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled))
     advice = recommend(measured, costs, ks, min_speedup)
     advice.notes.extend(notes)
     return advice
