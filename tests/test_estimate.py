@@ -111,9 +111,10 @@ def test_cli_json_and_table(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["draft"]["weights_bytes"] == 0 and out["draft"]["kv_cache_bytes"] == 110_272_512  # as measured
     assert out["overhead_bytes"] == 32 * 2**20 and out["engine"]["k"] == 4
-    with pytest.raises(SpecDeployError, match="layerskip"):
-        parser.parse_args(["estimate", "--config", "smollm2", "--draft", "layerskip:99"]).func(
-            parser.parse_args(["estimate", "--config", "smollm2", "--draft", "layerskip:99"]))
+    for n in (99, 30, 0):  # 30 = all of SmolLM2's layers: no early exit, the runtime refuses it too
+        args = parser.parse_args(["estimate", "--config", "smollm2", "--draft", f"layerskip:{n}"])
+        with pytest.raises(SpecDeployError, match="layerskip"):
+            args.func(args)
 
 
 # ----------------------------------------------------------------------------- estimate vs measured (H100)

@@ -38,6 +38,8 @@ def test_policy_file_round_trip(tmp_path):
                 {"adaptive": {"bogus": 1}}, {"adaptive": {"min_k": 4, "max_k": 2}}):
         with pytest.raises(SpecDeployError):
             Policy.from_dict(bad)
+    with pytest.raises(SpecDeployError, match='"enabled" is not a policy key'):  # the runtime, not only Triton
+        Policy.from_dict({"tasks": {"chat": {"enabled": False}}})
     with pytest.raises(SpecDeployError, match="not found"):
         Policy.load(tmp_path / "missing.json")
 

@@ -121,6 +121,9 @@ def test_unusable_engines_are_refused(engines, tmp_path):
     with pytest.raises(SpecDeployError, match="another tokenizer"):
         repo(spec=SpecConfig(method="draft"), engines=str(engines), draft_engine=str(other))
     tm = json.loads((other / "target" / "manifest.json").read_text())
+    (other / "target" / "manifest.json").write_text(json.dumps(tm | {"tokenizer_hash": "0" * 64}))
+    with pytest.raises(SpecDeployError, match="another tokenizer"):  # the tokenizer files beside it changed
+        repo(spec=SpecConfig(method="ngram"), engines=str(other))
     (other / "target" / "manifest.json").write_text(json.dumps(tm | {"source_hash": "f" * 64}))
     with pytest.raises(SpecDeployError, match="was built from"):
         repo(spec=SpecConfig(method="ngram"), engines=str(other), target="smollm2")

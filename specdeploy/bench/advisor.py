@@ -459,11 +459,13 @@ def cmd_advise(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, max_k=max(ks))
     encoded = encode_all(backend, prompts, args.max_new_tokens)
     with progress_bar() as bar:
-        task = bar.add_task("advise: measuring α at k=%d" % max(ks), total=len(methods) * len(prompts))
+        runs = len({"none", *methods})  # plain decoding runs too: the baseline's overhead
+        task = bar.add_task("advise: measuring α at k=%d" % max(ks), total=runs * len(prompts))
         advice = advise(backend, prompts, encoded, methods, ks, params, args.min_speedup, lambda: bar.advance(task))
     for n in advice.notes:
         console.print(f"[yellow]note:[/] {n}")
     costs = "; ".join(f"{m}: {c.draft_ms:.3f} ms (c={c.c:.3f})" for m, c in advice.costs.items() if m != "none")
+    costs += f"; plain decoding's per-step overhead: {advice.costs['none'].overhead_ms:.2f} ms"
     tm = advice.costs["none"].target_ms
     console.print("target verify step: " + ", ".join(f"q={q}: {t:.2f} ms" for q, t in sorted(tm.items())) + f"; draft: {costs}")
     console.print(advice.table())

@@ -252,8 +252,14 @@ def resolve_draft_config(draft: str, target: Mapping[str, Any]) -> tuple[dict[st
             n = int(draft.split(":", 1)[1])
         except ValueError as e:
             raise SpecDeployError(f"--draft {draft!r}: expected layerskip:N with an integer N") from e
-        if not 1 <= n <= int(target["num_hidden_layers"]):
-            raise SpecDeployError(f"--draft {draft!r}: N must be in [1, {target['num_hidden_layers']}]")
+        from specdeploy.models.layerskip import layerskip_layers
+
+        try:
+            if n < 1:
+                raise SpecDeployError(f"layerskip needs at least 1 layer, got {n}")
+            layerskip_layers(int(target["num_hidden_layers"]), n)  # the runtime's own rule
+        except SpecDeployError as e:
+            raise SpecDeployError(f"--draft {draft!r}: {e}") from None
         return {**target, "num_hidden_layers": n}, True
     return load_config(draft), False
 

@@ -60,6 +60,9 @@ class TaskRule:
     def from_dict(cls, d: dict, where: str) -> "TaskRule":
         if not isinstance(d, dict):
             raise SpecDeployError(f"policy {where}: expected an object with 'method' and 'k', got {d!r}")
+        if "enabled" in d:  # a guess users make; silently ignoring it would leave the task on
+            raise SpecDeployError(f'policy {where}: "enabled" is not a policy key; turn a task off with '
+                                  '{"method": "none", "k": "off"} (the format `specdeploy advise` writes)')
         method, k = d.get("method", "ngram"), d.get("k", 4)
         if method not in METHODS:
             raise SpecDeployError(f"policy {where}: unknown method {method!r}; choose one of {', '.join(METHODS)}")

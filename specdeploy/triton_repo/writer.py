@@ -89,10 +89,6 @@ def load_policy(path: str | Path, spec: SpecConfig) -> Policy:
     serving `spec`. Without a "default" entry, tasks the policy does not name get spec's method and k."""
     data = read_policy_file(path)
     if isinstance(data, dict):
-        rules = [data.get("default")] + list((data.get("tasks") or {}).values())
-        if any(isinstance(r, dict) and "enabled" in r for r in rules):
-            raise SpecDeployError(f'{path}: "enabled" is not a policy key; turn a task off with '
-                                  '{"method": "none", "k": "off"} (the format `specdeploy advise` writes)')
         if "default" not in data:
             off = spec.method == "none"
             data = {**data, "default": {"method": spec.method, "k": OFF if off else spec.k}}
@@ -171,8 +167,7 @@ def served_from_engines(rs: RepoSpec) -> Served:
     tdir = _engine_dir(rs.engines, "target")
     tm = read_manifest(tdir)
     tokenizer = AutoTokenizer.from_pretrained(tdir)
-    if tokenizer_hash(tokenizer) != tm.tokenizer_hash:
-        raise SpecDeployError(f"{tdir}: the tokenizer files differ from the one its manifest.json records; rebuild the engine")
+    check_source(tm, tdir, source_hash=None, tok_hash=tokenizer_hash(tokenizer), what="engine folder")
     if rs.target:
         from specdeploy.models.loader import load_model
 
@@ -192,9 +187,7 @@ def served_from_engines(rs: RepoSpec) -> Served:
     elif rs.spec.method == "draft" and (rs.draft_engine or not rs.spec.draft):
         ddir = _engine_dir(rs.draft_engine or rs.engines, "draft", or_target=bool(rs.draft_engine))
         dm = read_manifest(ddir)
-        if dm.tokenizer_hash != tm.tokenizer_hash:
-            raise SpecDeployError(f"{ddir} was built with another tokenizer (sha256 {dm.tokenizer_hash[:12]}) than the "
-                                  f"target engine {tdir} ({tm.tokenizer_hash[:12]}); speculation needs one vocabulary")
+        check_source(dm, ddir, source_hash=None, tok_hash=tm.tokenizer_hash, what=f"target engine {tdir}")
         if int(AutoConfig.from_pretrained(ddir).vocab_size) != vocab:
             raise SpecDeployError(f"{ddir}: the draft's vocab size differs from the target's {vocab}")
         draft = _engine_entry(ddir, dm, "draft")
