@@ -6,16 +6,19 @@ by BLS), short outputs. Greedy text must equal the in-process target's greedy te
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from specdeploy.config import SamplingParams, SpecConfig
-from specdeploy.triton_repo.server import Ports, TritonServer, shm_regions, tritonserver_available
+from specdeploy.triton_repo.server import Ports, TritonServer, server_env, shm_regions, tritonserver_available
 
 pytestmark = [pytest.mark.skipif(not tritonserver_available(),
                                  reason='tritonserver not installed: pip install -e ".[triton]" (nvidia-pytriton)'),
@@ -306,3 +309,10 @@ def test_stop_leaves_no_processes_or_shared_memory(server):
 
     assert _group_pids(pgid) == []
     assert not regions & shm_regions()
+
+
+def test_server_env_drops_the_active_venv_from_path(monkeypatch):
+    venv_bin = str(Path(sys.prefix) / "bin")
+    monkeypatch.setenv("PATH", os.pathsep.join([venv_bin, "/usr/bin"]))
+    path = server_env()["PATH"].split(os.pathsep)
+    assert "/usr/bin" in path and (venv_bin not in path) == (sys.prefix != sys.base_prefix)

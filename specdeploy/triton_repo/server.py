@@ -104,6 +104,20 @@ class Ports:
                 return cls(*sorted(ports))
 
 
+def server_env() -> dict[str, str]:
+    """The server's environment: ours, without an active venv's bin/ on PATH.
+
+    The Python backend stub embeds the system's libpython and, not finding its own home, takes
+    the home of the first `python3` on PATH. An activated venv of another build of the same
+    version (pyenv's 3.11.7 over Debian's 3.11.2 here) then hands it a stdlib whose extension
+    modules need symbols its libpython lacks (`import ssl` failed in every model)."""
+    env = dict(os.environ)
+    if sys.prefix != sys.base_prefix:
+        venv_bin = str(Path(sys.prefix) / "bin")
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p.rstrip("/") != venv_bin)
+    return env
+
+
 class TritonServer:
     """A running tritonserver over a model repository, as a context manager.
 
@@ -164,7 +178,7 @@ class TritonServer:
             raise SpecDeployError("server already started")
         with open(self.log_path, "wb") as log:
             # own session = own process group: the stubs it spawns can be ended together
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=server_env(),
                                             stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self.wait_ready()
