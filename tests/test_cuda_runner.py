@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdeploy.config import SamplingParams
 from specdeploy.models.layerskip import layerskip_model
-from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, bucket, kv_buckets_for
+from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, attention, bucket, kv_buckets_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
 from specdeploy.runtime.runner import Runner, TorchRunner
@@ -31,6 +31,21 @@ def test_buckets():
         bucket(5, (1, 2, 4))
     assert kv_buckets_for(641) == (256, 512, 641)
     assert kv_buckets_for(200) == (200,)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_attention_matches_sdpa(rows):
+    """The three-kernel attention (q pre-scaled, strided k/v as the cache slices them) against SDPA."""
+    torch.manual_seed(0)
+    heads, m, keys, d = 3, 6, 20, 16
+    kv = torch.randn(rows, keys, 2 * heads, d)  # the cache's [rows, positions, 2 * kv_heads, head_dim]
+    k, v = kv[:, :, :heads].transpose(1, 2), kv[:, :, heads:].transpose(1, 2)
+    q = torch.randn(rows, heads, m, d)
+    allowed = torch.rand(rows, 1, m, keys) < 0.7
+    allowed[..., 0] = True  # every query sees at least one key
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention(q * d**-0.5, k, v, mask), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_lean_forward_matches_hf_logits():

@@ -7,8 +7,9 @@
 # The same retrain over several device calls (training outlives the call that starts it):
 #   bash results/drafts/run_gpu.sh data; bash results/drafts/run_gpu.sh train-bg eagle draft
 #   ... later call: bash results/drafts/run_gpu.sh collect eagle draft   # waits, ships, evaluates
+# CONTINUE=1 makes train/train-bg continue the shipped artifacts (`--init`) instead of starting afresh.
 # Outputs go to $OUT (the device tool's return folder) or /tmp/out. Settings come from the
-# environment (defaults below); the run of 2026-11-24 used N_PER_TASK=300 DATA_BATCH=500.
+# environment (defaults below); results/drafts/README.md gives the settings of each shipped run.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=${TARGET:-/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
