@@ -6,7 +6,7 @@ read in ~0.1 ms). This module
 
 1. runs the forward of any Hugging Face ``LlamaForCausalLM`` from that model's own weights, with
    the q/k/v and gate/up projections fused and the residual adds folded into the output GEMMs
-   (gpt-fast style, ~15 kernels a layer; no modeling file is copied);
+   (gpt-fast style; no modeling file is copied);
 2. keeps keys and values in a preallocated cache, ``[layers, batch, positions, 2 * kv_heads,
    head_dim]``; rolling back is a length update: a query at position p attends only keys at
    positions <= p, and the same or an earlier forward wrote all of those, so stale entries past
