@@ -1,54 +1,92 @@
-"""Decode attention kernels compared (GPU): 30 calls captured in one CUDA graph, µs per call."""
-import json, os, sys
+"""Decode attention kernels compared on the GPU: µs per call, 30 calls captured in one CUDA graph.
+
+    python scripts/attn_micro.py [--rows 1,8,32] [--out DIR]      # writes DIR/attn_micro.json
+
+Shapes are SmolLM2's (3 KV heads, 3 query heads per KV head, head_dim 64), bf16, a mask that hides
+the keys past 300 (as a KV bucket's stale tail). Variants:
+- sdpa_efficient: SDPA's memory-efficient kernel (the lean forward before session 4);
+- three_kernels: `cuda_runner.attention` on the cache as laid out now, [rows, positions, 2 * kv_heads,
+  head_dim] (for more than one row `torch.matmul` copies keys and values);
+- per_head_layout: the same three kernels on a cache laid out [rows, kv_heads, 2, positions,
+  head_dim], where rows x heads is one batch stride (no copies): the candidate fix for batch 32.
+Session 4's run (rows 1 only, before the variants were named so) is results/gpu/run6_attn_micro.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-def bench(fn, reps=50):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+from specdeploy.runtime.cuda_runner import attention
+
+
+def graph_us(fn, reps: int = 50) -> float:
+    """Median µs per call of fn, 30 calls replayed as one CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):
-            for _ in range(30): fn()
+        for _ in range(3 * 30):
+            fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=s):
-        for _ in range(30): fn()
-    ts = []
+        for _ in range(30):
+            fn()
+    times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); g.replay(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1000 / 30)
-    return sorted(ts)[len(ts) // 2]
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / 30)
+    return sorted(times)[len(times) // 2]
 
-res = {}
-for m, kv in ((1, 512), (1, 2048), (5, 512), (49, 512)):
-    g, hkv, hd = 3, 3, 64
-    q = torch.randn(1, hkv, g * m, hd, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, hkv, kv, hd, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    mask = torch.zeros(1, 1, g * m, kv, device="cuda", dtype=torch.bfloat16); mask[..., 300:] = float("-inf")
-    scale = hd ** -0.5
-    def eff():
+
+def variants(rows: int, m: int, keys: int) -> dict:
+    hkv, g, hd = 3, 3, 64
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(rows, hkv, g * m, hd, device=dev, dtype=dt) * hd**-0.5
+    cache = torch.randn(rows, keys, 2 * hkv, hd, device=dev, dtype=dt)  # today's layout
+    k, v = cache[:, :, :hkv].transpose(1, 2), cache[:, :, hkv:].transpose(1, 2)
+    per_head = torch.stack([k, v], dim=2).contiguous()  # [rows, hkv, 2, keys, hd]
+    k2, v2 = per_head[:, :, 0], per_head[:, :, 1]
+    mask = torch.zeros(rows, 1, g * m, keys, device=dev, dtype=dt)
+    mask[..., 300:] = float("-inf")
+
+    def sdpa():
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    def math():
-        with sdpa_kernel([SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    def manual():
-        s_ = torch.baddbmm(mask[0].expand(hkv, g * m, kv), q[0], k[0].transpose(1, 2), alpha=scale)
-        return torch.bmm(torch.softmax(s_, -1, dtype=torch.float32).to(v.dtype), v[0])
-    def manual32():
-        s_ = torch.baddbmm(mask[0].float().expand(hkv, g * m, kv), q[0].float(), k[0].float().transpose(1, 2), alpha=scale)
-        return torch.bmm(torch.softmax(s_, -1).to(v.dtype), v[0])
-    ref = eff()[0].float()
-    row = {}
-    for name, fn in (("efficient", eff), ("math", math), ("manual_bf16", manual), ("manual_fp32", manual32)):
-        try:
-            err = (fn().reshape(ref.shape).float() - ref).abs().max().item()
-            row[name] = {"us": round(bench(fn), 2), "max_err": round(err, 5)}
-        except Exception as e:
-            row[name] = {"error": str(e)[:100]}
-    res[f"m{m}_kv{kv}"] = row
-    print(m, kv, row, flush=True)
-out = os.environ.get("OUT", "/tmp")
-os.makedirs(f"{out}/kernels", exist_ok=True)
-json.dump(res, open(f"{out}/kernels/attn_micro.json", "w"), indent=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+    return {"sdpa_efficient": sdpa, "three_kernels": lambda: attention(q, k, v, mask),
+            "per_head_layout": lambda: attention(q, k2, v2, mask)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="1,8,32")
+    p.add_argument("--out", default="/tmp/attn_micro")
+    args = p.parse_args(argv)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+    for rows in (int(r) for r in args.rows.split(",")):
+        for m, keys in ((1, 512), (1, 2048), (5, 512), (49, 512)):
+            fns = variants(rows, m, keys)
+            ref = fns["sdpa_efficient"]().float()
+            row = {}
+            for name, fn in fns.items():
+                err = (fn().float() - ref).abs().max().item()
+                row[name] = {"us": round(graph_us(fn), 2), "max_abs_diff_vs_sdpa": round(err, 5)}
+            res["rows"][f"rows{rows}_q{m}_keys{keys}"] = row
+            print(rows, m, keys, row, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attn_micro.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
