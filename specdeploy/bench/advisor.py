@@ -375,7 +375,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
     from specdeploy.runtime.stats import TaskStats
 
     K = max(ks)
-    notes, measured, engines = [], {}, {"none": backend.engine("none", 0)}  # plain: the baseline's overhead
+    notes, measured, totals, engines = [], {}, {}, {"none": backend.engine("none", 0)}  # plain: the baseline's overhead
     for m in methods:
         if m == "none":
             continue
@@ -399,7 +399,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             stats.add(p.task, engine.generate_ids(ids, params, p.task).stats)
             if progress:
                 progress()
-        measured[m] = stats.by_task
+        measured[m], totals[m] = stats.by_task, stats.total()
     for m, t in timed.items():  # their drafting and tree verify cost, as measured in those runs
         q = 1.0 + statistics.fmean(t.nodes) if t.nodes else 1.0
         target = dict(costs["none"].target_ms)
@@ -409,11 +409,8 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
         costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
                              verify_query=q if t.tree else None)
-    for m, by_task in measured.items():  # what the component timings miss, from the runs' wall time
-        total = SpecStats()
-        for s in by_task.values():
-            total.merge(s)
-        modelled = costs[m].target_ms[1] if m == "none" else costs[m].modelled_step_ms(Profile.from_stats(total), K)
+    for m, total in totals.items():  # what the component timings miss, from the runs' wall time
+        modelled = costs[m].modelled_step_ms(Profile.from_stats(total), K)  # plain: T_target(1)
         costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled))
     advice = recommend(measured, costs, ks, min_speedup)
     advice.notes.extend(notes)

@@ -8,8 +8,6 @@ from specdeploy.models.loader import LoadedModel
 from specdeploy.models.layerskip import layerskip_layers as layerskip_draft_layers
 from specdeploy.models.tokenizers import encode_prompt
 
-SPEC_METHODS = METHODS
-
 
 def encode_all(backend: "Backend", prompts: list[Prompt], max_new_tokens: int) -> list[list[int]]:
     """Token ids of each prompt under the chat template (as SpecEngine.encode), without building a runner."""
@@ -127,7 +125,7 @@ class Backend:
                                            graph_max_length=graphs)
             except (OSError, ValueError, KeyError) as e:
                 raise SpecDeployError(f"{method} artifact not loadable: {e}") from None
-        raise SpecDeployError(f"unknown method {method!r}; choose from {', '.join(SPEC_METHODS)}")
+        raise SpecDeployError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def engine(self, method: str, k: int, policy=None, more: dict | None = None):
         """An engine drafting with `method`; `more`: {method: proposer} a policy may switch to per task."""

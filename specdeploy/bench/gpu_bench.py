@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
-from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.config import HEAD_METHODS, SamplingParams, SpecConfig
 from specdeploy.models.layerskip import layerskip_layers
 from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
-from specdeploy.config import HEAD_METHODS
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, compiled_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer

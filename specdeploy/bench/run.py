@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from specdeploy.bench.backend import SPEC_METHODS, Backend, _has_module, encode_all
+from specdeploy.bench.backend import Backend, _has_module, encode_all
 from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
-from specdeploy.config import SamplingParams
+from specdeploy.config import METHODS, SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
 
@@ -355,9 +355,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     console = Console(stderr=True)
     methods = _list(args.methods)
-    unknown = [m for m in methods if m not in (*SPEC_METHODS, "policy")]
+    unknown = [m for m in methods if m not in (*METHODS, "policy")]
     if unknown:
-        raise SpecDeployError(f"unknown methods {unknown}; choose from {', '.join(SPEC_METHODS)}, policy")
+        raise SpecDeployError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}, policy")
     ks = _list(args.k, int)
     temps = _list(args.temperature, float)
     batches = _list(args.batch, int)

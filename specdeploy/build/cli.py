@@ -71,13 +71,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         return int(trtllm_export_cli(args) or 0)
     from specdeploy.export.onnx import OnnxExportConfig, export_onnx, resolve_draft
-    from specdeploy.export.onnx_heads import HEAD_METHODS
+    from specdeploy.export.onnx_heads import ONNX_HEAD_METHODS
     from specdeploy.models.loader import load_model
 
     methods = [m.strip() for m in (args.method or "").split(",") if m.strip()]
-    bad = [m for m in methods if m not in HEAD_METHODS]
+    bad = [m for m in methods if m not in ONNX_HEAD_METHODS]
     if bad:
-        raise SpecDeployError(f"--method {','.join(bad)}: ONNX exports the heads of {' and '.join(HEAD_METHODS)} "
+        raise SpecDeployError(f"--method {','.join(bad)}: ONNX exports the heads of {' and '.join(ONNX_HEAD_METHODS)} "
                               f"(a draft model: --draft)")
     if args.head and len(methods) != 1:
         raise SpecDeployError("--head PATH needs exactly one --method (medusa or eagle)")

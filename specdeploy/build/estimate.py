@@ -254,9 +254,9 @@ def resolve_draft_config(draft: str, target: Mapping[str, Any]) -> tuple[dict[st
             raise SpecDeployError(f"--draft {draft!r}: expected layerskip:N with an integer N") from e
         from specdeploy.models.layerskip import layerskip_layers
 
+        if n < 1:  # layerskip_layers reads 0 as "the default"; here N is explicit
+            raise SpecDeployError(f"--draft {draft!r}: layerskip needs at least 1 layer")
         try:
-            if n < 1:
-                raise SpecDeployError(f"layerskip needs at least 1 layer, got {n}")
             layerskip_layers(int(target["num_hidden_layers"]), n)  # the runtime's own rule
         except SpecDeployError as e:
             raise SpecDeployError(f"--draft {draft!r}: {e}") from None

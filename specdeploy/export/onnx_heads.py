@@ -39,7 +39,7 @@ from specdeploy.models.eagle import EagleHead
 from specdeploy.models.loader import LoadedModel, file_sha256
 from specdeploy.models.medusa import MedusaHeads
 
-HEAD_METHODS = ("medusa", "eagle")
+ONNX_HEAD_METHODS = ("medusa", "eagle")  # heads with a graph of their own (multi reuses eagle's)
 MEDUSA_IO = (["hidden_states"], ["logits"])
 EAGLE_IO = (["hidden_states", "input_ids", "position_ids", "attention_mask", "past_key_values.0.key",
              "past_key_values.0.value"], ["predicted_hidden_states", "logits", "present.0.key", "present.0.value"])
@@ -206,8 +206,8 @@ def export_heads(target: LoadedModel, out_dir: str | Path, heads: Mapping[str, s
 
     out = {}
     for method, path in heads.items():
-        if method not in HEAD_METHODS:
-            raise SpecDeployError(f"no ONNX head export for method {method!r}; use one of {', '.join(HEAD_METHODS)}")
+        if method not in ONNX_HEAD_METHODS:
+            raise SpecDeployError(f"no ONNX head export for method {method!r}; use one of {', '.join(ONNX_HEAD_METHODS)}")
         folder = artifacts.resolve(method, path)
         if method == "medusa":
             module, tree, _ = medusa.load(folder, target)
