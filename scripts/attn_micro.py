@@ -5,11 +5,12 @@
 Shapes are SmolLM2's (3 KV heads, 3 query heads per KV head, head_dim 64), bf16, a mask that hides
 the keys past 300 (as a KV bucket's stale tail). Variants:
 - sdpa_efficient: SDPA's memory-efficient kernel (the lean forward before session 4);
-- three_kernels: `cuda_runner.attention` on the cache as laid out now, [rows, positions, 2 * kv_heads,
+- three_kernels: `cuda_runner.attention` on session 4's cache layout, [rows, positions, 2 * kv_heads,
   head_dim] (for more than one row `torch.matmul` copies keys and values);
-- per_head_layout: the same three kernels on a cache laid out [rows, kv_heads, 2, positions,
-  head_dim], where rows x heads is one batch stride (no copies): the candidate fix for batch 32.
-Session 4's run (rows 1 only, before the variants were named so) is results/gpu/run6_attn_micro.json.
+- per_head_layout: the same three kernels on the layout `StaticKVCache` adopted from this
+  comparison, [rows, kv_heads, 2, positions, head_dim], where rows x heads is one batch stride.
+Runs: results/gpu/run6_attn_micro.json (session 4, one row, before the variants were named so),
+results/gpu/run8_attn_micro.json (session 5, 1 / 8 / 32 rows).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def variants(rows: int, m: int, keys: int) -> dict:
     hkv, g, hd = 3, 3, 64
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(rows, hkv, g * m, hd, device=dev, dtype=dt) * hd**-0.5
-    cache = torch.randn(rows, keys, 2 * hkv, hd, device=dev, dtype=dt)  # today's layout
+    cache = torch.randn(rows, keys, 2 * hkv, hd, device=dev, dtype=dt)  # session 4's layout
     k, v = cache[:, :, :hkv].transpose(1, 2), cache[:, :, hkv:].transpose(1, 2)
     per_head = torch.stack([k, v], dim=2).contiguous()  # [rows, hkv, 2, keys, hd]
     k2, v2 = per_head[:, :, 0], per_head[:, :, 1]

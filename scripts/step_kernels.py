@@ -54,11 +54,8 @@ def compiled_layers(lean):
     def _layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m):
         for layer, w in enumerate(lean.layers):
             q, kv_new = a(h, w.attn_norm, w.wqkv, cos, sin, R, m)
-            layer_kv = cache.kv[layer]
-            layer_kv.index_put_((row_idx, pos), kv_new)
-            kv = layer_kv[:, :kv_len] if rows is None else layer_kv[:, :kv_len].index_select(0, rows)
-            k = kv[:, :, :hkv].transpose(1, 2)
-            v = kv[:, :, hkv:].transpose(1, 2)
+            cache.write(layer, row_idx, pos, kv_new)
+            k, v = cache.read(layer, kv_len, rows)
             o = attention(q, k, v, mask)
             h = b(h, o, w.wo, w.mlp_norm, w.w_gate_up, w.w_down, R, m)
         return h

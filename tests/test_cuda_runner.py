@@ -35,11 +35,11 @@ def test_buckets():
 
 @pytest.mark.parametrize("rows", [1, 3])
 def test_attention_matches_sdpa(rows):
-    """The three-kernel attention (q pre-scaled, strided k/v as the cache slices them) against SDPA."""
+    """The three-kernel attention (q pre-scaled, k/v as the cache's views of a longer cache) against SDPA."""
     torch.manual_seed(0)
     heads, m, keys, d = 3, 6, 20, 16
-    kv = torch.randn(rows, keys, 2 * heads, d)  # the cache's [rows, positions, 2 * kv_heads, head_dim]
-    k, v = kv[:, :, :heads].transpose(1, 2), kv[:, :, heads:].transpose(1, 2)
+    kv = torch.randn(rows, heads, 2, keys + 7, d)  # one layer of the cache, 7 positions past kv_len
+    k, v = kv[:, :, 0, :keys], kv[:, :, 1, :keys]
     q = torch.randn(rows, heads, m, d)
     allowed = torch.rand(rows, 1, m, keys) < 0.7
     allowed[..., 0] = True  # every query sees at least one key

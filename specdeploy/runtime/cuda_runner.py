@@ -7,8 +7,8 @@ read in ~0.1 ms). This module
 1. runs the forward of any Hugging Face ``LlamaForCausalLM`` from that model's own weights, with
    the q/k/v and gate/up projections fused and the residual adds folded into the output GEMMs
    (gpt-fast style; no modeling file is copied);
-2. keeps keys and values in a preallocated cache, ``[layers, batch, positions, 2 * kv_heads,
-   head_dim]``; rolling back is a length update: a query at position p attends only keys at
+2. keeps keys and values in a preallocated cache, ``[layers, batch, kv_heads, 2, positions,
+   head_dim]`` (`StaticKVCache`); rolling back is a length update: a query at position p attends only keys at
    positions <= p, and the same or an earlier forward wrote all of those, so stale entries past
    the length are never read. Token trees: node i is written at slot base + i but rotated at
    position base + depth_i, and sees the cache below base plus its ancestors' slots; keeping the
@@ -179,18 +179,41 @@ def fuse_layer(layer: nn.Module) -> LayerWeights:
 class StaticKVCache:
     """Keys and values of every layer, preallocated once.
 
-    Layout ``[layers, batch, positions, 2 * kv_heads, head_dim]``, keys in the first kv_heads
-    slots and values in the rest, so one indexed write stores both for a whole step.
+    Layout ``[layers, batch, kv_heads, 2, positions, head_dim]`` (keys, then values, per KV head):
+    in one layer, batch x kv_heads is a single stride, so attention's batched GEMMs read the keys
+    and values of any number of rows in place. With positions outside the heads, 32 rows cost a
+    copy of every layer's K and V per step (H100: 52 vs 20 µs at 512 keys,
+    results/gpu/run8_attn_micro.json).
     """
 
     def __init__(self, dims: LlamaDims, num_layers: int, batch: int, positions: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.batch, self.positions = batch, positions
-        self.kv = torch.zeros(num_layers, batch, positions, 2 * dims.num_kv_heads, dims.head_dim, device=device, dtype=dtype)
+        self.kv = torch.zeros(num_layers, batch, dims.num_kv_heads, 2, positions, dims.head_dim, device=device, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+    def write(self, layer: int, rows: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store one step's keys and values: kv [R, m, 2 * kv_heads, head_dim] (the k heads, then
+        the v heads, as the fused projection gives them) at cache rows `rows` [R, 1] and positions
+        `pos` [R, m]. One indexed write through a [batch, positions, 2, kv_heads, head_dim] view."""
+        R, m, _, hd = kv.shape
+        view = self.kv[layer].permute(0, 3, 2, 1, 4)
+        view.index_put_((rows, pos), kv.view(R, m, 2, -1, hd))
+
+    def read(self, layer: int, kv_len: int, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of cache positions [0, kv_len), each [R, kv_heads, kv_len, head_dim]: views
+        for every row in order, or gathered for `rows` [R]."""
+        kv = self.kv[layer, :, :, :, :kv_len]
+        if rows is not None:
+            kv = kv.index_select(0, rows)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def move(self, keep: int, src: torch.Tensor) -> None:
+        """Every layer and row: positions `src` [n] (ascending, >= keep) copied to keep .. keep+n."""
+        self.kv[..., keep : keep + src.numel(), :] = self.kv.index_select(4, src)  # index_select copies first: overlap is safe
 
 
 class LeanLlama:
@@ -331,11 +354,8 @@ class LeanLlama:
             x = F.rms_norm(h, (d.hidden,), w.attn_norm, d.eps)
             qkv = (x @ w.wqkv.t()).view(R, m, hq + 2 * hkv, hd)
             qkv = torch.addcmul(qkv * cos, qkv.roll(half, dims=-1), sin)  # rope on q and k, v unchanged
-            layer_kv = cache.kv[layer]  # [B, positions, 2*hkv, hd]
-            layer_kv.index_put_((row_idx, pos), qkv[:, :, hq:])
-            kv = layer_kv[:, :kv_len] if rows is None else layer_kv[:, :kv_len].index_select(0, rows)
-            k = kv[:, :, :hkv].transpose(1, 2)  # [R, hkv, kv_len, hd]
-            v = kv[:, :, hkv:].transpose(1, 2)
+            cache.write(layer, row_idx, pos, qkv[:, :, hq:])
+            k, v = cache.read(layer, kv_len, rows)  # [R, hkv, kv_len, hd]
             q = qkv[:, :, :hq].reshape(R, m, hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(R, hkv, g * m, hd)
             o = attention(q, k, v, mask)  # [R, hkv, g*m, hd]
             o = o.view(R, hkv, g, m, hd).permute(0, 3, 1, 2, 4).reshape(R * m, hq * hd)
@@ -477,9 +497,7 @@ class CudaGraphRunner:
         all >= keep) moved down behind them; drop the rest. One gather over every layer."""
         n = len(path)
         if path_needs_move(keep, path, self._length):
-            src = torch.tensor(path, dtype=torch.long).to(self.device, non_blocking=True)
-            kv = self.cache.kv  # [layers, 1, positions, 2 * kv_heads, head_dim]
-            kv[:, :, keep : keep + n] = kv.index_select(2, src)  # index_select copies first: overlap is safe
+            self.cache.move(keep, torch.tensor(path, dtype=torch.long).to(self.device, non_blocking=True))
         self._length = keep + n
 
     def _set_tree(self, tree_parents: torch.Tensor | None, m: int) -> None:
