@@ -22,7 +22,7 @@ def bench_dir(tmp_path_factory, smollm2):
     prompts = tmp / "p.jsonl"
     prompts.write_text('{"task": "code", "prompt": "Write x = 1 in Python."}\n{"task": "qa", "prompt": "Say hi."}\n')
     out = tmp / "out"
-    assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa", "--k", "1,2", "--max-new-tokens", "4",
+    assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa,policy", "--k", "1,2", "--max-new-tokens", "4",
                  "--peers", "hf", "--batch", "1", "--out", str(out)]) == 0
     return out
 
@@ -55,6 +55,19 @@ def test_bench_json_schema(bench_dir):
     if importlib.util.find_spec("specdeploy.models.artifacts") and not any(
             r["method"] == "medusa" for r in rows):  # no shipped Medusa heads: skipped with a note
         assert any("medusa" in s["what"] for s in result["skipped"])
+
+
+def test_policy_rows_are_timed_paired_with_plain(bench_dir):
+    """The policy row's speedup is against plain requests run just before its own, prompt by prompt."""
+    result = json.loads((bench_dir / "bench.json").read_text())
+    pol = [r for r in result["rows"] if r["method"] == "policy"]
+    assert {r["task"] for r in pol} == {"code", "qa", "all"} and result["policy"]["tasks"]
+    for r in pol:
+        assert r["greedy_mismatches"] == 0 and r["speedup_vs_plain"] > 0
+        assert isinstance(r["plain_drift"], float) and r["plain_drift"] > -1
+    first = next(r for r in result["rows"] if r["method"] == "none" and r["task"] == "all")
+    assert first["speedup_vs_plain"] == 1.0 and "plain_drift" not in first
+    assert "timed paired with plain" in (bench_dir / "bench.md").read_text()
 
 
 def test_bench_md_and_plots(bench_dir):

@@ -2,7 +2,7 @@
 # The GPU runs behind results/drafts/ and the shipped artifacts (specdeploy/models/artifacts/smollm2-*).
 # On the device machine, after scripts/device_model.sh put SmolLM2's GGUF in /tmp/smollm2:
 #   bash results/drafts/run_gpu.sh train      # data, then the three drafts trained side by side
-#   bash results/drafts/run_gpu.sh eval       # every method on the eval prompts, greedy and T=0.7
+#   bash results/drafts/run_gpu.sh eval [LABEL...]  # every method (or those named) on the eval prompts, greedy and T=0.7
 #   bash results/drafts/run_gpu.sh retrain    # data, EAGLE + DraftLM trained again, their methods evaluated
 # The same retrain over several device calls (training outlives the call that starts it):
 #   bash results/drafts/run_gpu.sh data; bash results/drafts/run_gpu.sh train-bg eagle draft
@@ -99,7 +99,8 @@ case $1 in
     tar czf "$OUT/heads.tgz" -C "$A" medusa eagle || true
     tar czf "$OUT/logs.tgz" -C /tmp logs ;;
   eval)
-    evaluate none ngram layerskip draft medusa eagle eagle-chain multi ;;
+    shift
+    evaluate ${*:-none ngram layerskip draft medusa eagle eagle-chain multi} ;;
   data)
     data ;;
   train-bg)  # detached: runs on after this device call returns; `collect` waits for it

@@ -122,9 +122,12 @@ def _aims(result: dict) -> list[str]:
             t, worst = min(cells, key=lambda tc: tc[1]["speedup_vs_plain"])
             off = [t2 for t2, c in cells if set((c.get("policy_decisions") or {})) == {"off"}]
             t += " (speculation off: plain decoding, timing noise)" if t in off else ""
+            drifts = [abs(c["plain_drift"]) for _, c in cells if c.get("plain_drift") is not None]
+            paired = (f"; timed paired with plain, whose two passes differ by up to {100 * max(drifts):.0f}% per task"
+                      if drifts else "")
             out.append(f"- advisor's policy (off for {', '.join(off) or 'no task'}): slowest task {t} at "
                        f"{_x(worst['speedup_vs_plain'])} of plain, mean "
-                       f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x)")
+                       f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x){paired}")
     mism = sum(r["greedy_mismatches"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy")
     checked = sum(r["prompts"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy" and r.get("mismatch_checked"))
     out.append(f"- specdeploy greedy outputs differing from plain: {mism} of {checked} checked "

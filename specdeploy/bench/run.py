@@ -9,7 +9,10 @@ Rows, per task (and "all") × method × k × temperature × batch:
 - peers (`--peers hf`): Hugging Face `generate` eager, assisted generation with the same draft
   models (`assistant_model=`), prompt lookup (`prompt_lookup_num_tokens=`);
 - "policy" (a method name): an engine obeying `--policy FILE`, or the advisor's policy measured
-  on held-out prompts of the same set.
+  on held-out prompts of the same set. Its requests are timed paired with plain decoding (plain,
+  then the policy, prompt by prompt), so that its speedup, which is 1.0 by construction where the
+  policy is off, is not buried in the drift between runs minutes apart; the row also records
+  `plain_drift`, the paired plain pass against the first one (the run-to-run noise floor).
 
 Per row: tokens/s (a task's tokens over the sum of its requests' wall times, prefill included;
 batch > 1: all tokens over the run's wall time), α, acceptance length, acceptance per
@@ -78,6 +81,7 @@ class Run:
     wall_s: float | None = None  # batch > 1: the whole run's wall time
     decisions: list[dict] = field(default_factory=list)
     notes: str = ""
+    baseline: "Run | None" = None  # plain decoding timed paired with this run (else the run's plain row)
 
 
 class Bench:
@@ -111,12 +115,18 @@ class Bench:
                               seed=0 if temperature > 0 else None)
 
     # specdeploy, batch 1
-    def loop(self, engine, method: str, k: int, temperature: float, label: str | None = None) -> Run:
+    def loop(self, engine, method: str, k: int, temperature: float, label: str | None = None, paired=None) -> Run:
+        """One engine over the prompts at batch 1; `paired`: a plain engine run just before it on each
+        prompt, kept as the run's `baseline`."""
         self._describe(f"specdeploy {label or method} k={k} T={temperature}")
         if engine.policy is None:  # (a policy engine reuses runners the other runs warmed up)
             engine.generate_ids(self.encoded[0], self.params(temperature, 4), "warmup")  # first-call allocations
-        ids, stats, decisions = [], [], []
+        ids, stats, decisions, plain_ids, plain_stats = [], [], [], [], []
         for p, enc in zip(self.prompts, self.encoded):
+            if paired is not None:
+                r = paired.generate_ids(enc, self.params(temperature), p.task)
+                plain_ids.append(r.token_ids)
+                plain_stats.append(r.stats)
             r = engine.generate_ids(enc, self.params(temperature), p.task)
             ids.append(r.token_ids)
             stats.append(r.stats)
@@ -124,6 +134,8 @@ class Bench:
                 decisions.append(r.decision.as_dict())
             self._advance()
         run = Run("specdeploy", label or method, k, temperature, 1, "loop", self.prompts, ids, stats, decisions=decisions)
+        if paired is not None:
+            run.baseline = Run("specdeploy", "none", 0, temperature, 1, "loop", self.prompts, plain_ids, plain_stats)
         self.runs.append(run)
         return run
 
@@ -257,7 +269,8 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
     hf_generate = {(r.temperature, r.batch): r for r in runs if r.system == "hf" and r.method == "generate"}
     rows = []
     for run in runs:
-        plain = plain_for(run)
+        first_plain = plain_for(run)
+        plain = run.baseline or first_plain
         tasks = list(dict.fromkeys(p.task for p in run.prompts))
         groups = ([(t, [i for i, p in enumerate(run.prompts) if p.task == t]) for t in tasks] if run.batch == 1 else []) \
             + [("all", list(range(len(run.prompts))))]
@@ -281,6 +294,10 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
                 row["speedup_vs_plain"] = round(tps / ptps, 4) if ptps > 0 else 0.0
                 if run.temperature == 0:
                     row["greedy_mismatches"] = sum(run.token_ids[i] != plain.token_ids[j] for i, j in zip(idx, pidx))
+                if run.baseline is not None and first_plain is not None:
+                    fidx = _matching(first_plain, run, idx)
+                    ftps = _tps(first_plain, _merge([first_plain.stats[i] for i in fidx]), task)
+                    row["plain_drift"] = round(ptps / ftps - 1, 4) if ftps > 0 else None
             row["mismatch_checked"] = plain is not None and run.temperature == 0
             gen = hf_generate.get((run.temperature, run.batch))
             if gen is not None and gen is not run:
@@ -515,7 +532,7 @@ def _policy_run(bench: "Bench", backend: Backend, box: dict, available: list[str
     p = Policy.from_dict(box["policy"].to_dict())  # fresh counters per temperature
     named = {r.method for r in p.tasks.values()} | {p.default.method}
     engine = backend.engine("none", 1, policy=p, more={m: backend.proposer(m, max(ks)) for m in named - {"none"}})
-    bench.loop(engine, "policy", 0, t, label="policy")
+    bench.loop(engine, "policy", 0, t, label="policy", paired=backend.engine("none", 0))
 
 
 def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], console):
