@@ -129,8 +129,7 @@ def test_switching_speculation_off_and_on_stays_lossless():
 
 @pytest.mark.parametrize("acceptance,spec_s,want_spec", [(1.2, 2.0, False), (1.8, 1.2, True)])
 def test_spec_switch_auto_follows_the_cost_model(acceptance, spec_s, want_spec):
-    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; the other mode is probed,
-    less often while probes change nothing."""
+    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; the other mode is probed."""
     sw = SpecSwitch("auto", probe_every=10)
     picks = []
     for _ in range(100):
@@ -138,29 +137,11 @@ def test_spec_switch_auto_follows_the_cost_model(acceptance, spec_s, want_spec):
         picks.append(spec)
         sw.record(spec, acceptance if spec else 1.0, spec_s if spec else 1.0)
     assert sw.prefers_spec() is want_spec
-    probes = [i for i, p in enumerate(picks) if i >= 2 and p != want_spec]  # (steps 0, 1 measure both modes)
-    assert [b - a for a, b in zip(probes, probes[1:])] == [20, 40]  # each probe that changes nothing doubles the interval
-    assert probes[0] == 9
+    tail = picks[-50:]
+    assert sum(p == want_spec for p in tail) == 45  # one probe of the other mode every 10 steps
     assert SpecSwitch("off").choose() is False and SpecSwitch("on").choose() is True
     with pytest.raises(Exception):
         SpecSwitch("sometimes")
-
-
-def test_spec_switch_probe_that_changes_the_choice_resets_the_interval():
-    sw = SpecSwitch("auto", probe_every=4, decay=0.0)  # decay 0: the last step alone is the estimate
-    acceptance = 1.2  # spec loses (1.2 tokens in 2 s against 1 in 1 s) until the draft gets better
-    picks = []
-    for i in range(80):
-        if i == 30:
-            acceptance = 3.0
-        spec = sw.choose()
-        picks.append(spec)
-        sw.record(spec, acceptance if spec else 1.0, 2.0 if spec else 1.0)
-    minority = [i for i in range(2, 80) if picks[i] != (i >= 60)]
-    # spec probed at steps 4, 12, 28 (backing off), then 60, which finds it better: the choice flips,
-    # the interval resets, and plain is probed 4 and then 8 steps later
-    assert picks[:2] == [True, False] and minority == [3, 11, 27, 59, 63, 71]
-
 
 
 def test_batch_rejects_overlong_requests():

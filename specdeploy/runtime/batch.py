@@ -124,24 +124,17 @@ class SpecSwitch:
     auto: moving averages of the device time of a spec step and of a plain step (CUDA events
     around the step's graph), and of the tokens a spec step emits per slot (the acceptance
     length; a plain step emits exactly one). It runs spec steps while
-    acceptance_length / spec_time >= 1 / plain_time, and probes the other mode for one step, so
-    that a change in acceptance or in step times is noticed. Probes back off: after a probe that
-    leaves the choice as it was, the next comes twice as many steps later (`probe_every` up to
-    `probe_every * max_backoff`); a probe that changes the choice resets the interval. (A probe of
-    a draft that never pays costs a wasted spec step and the draft's catch-up: at a fixed interval
-    of 64 steps that kept layerskip "auto" at 0.94x of plain at batch 32, results/gpu/run8_spec.)
+    acceptance_length / spec_time >= 1 / plain_time, and probes the other mode for one step
+    every `probe_every` steps, so that a change in acceptance or in step times is noticed.
     """
 
-    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8, max_backoff: int = 16) -> None:
+    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8) -> None:
         if mode not in ("on", "off", "auto"):
             raise SpecDeployError(f"speculation switch must be on, off or auto, not {mode!r}")
-        self.mode, self.probe_every, self.decay, self.max_backoff = mode, probe_every, decay, max_backoff
+        self.mode, self.probe_every, self.decay = mode, probe_every, decay
         self.step_s: dict[bool, float | None] = {True: None, False: None}  # device seconds per step, spec / plain
         self.acceptance: float | None = None  # tokens per slot per spec step
         self._steps = 0
-        self._interval = probe_every
-        self._next_probe = probe_every
-        self._probe: tuple[bool, bool] | None = None  # (mode probed, choice before it) until its step is recorded
         self.spec_steps = 0
         self.plain_steps = 0
 
@@ -161,10 +154,7 @@ class SpecSwitch:
         if self.step_s[False] is None:
             return False  # then plain once
         best = self.prefers_spec()
-        if self._probe is None and self._steps >= self._next_probe:
-            self._probe = (not best, best)
-            return not best
-        return best
+        return (not best) if self._steps % self.probe_every == 0 else best
 
     def record(self, spec: bool, tokens_per_slot: float | None, seconds: float) -> None:
         """One finished step: its mode, tokens emitted per active slot, device seconds."""
@@ -176,11 +166,6 @@ class SpecSwitch:
             self.step_s[spec] = _ema(self.step_s[spec], seconds, self.decay)
         if spec and tokens_per_slot is not None:
             self.acceptance = _ema(self.acceptance, tokens_per_slot, self.decay)
-        if self._probe is not None and spec == self._probe[0]:  # the probe's step (steps may overlap by one)
-            unchanged = self.prefers_spec() == self._probe[1]
-            self._interval = min(2 * self._interval, self.probe_every * self.max_backoff) if unchanged else self.probe_every
-            self._next_probe = self._steps + self._interval
-            self._probe = None
 
 
 def _ema(old: float | None, new: float, decay: float) -> float:
