@@ -10,7 +10,8 @@ It measures, on this machine and the user's prompts,
 3. each method's per-step overhead: the wall time per step of its runs in 2 minus what 1 accounts
    for (the loop's host work: acceptance, tree bookkeeping, cache compaction, hidden-state
    appends). Without it the advisor sent code to Medusa expecting 1.45x and measured 0.90x
-   (results/bench, 2026-11-25): a tree step's host work is about 0.7 ms on an H100.
+   (results/bench at commit fc7fe4f): a tree step's host work is about 1 ms on an H100
+   (results/gpu/README.md).
 
 Predicting any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding steps whose
 first i + 1 draft tokens were all accepted (`SpecStats.accepted_at[i] / target_forwards`) and

@@ -288,21 +288,17 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
                    "latency_p95_s": _round(_pct([run.stats[i].wall_s for i in idx], 0.95)),
                    "acceptance_by_position": [round(x, 4) for x in s.acceptance_by_position] if s.proposed else None}
             if plain is not None:
-                pidx = _matching(plain, run, idx)
-                ps = _merge([plain.stats[i] for i in pidx])
-                ptps = _tps(plain, ps, task)
+                pidx, ptps = _tps_over(plain, run, idx, task)
                 row["speedup_vs_plain"] = round(tps / ptps, 4) if ptps > 0 else 0.0
                 if run.temperature == 0:
                     row["greedy_mismatches"] = sum(run.token_ids[i] != plain.token_ids[j] for i, j in zip(idx, pidx))
                 if run.baseline is not None and first_plain is not None:
-                    fidx = _matching(first_plain, run, idx)
-                    ftps = _tps(first_plain, _merge([first_plain.stats[i] for i in fidx]), task)
+                    _, ftps = _tps_over(first_plain, run, idx, task)
                     row["plain_drift"] = round(ptps / ftps - 1, 4) if ftps > 0 else None
             row["mismatch_checked"] = plain is not None and run.temperature == 0
             gen = hf_generate.get((run.temperature, run.batch))
             if gen is not None and gen is not run:
-                gidx = _matching(gen, run, idx)
-                gtps = _tps(gen, _merge([gen.stats[i] for i in gidx]), task) if gidx else 0.0
+                _, gtps = _tps_over(gen, run, idx, task)
                 row["speedup_vs_hf_generate"] = round(tps / gtps, 4) if gtps > 0 else None
             if run.system == "specdeploy" and run.method not in ("none", "policy") and cost is not None and s.target_forwards:
                 bs = _merge([big.stats[i] for i in _matching(big, run, idx)])
@@ -332,6 +328,12 @@ def _tps(run: Run, s: SpecStats, task: str) -> float:
     if run.batch > 1 and task == "all" and run.wall_s:
         return s.emitted / run.wall_s  # throughput of the whole batched run
     return s.tokens_per_s
+
+
+def _tps_over(ref: Run, run: Run, idx: list[int], task: str) -> tuple[list[int], float]:
+    """The indices in `ref` of the prompts run[idx], and `ref`'s tokens/s over them."""
+    ridx = _matching(ref, run, idx)
+    return ridx, _tps(ref, _merge([ref.stats[i] for i in ridx]), task)
 
 
 def _matching(ref: Run, run: Run, idx: list[int]) -> list[int]:

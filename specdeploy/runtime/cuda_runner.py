@@ -78,7 +78,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     Why not `scaled_dot_product_attention`: with a mask, its memory-efficient kernel gives a decode
     step one thread block per KV head; on an H100 that took 27 µs at 512 keys and 179 µs at 2048,
-    against 14 / 25 µs for these three kernels (results/gpu/run6_kernels).
+    against 14 / 25 µs for these three kernels (results/gpu/run6_attn_micro.json).
     """
     if q.shape[0] == 1:  # one row: 3-D GEMMs over the heads, the mask added in the GEMM's epilogue
         scores = torch.baddbmm(mask[0], q[0], k[0].transpose(1, 2))  # [H, M, K]
