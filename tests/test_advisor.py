@@ -143,3 +143,48 @@ def test_step_overhead_is_measured_and_enters_the_prediction():
     runs = SpecStats(target_forwards=10, wall_s=0.05)  # 5 ms a step measured, 2 modelled
     assert step_overhead_ms(runs, 2.0) == pytest.approx(3.0)
     assert step_overhead_ms(runs, 9.0) == 0.0 and step_overhead_ms(SpecStats(), 2.0) == 0.0
+
+
+def test_tree_costs_are_timed_per_depth():
+    """Every few steps the tree proposer drafts the same context again at each k, timed apart: a
+    shallow tree is charged its own drafting and verify length, not those of the deepest one."""
+    import time as _time
+
+    from specdeploy.bench.advisor import TimedProposer
+    from specdeploy.runtime.types import Draft
+
+    class Tree:  # drafting time and size grow with the depth
+        def reset(self):
+            pass
+
+        def propose(self, ctx, k):
+            _time.sleep(0.002 * k)
+            return Draft(tokens=torch.arange(3 * k), parents=torch.arange(3 * k) - 1)
+
+    timed = TimedProposer(Tree(), ks=(1, 4), every=2)
+    for _ in range(4):
+        assert timed.propose(None, 4).tokens.numel() == 12
+    assert len(timed.ms) == 4 and [len(v) for v in timed.at_ms.values()] == [2, 2] and timed.extra_s > 0.015
+    draft_at, query_at = timed.costs_at(4)
+    assert query_at == {1: 4.0, 4: 13.0} and draft_at[1] < draft_at[4] / 2
+    prof = Profile(steps=10, reach=(0.5, 0.5, 0.5, 0.5), drafted=(1.0,) * 4)
+    cost = StepCosts({1: 2.0, 4: 2.0, 13: 3.0}, draft_ms=draft_at[4], per_token=False, verify_query=13.0,
+                     draft_ms_at=draft_at, verify_query_at=query_at)
+    assert predicted_speedup(prof, 1, cost) == pytest.approx(1.5 * 2.0 / (draft_at[1] + 2.0))
+    assert predicted_speedup(prof, 4, cost) == pytest.approx(3.0 * 2.0 / (draft_at[4] + 3.0))
+    assert cost.as_dict()["verify_query_at"] == {"1": 4.0, "4": 13.0}
+    runs = SpecStats(target_forwards=10, wall_s=0.05)
+    assert step_overhead_ms(runs, 2.0, excluded_s=0.02) == pytest.approx(1.0)  # the re-drafts are not overhead
+
+
+def test_sampled_advice_writes_the_policy_sampled_section():
+    greedy_runs = {"ngram": {"code": geometric_stats({8: 9, 3: 1}, 8)}}
+    sampled_runs = {"ngram": {"code": geometric_stats({0: 10}, 8)}}  # nothing accepted when sampling
+    costs = {"ngram": StepCosts({q: 3.0 for q in (1, 2, 3, 5, 9)}, draft_ms=0.1, per_token=False)}
+    greedy = recommend(greedy_runs, costs, [1, 2, 4, 8])
+    sampled = dataclasses.replace(recommend(sampled_runs, costs, [1, 2, 4, 8]), temperature=0.7)
+    policy = greedy.policy(sampled=sampled)
+    assert policy.decide("code").k == 8 and policy.decide("code", 0.7).off
+    d = policy.to_dict()
+    assert d["temperature"] == 0.0 and d["sampled"]["temperature"] == 0.7 and d["sampled"]["tasks"]["code"]["k"] == "off"
+    assert greedy.policy().sampled is None

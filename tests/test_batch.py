@@ -127,21 +127,59 @@ def test_switching_speculation_off_and_on_stays_lossless():
     assert eng.switch.plain_steps > 0 and eng.switch.spec_steps > 0
 
 
-@pytest.mark.parametrize("acceptance,spec_s,want_spec", [(1.2, 2.0, False), (1.8, 1.2, True)])
-def test_spec_switch_auto_follows_the_cost_model(acceptance, spec_s, want_spec):
-    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; the other mode is probed."""
-    sw = SpecSwitch("auto", probe_every=10)
+def _drive(sw: SpecSwitch, steps: int, acceptance, spec_s: float, plain_s: float = 1.0) -> list[bool]:
     picks = []
-    for _ in range(100):
+    for _ in range(steps):
         spec = sw.choose()
         picks.append(spec)
-        sw.record(spec, acceptance if spec else 1.0, spec_s if spec else 1.0)
-    assert sw.prefers_spec() is want_spec
-    tail = picks[-50:]
-    assert sum(p == want_spec for p in tail) == 45  # one probe of the other mode every 10 steps
+        sw.record(spec, acceptance() if spec else 1.0, spec_s if spec else plain_s)
+    return picks
+
+
+def test_spec_switch_auto_keeps_paying_speculation_on():
+    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; while on, one plain step
+    in probe_every refreshes the plain step time."""
+    sw = SpecSwitch("auto", probe_every=10)
+    tail = _drive(sw, 100, lambda: 1.8, 1.2)[-50:]
+    assert sw.prefers_spec() and sum(tail) == 45
     assert SpecSwitch("off").choose() is False and SpecSwitch("on").choose() is True
     with pytest.raises(Exception):
         SpecSwitch("sometimes")
+
+
+def test_spec_switch_auto_probes_in_bursts_that_back_off():
+    """Where speculation does not pay, a burst of probe_len spec steps re-measures it; each burst
+    that fails doubles the wait before the next one, up to max_wait."""
+    sw = SpecSwitch("auto", probe_every=10, probe_len=3, max_wait=40)
+    picks = _drive(sw, 300, lambda: 1.2, 2.0)
+    assert not sw.prefers_spec()
+    runs, gaps, i = [], [], 1  # the first step measures spec, then plain once (the first gap's extra step)
+    while i < len(picks):
+        j = i
+        while j < len(picks) and picks[j] == picks[i]:
+            j += 1
+        (runs if picks[i] else gaps).append(j - i)
+        i = j
+    assert set(runs) == {3} and gaps[:4] == [11, 20, 40, 40]
+
+
+def test_spec_switch_auto_is_not_stuck_off_by_noise():
+    """Per-step acceptance is noisy (1 to k + 1 tokens). Where its mean pays (here 1.26x the plain
+    rate, always on), a run of rejections must not keep speculation off: the estimate ages while
+    off and a probe burst decides. (The switch of session 5 spent 8% of these steps speculating.)"""
+    import random
+
+    rng = random.Random(0)
+
+    def accepted():  # 1 + accepted drafts, each accepted with p = 0.55 until one is not (k = 4)
+        n = 1
+        while n < 5 and rng.random() < 0.55:
+            n += 1
+        return n
+
+    sw = SpecSwitch("auto")
+    picks = _drive(sw, 20000, accepted, spec_s=2.8, plain_s=1.7)
+    assert sum(picks) / len(picks) > 0.7
 
 
 def test_batch_rejects_overlong_requests():

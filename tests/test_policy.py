@@ -147,3 +147,62 @@ def test_policy_switches_to_a_head_method_per_task(smollm2):
     assert r.stats.acceptance_length > 1.0  # the head drafted and some of it was accepted
     with pytest.raises(SpecDeployError, match="hidden states"):
         plain.add_proposer("eagle", backend.proposer("eagle", 3))
+
+
+def test_sampled_section_rules_requests_with_temperature(tmp_path):
+    """Greedy and sampled requests of one task may get different rules: acceptance differs between them."""
+    from specdeploy.triton_repo.writer import check_policy
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"default": {"method": "ngram", "k": 4}, "tasks": {"code": {"method": "ngram", "k": 8}},
+                                "sampled": {"default": {"method": "none", "k": "off"}, "temperature": 0.7,
+                                            "tasks": {"code": {"method": "draft", "k": 2, "expected_speedup": 1.2}}}}))
+    p = Policy.load(path)
+    assert (p.decide("code").k, p.decide("code", 0.7).method, p.decide("code", 0.7).k) == (8, "draft", 2)
+    assert p.decide("qa", 0.7).off and p.decide("qa").k == 4
+    assert p.decide("code", 0.7).as_dict()["sampled"] is True and "sampled" not in p.decide("code").as_dict()
+    summary = p.summary()
+    assert summary["code"]["decisions"] == {"ngram k=8": 2} and summary["code (sampled)"]["decisions"] == {"draft k=2": 3}
+    d = p.to_dict()
+    assert d["sampled"]["tasks"]["code"] == {"method": "draft", "k": 2, "expected_speedup": 1.2}
+    assert d["sampled"]["temperature"] == 0.7 and d["sampled"]["default"]["k"] == "off"
+    assert Policy.from_dict(d).to_dict() == d  # round trip
+    with pytest.raises(SpecDeployError, match="sampled task 'code'"):
+        Policy.from_dict({"sampled": {"tasks": {"code": {"method": "magic", "k": 2}}}})
+    with pytest.raises(SpecDeployError, match="method 'draft' is not served"):  # Triton checks the sampled rules too
+        check_policy(p, SpecConfig(method="ngram"))
+    # without a sampled section, sampled requests follow the greedy rules
+    assert Policy({"code": TaskRule("ngram", 8)}).decide("code", 0.7).k == 8
+
+
+def test_sampled_requests_adapt_apart_from_greedy_ones():
+    a = Adaptation(enabled=True, off_below=0.2, min_requests=1, decay=0.0)
+    p = Policy({"code": TaskRule("ngram", 2)}, adaptive=a, sampled=({"code": TaskRule("ngram", 2)}, TaskRule("none", 0)))
+    d = p.decide("code", 0.7)
+    p.observe(d, stats_of(2, [0, 0, 0, 0]))  # sampled drafts all rejected: off for sampled requests only
+    assert p.decide("code", 0.7).off and p.decide("code").k == 2
+
+
+def test_off_and_hidden_free_methods_use_the_plain_runner(engines, smollm2):
+    """A policy engine whose runner returns hidden states decodes plain and n-gram requests through
+    the runner without them: an "off" task runs exactly as plain decoding does."""
+    from specdeploy.runtime.runner import TorchRunner
+
+    plain, _ = engines
+    calls = []
+
+    class Spy(TorchRunner):
+        def forward(self, *a, **kw):
+            calls.append(self.output_hidden)
+            return super().forward(*a, **kw)
+
+    hidden = Spy(smollm2.model, output_hidden=True)
+    policy = Policy({"chat": TaskRule("none", 0)}, TaskRule("ngram", 2))
+    spec = SpecEngine(smollm2, SpecConfig(method="ngram", k=2), runner=hidden, policy=policy,
+                      plain_runner=Spy(smollm2.model))
+    ids = spec.encode(REPETITIVE, raw=True)
+    ref = plain.generate_ids(ids, SamplingParams(max_new_tokens=6)).token_ids
+    for task in ("chat", "code"):
+        calls.clear()
+        assert spec.generate_ids(ids, SamplingParams(max_new_tokens=6), task).token_ids == ref
+        assert calls and not any(calls), task

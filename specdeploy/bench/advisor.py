@@ -5,7 +5,8 @@ It measures, on this machine and the user's prompts,
 1. step costs: the target's verify step at query length 1 and k + 1 (forward + argmax + host
    copy, what a decoding step pays), one draft-model token, one n-gram lookup; for the head
    methods (medusa, eagle, multi), their drafting time per step and their trees' mean verify
-   length, as measured in the runs of 2;
+   length at each k: the runs of 2 draft at K, and every few steps the same context is drafted
+   again at each k, timed apart (a depth-8 EAGLE tree costs twice a depth-2 one);
 2. acceptance per task, from ONE run per method at the largest k (K), and one plain run;
 3. each method's per-step overhead: the wall time per step of its runs in 2 minus what 1 accounts
    for (the loop's host work: acceptance, tree bookkeeping, cache compaction, hidden-state
@@ -40,8 +41,13 @@ as cheap as one token, memory-bound hardware) and i.i.d. acceptance this is the 
 (1 − α^(k+1)) / ((1 − α)(1 + k·c)); on a CPU the verify step of k + 1 tokens costs more than
 one token, which the measured ratio v(k) = T_target(k + 1) / T_target(1) accounts for.
 
+A token tree cut at depth k (Medusa) is the depth-k tree; an EAGLE-2 depth-k tree holds at
+least the depth-<=k nodes of the depth-K tree of the same size, so L(k) from the run at K is
+exact for Medusa and a lower bound for EAGLE (greedy).
+
 Recommendation per task: the (method, k) of highest S; "off" when even that is below
-`min_speedup` (1.0 by default).
+`min_speedup` (1.0 by default). Acceptance depends on the temperature, so the advice is per
+temperature: greedy advice writes the policy's rules, sampled advice its "sampled" section.
 """
 from __future__ import annotations
 
@@ -130,6 +136,9 @@ class StepCosts:
     # of a tree would count one node per depth
     verify_query: float | None = None
     overhead_ms: float = 0.0  # per-step wall time the parts above miss, measured in the runs at K
+    # token trees: drafting ms and mean verify length per depth k, where timed (else draft_ms, verify_query)
+    draft_ms_at: dict[int, float] = field(default_factory=dict)
+    verify_query_at: dict[int, float] = field(default_factory=dict)
 
     def target(self, q: float) -> float:
         """Linear interpolation between measured query lengths (clamped at the ends)."""
@@ -147,7 +156,9 @@ class StepCosts:
         return self.draft_ms / self.target_ms[1]
 
     def query(self, profile: "Profile", k: int) -> float:
-        """The verify step's query length at k: the profile's, or the tree's measured one."""
+        """The verify step's query length at k: the tree's measured one at k (or at K), or the profile's."""
+        if k in self.verify_query_at:
+            return self.verify_query_at[k]
         return self.verify_query if self.verify_query is not None else profile.query_length(k)
 
     def verify_ratio(self, q: float) -> float:
@@ -158,13 +169,16 @@ class StepCosts:
                "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
         if self.verify_query is not None:
             out["verify_query"] = round(self.verify_query, 2)
+        if self.draft_ms_at:
+            out["draft_ms_at"] = {str(k): round(v, 4) for k, v in sorted(self.draft_ms_at.items())}
+            out["verify_query_at"] = {str(k): round(v, 2) for k, v in sorted(self.verify_query_at.items())}
         if self.overhead_ms:
             out["overhead_ms"] = round(self.overhead_ms, 4)
         return out
 
     def modelled_step_ms(self, profile: "Profile", k: int) -> float:
         """Drafting + verify of one step at k, from the component timings (no overhead)."""
-        draft = self.draft_ms * (sum(profile.drafted[:k]) if self.per_token else 1.0)
+        draft = self.draft_ms * sum(profile.drafted[:k]) if self.per_token else self.draft_ms_at.get(k, self.draft_ms)
         return draft + self.target(self.query(profile, k))
 
 
@@ -179,12 +193,13 @@ def predicted_speedup(profile: Profile, k: int, costs: StepCosts, plain_overhead
     return profile.acceptance_length(k) * plain / (costs.modelled_step_ms(profile, k) + costs.overhead_ms)
 
 
-def step_overhead_ms(stats: SpecStats, modelled_ms: float) -> float:
+def step_overhead_ms(stats: SpecStats, modelled_ms: float, excluded_s: float = 0.0) -> float:
     """Wall milliseconds per step of measured runs beyond the modelled step time (never negative).
-    The runs' wall time includes their prefills, a small share over a generation of many steps."""
+    The runs' wall time includes their prefills, a small share over a generation of many steps;
+    `excluded_s`: time inside it that was not decoding (TimedProposer's extra drafts)."""
     if not stats.target_forwards:
         return 0.0
-    return max(0.0, 1e3 * stats.wall_s / stats.target_forwards - modelled_ms)
+    return max(0.0, 1e3 * (stats.wall_s - excluded_s) / stats.target_forwards - modelled_ms)
 
 
 # ---- measuring costs -----------------------------------------------------------------------
@@ -237,13 +252,23 @@ def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_ru
 
 class TimedProposer:
     """A proposer wrapper recording each draft's wall time (its tokens come back to the host, so
-    the time includes the device's work) and size; `tree` tells whether any draft was a tree."""
+    the time includes the device's work) and size; `tree` tells whether any draft was a tree.
 
-    def __init__(self, inner) -> None:
+    With `ks`, every `every`-th step also drafts the same context again at each of them, timed
+    apart (`at_ms`, `at_nodes`; their total in `extra_s`); the step's own draft is returned.
+    Re-drafting one context is harmless for the head proposers: their state only follows the
+    committed tokens, which the first call of a step has already synced.
+    """
+
+    def __init__(self, inner, ks: Sequence[int] = (), every: int = 4) -> None:
         self.inner = inner
         self.needs_hidden = getattr(inner, "needs_hidden", False)
+        self.ks, self.every = tuple(ks), every
         self.ms: list[float] = []
         self.nodes: list[int] = []
+        self.at_ms: dict[int, list[float]] = {k: [] for k in self.ks}
+        self.at_nodes: dict[int, list[int]] = {k: [] for k in self.ks}
+        self.extra_s = 0.0
         self.tree = False
 
     def reset(self) -> None:
@@ -255,7 +280,24 @@ class TimedProposer:
         self.ms.append((time.perf_counter() - t) * 1e3)
         self.nodes.append(int(draft.tokens.numel()))
         self.tree = self.tree or draft.is_tree
+        if self.ks and len(self.ms) % self.every == 0:
+            start = time.perf_counter()
+            for kk in self.ks:
+                t = time.perf_counter()
+                n = int(self.inner.propose(ctx, kk).tokens.numel())
+                self.at_ms[kk].append((time.perf_counter() - t) * 1e3)
+                self.at_nodes[kk].append(n)
+            self.extra_s += time.perf_counter() - start
         return draft
+
+    def costs_at(self, K: int) -> tuple[dict[int, float], dict[int, float]]:
+        """({k: drafting ms}, {k: verify query length}) per k: the step's own median at K, shifted by
+        the re-drafts' difference between k and K (the step's own draft also syncs new tokens)."""
+        if not self.ms or not all(self.at_ms.values()) or K not in self.at_ms:
+            return {}, {}
+        base = statistics.median(self.ms) - statistics.median(self.at_ms[K])
+        draft = {k: max(0.0, base + statistics.median(v)) for k, v in self.at_ms.items()}
+        return draft, {k: 1.0 + statistics.fmean(v) for k, v in self.at_nodes.items()}
 
 
 # ---- recommendations -----------------------------------------------------------------------
@@ -278,6 +320,7 @@ class Advice:
     measured: dict[str, dict[str, SpecStats]]  # method -> task -> stats of the run at K
     min_speedup: float = 1.0
     notes: list[str] = field(default_factory=list)
+    temperature: float = 0.0  # the sampling temperature the acceptance was measured at
 
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(o.task for o in self.options))
@@ -293,8 +336,26 @@ class Advice:
             return "none", 0, b
         return b.method, b.k, b
 
-    def policy(self, adaptive: bool = False):
-        from specdeploy.runtime.policy import Adaptation, Policy, TaskRule
+    def policy(self, adaptive: bool = False, sampled: "Advice | None" = None):
+        """The Policy of this advice; `sampled`: the advice measured at a temperature > 0, written
+        as the policy's sampled section (this one then rules greedy requests only)."""
+        from specdeploy.runtime.policy import Adaptation, Policy
+
+        tasks, default, extra = self._rules()
+        ks = sorted({o.k for o in self.options})
+        extra.update({"costs": {m: c.as_dict() for m, c in self.costs.items()}, "min_speedup": self.min_speedup,
+                      "temperature": self.temperature,
+                      "advisor": "specdeploy advise: speedup predicted from acceptance per position and measured step costs"})
+        rules = None
+        if sampled is not None:
+            s_tasks, s_default, s_extra = sampled._rules()
+            s_extra.update({"temperature": sampled.temperature, "costs": {m: c.as_dict() for m, c in sampled.costs.items()}})
+            rules, extra["sampled"] = (s_tasks, s_default), s_extra
+        return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra, rules)
+
+    def _rules(self):
+        """(tasks, default, {"tasks": evidence}) of this advice."""
+        from specdeploy.runtime.policy import TaskRule
 
         tasks, evidence = {}, {}
         for t in self.tasks():
@@ -309,10 +370,7 @@ class Advice:
             pool.setdefault((o.method, o.k), []).append(o.expected_speedup)
         (dm, dk), scores = max(pool.items(), key=lambda kv: statistics.mean(kv[1]), default=(("none", 0), [1.0]))
         default = TaskRule(dm, dk) if statistics.mean(scores) >= self.min_speedup else TaskRule("none", 0)
-        extra = {"tasks": evidence, "costs": {m: c.as_dict() for m, c in self.costs.items()}, "min_speedup": self.min_speedup,
-                 "advisor": "specdeploy advise: speedup predicted from acceptance per position and measured step costs"}
-        ks = sorted({o.k for o in self.options})
-        return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra)
+        return tasks, default, {"tasks": evidence}
 
     def table(self, title: str = "advisor: expected speedup per task (best k per method)"):
         from rich.table import Table
@@ -391,7 +449,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
     draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
     costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
                           ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
-    timed = {m: TimedProposer(e.proposer) for m, e in engines.items() if m not in costs}  # medusa / eagle / multi
+    timed = {m: TimedProposer(e.proposer, ks) for m, e in engines.items() if m not in costs}  # medusa / eagle / multi
     for m, engine in engines.items():
         if m in timed:
             engine.proposer = timed[m]
@@ -403,19 +461,39 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         measured[m], totals[m] = stats.by_task, stats.total()
     for m, t in timed.items():  # their drafting and tree verify cost, as measured in those runs
         q = 1.0 + statistics.fmean(t.nodes) if t.nodes else 1.0
+        draft_at, query_at = t.costs_at(K) if t.tree else ({}, {})
         target = dict(costs["none"].target_ms)
-        qi = max(1, round(q))
-        if qi not in target:  # monotone in the query length, as measure_costs keeps it
-            below = max((ms for q0, ms in target.items() if q0 < qi), default=0.0)
-            target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
+        for qi in sorted({max(1, round(x)) for x in (q, *query_at.values())}):
+            if qi not in target:  # monotone in the query length, as measure_costs keeps it
+                below = max((ms for q0, ms in target.items() if q0 < qi), default=0.0)
+                target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
         costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
-                             verify_query=q if t.tree else None)
+                             verify_query=q if t.tree else None, draft_ms_at=draft_at, verify_query_at=query_at)
     for m, total in totals.items():  # what the component timings miss, from the runs' wall time
         modelled = costs[m].modelled_step_ms(Profile.from_stats(total), K)  # plain: T_target(1)
-        costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled))
+        extra = timed[m].extra_s if m in timed else 0.0
+        costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled, extra))
     advice = recommend(measured, costs, ks, min_speedup)
     advice.notes.extend(notes)
+    advice.temperature = params.temperature
     return advice
+
+
+def advise_temperatures(backend, prompts, encoded: list[list[int]], methods: Sequence[str], ks: Sequence[int],
+                        temperatures: Sequence[float], max_new_tokens: int, min_speedup: float = 1.0,
+                        adaptive: bool = False, progress=None):
+    """(policy, advices): `advise` at each temperature (at most one 0 and one > 0); with both, the
+    greedy advice rules greedy requests and the sampled one requests with temperature > 0."""
+    from specdeploy.config import SamplingParams
+
+    temps = sorted(set(temperatures))
+    if not temps or min(temps) < 0 or len(temps) > 2 or (len(temps) == 2 and temps[0] != 0):
+        raise SpecDeployError(f"advise at one temperature, or at 0 and one above it; got {list(temperatures)}")
+    advices = [advise(backend, prompts, encoded, methods, ks,
+                      SamplingParams(temperature=t, max_new_tokens=max_new_tokens, seed=0 if t > 0 else None),
+                      min_speedup, progress) for t in temps]
+    sampled = advices[1] if len(advices) == 2 else None
+    return advices[0].policy(adaptive=adaptive, sampled=sampled), advices
 
 
 def what_if(alpha: float, ks: Sequence[int], c: float, verify_ratio: float = 1.0) -> list[tuple[int, float]]:
@@ -448,28 +526,32 @@ def cmd_advise(args: argparse.Namespace) -> int:
         raise SpecDeployError("advise needs --prompts FILE.jsonl (or --what-if)")
     from specdeploy.bench.backend import Backend, encode_all
     from specdeploy.bench.run import progress_bar, select_prompts
-    from specdeploy.config import SamplingParams
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
+    try:
+        temps = [float(t) for t in str(args.temperature).split(",") if t.strip()]
+    except ValueError:
+        raise SpecDeployError(f"--temperature takes comma-separated numbers, got {args.temperature!r}") from None
     prompts = select_prompts(args.prompts, args.prompts_per_task)
     backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner,
                            max_new_tokens=args.max_new_tokens, max_k=max(ks))
     encoded = encode_all(backend, prompts, args.max_new_tokens)
     with progress_bar() as bar:
-        runs = len({"none", *methods})  # plain decoding runs too: the baseline's overhead
+        runs = len({"none", *methods}) * len(set(temps))  # plain decoding runs too: the baseline's overhead
         task = bar.add_task("advise: measuring α at k=%d" % max(ks), total=runs * len(prompts))
-        advice = advise(backend, prompts, encoded, methods, ks, params, args.min_speedup, lambda: bar.advance(task))
-    for n in advice.notes:
-        console.print(f"[yellow]note:[/] {n}")
-    costs = "; ".join(f"{m}: {c.draft_ms:.3f} ms (c={c.c:.3f})" for m, c in advice.costs.items() if m != "none")
-    costs += f"; plain decoding's per-step overhead: {advice.costs['none'].overhead_ms:.2f} ms"
-    tm = advice.costs["none"].target_ms
-    console.print("target verify step: " + ", ".join(f"q={q}: {t:.2f} ms" for q, t in sorted(tm.items())) + f"; draft: {costs}")
-    console.print(advice.table())
-    policy = advice.policy(adaptive=args.adaptive)
+        policy, advices = advise_temperatures(backend, prompts, encoded, methods, ks, temps, args.max_new_tokens,
+                                              args.min_speedup, args.adaptive, lambda: bar.advance(task))
+    for advice in advices:
+        for n in advice.notes:
+            console.print(f"[yellow]note:[/] {n}")
+        costs = "; ".join(f"{m}: {c.draft_ms:.3f} ms (c={c.c:.3f})" for m, c in advice.costs.items() if m != "none")
+        costs += f"; plain decoding's per-step overhead: {advice.costs['none'].overhead_ms:.2f} ms"
+        tm = advice.costs["none"].target_ms
+        console.print("target verify step: " + ", ".join(f"q={q}: {t:.2f} ms" for q, t in sorted(tm.items())) + f"; draft: {costs}")
+        console.print(advice.table(f"advisor at temperature {advice.temperature:g}: expected speedup per task (best k per method)"))
     policy.save(args.out)
-    console.print(f"wrote {args.out} (default for other tasks: {policy.default.as_dict()})")
+    console.print(f"wrote {args.out} (default for other tasks: {policy.default.as_dict()}"
+                  + (f"; sampled: {policy.sampled[1].as_dict()})" if policy.sampled else ")"))
     return 0
 
 
@@ -491,7 +573,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--k", default="1,2,4,8", help="k values to consider (α measured once at the largest)")
     p.add_argument("--out", default="policy.json")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", default="0", help="0, a sampling temperature, or both (0,0.7): a policy "
+                   "section per temperature (greedy requests, and those with temperature > 0)")
     p.add_argument("--min-speedup", type=float, default=1.0, help="below this expected speedup a task gets 'off'")
     p.add_argument("--adaptive", action="store_true", help="enable online adaptation in the written policy")
     p.add_argument("--target", default="smollm2")

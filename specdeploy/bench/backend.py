@@ -135,7 +135,8 @@ class Backend:
         more = more or {}
         hidden = any(getattr(p, "needs_hidden", False) for p in (proposer, *more.values()))
         spec = SpecConfig(method=method, k=max(1, k))
-        engine = SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy)
+        engine = SpecEngine(self.loaded, spec, runner=self.runner(hidden), proposer=proposer, policy=policy,
+                            plain_runner=self.runner(False))
         for m, p in more.items():
             engine.add_proposer(m, p)
         return engine

@@ -432,10 +432,12 @@ def run_bench(args: argparse.Namespace) -> dict:
         configs = [(m, k) for m in available for k in ([0] if m == "none" else ks)]
         cheap = {m: (costs[m].c if m in costs else 0.0) for m in available}  # cheaper drafting first
         configs.sort(key=lambda mk: (mk[1] not in (0, peer_k), cheap[mk[0]], ks.index(mk[1]) if mk[1] in ks else -1))
-        for m, k in configs:
-            jobs.append((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t)))
-        if "policy" in methods:
-            jobs.append((f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
+        loop = [(f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t))
+                for m, k in configs]
+        if "policy" in methods:  # after the runs at peer_k, before the other k values: a budget cuts those first
+            loop.insert(sum(k in (0, peer_k) for _, k in configs),
+                        (f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
+        jobs.extend(loop)
 
     def peer_jobs(t: float) -> None:
         if not peers:
@@ -532,7 +534,7 @@ def _policy_run(bench: "Bench", backend: Backend, box: dict, available: list[str
     if "policy" not in box:
         box["policy"] = _bench_policy(bench.args, backend, [m for m in available if m != "none"], ks, console)
     p = Policy.from_dict(box["policy"].to_dict())  # fresh counters per temperature
-    named = {r.method for r in p.tasks.values()} | {p.default.method}
+    named = {r.method for _, r in p.rules()}
     engine = backend.engine("none", 1, policy=p, more={m: backend.proposer(m, max(ks)) for m in named - {"none"}})
     bench.loop(engine, "policy", 0, t, label="policy", paired=backend.engine("none", 0))
 
@@ -555,11 +557,13 @@ def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], con
         held, note = select_prompts(args.prompts, args.prompts_per_task), "the bench's own prompts (no held-out ones left)"
     console.print(f"policy: advising on {len(held)} {note}")
     enc = encode_all(backend, held, args.max_new_tokens)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens)
     # a margin (10% by default): a task whose predicted gain is within the noise of a few held-out prompts stays off
-    advice = advisor.advise(backend, held, enc, methods, ks, params, min_speedup=args.policy_min_speedup)
-    console.print(advice.table())
-    policy = advice.policy()
+    temps = sorted(set(_list(args.temperature, float)))
+    temps = [t for t in temps if t == 0] + [t for t in temps if t > 0][:1]  # greedy, and one sampled section
+    policy, advices = advisor.advise_temperatures(backend, held, enc, methods, ks, temps, args.max_new_tokens,
+                                                  args.policy_min_speedup)
+    for advice in advices:
+        console.print(advice.table(f"advisor at temperature {advice.temperature:g} (policy row)"))
     policy.extra["advised_on"] = f"{len(held)} {note}"
     return policy
 

@@ -92,10 +92,13 @@ class SpecEngine:
 
     With a `Policy`, each request's method and k (or plain decoding) come from the policy's
     decision for its task; the decision is recorded in the result and in `policy.summary()`.
+    `plain_runner`: a runner of the same target without hidden states, for the requests whose
+    proposer needs none (plain decoding then runs exactly as an engine of method none).
     """
 
     def __init__(self, target: LoadedModel, spec: SpecConfig, draft: LoadedModel | None = None,
-                 runner: Runner | None = None, policy: Policy | None = None, proposer: Proposer | None = None) -> None:
+                 runner: Runner | None = None, policy: Policy | None = None, proposer: Proposer | None = None,
+                 plain_runner: Runner | None = None) -> None:
         self.target = target
         self.spec = spec
         self.tokenizer = target.tokenizer
@@ -109,6 +112,7 @@ class SpecEngine:
                                       f"which {type(runner).__name__} does not return")
             runner = None  # a runner of our own over the same model, returning hidden states
         self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
+        self.plain_runner = plain_runner or self.runner
         self.task_stats = TaskStats()
         self.eos_ids = frozenset(target.stop_ids())
 
@@ -141,12 +145,13 @@ class SpecEngine:
     def generate_ids(self, prompt_ids: list[int], params: SamplingParams, task: str = "default") -> RequestResult:
         """Generate from already encoded prompt ids."""
         stop = StopCondition(self.eos_ids, params.max_new_tokens, params.stop, self._decode)
-        decision = self.policy.decide(task) if self.policy is not None else None
+        decision = self.policy.decide(task, params.temperature) if self.policy is not None else None
         if decision is None:
             proposer, k = self.proposer, (self.spec.k if self.spec.method != "none" else 0)
         else:
             proposer, k = self._proposer_for(decision.method), decision.k
-        gen = speculative_generate(self.runner, proposer, prompt_ids, params, stop, k=k)
+        runner = self.runner if getattr(proposer, "needs_hidden", False) else self.plain_runner
+        gen = speculative_generate(runner, proposer, prompt_ids, params, stop, k=k)
         if decision is not None:
             self.policy.observe(decision, gen.stats)
         self.task_stats.add(task, gen.stats)

@@ -6,8 +6,14 @@ A policy is read from ``policy.json`` (written by ``specdeploy advise``, or by h
      "default": {"method": "ngram", "k": 4},
      "tasks": {"code": {"method": "ngram", "k": 8},
                "creative_writing": {"method": "none", "k": "off"}},
+     "sampled": {"default": {"method": "none", "k": "off"},
+                 "tasks": {"code": {"method": "eagle", "k": 2}}},
      "adaptive": {"enabled": true, "min_k": 1, "max_k": 8}}
 
+``default`` and ``tasks`` rule greedy requests, and sampled ones too unless the file has a
+``sampled`` section: then requests with temperature > 0 follow it (its own default and tasks).
+Acceptance differs between greedy and sampled decoding (a draft's token must be drawn by the
+target's distribution, not only be its argmax), so one task may pay at one and not the other.
 Extra keys (the advisor's evidence: α, expected speedup, costs) are kept and ignored.
 
 Decisions are per request: `decide(task)` before it, `observe(decision, stats)` after it.
@@ -25,7 +31,8 @@ Online adaptation (``"adaptive": {"enabled": true}``), per task, from the reques
   turns it back on if that probe's α reaches ``off_below``. A task the policy file marks
   off is probed the same way when adaptation is on.
 
-Every decision is a `Decision` (task, method, k, reason); `summary()` counts them per task.
+Every decision is a `Decision` (task, method, k, reason, sampled); `summary()` counts them per
+task (sampled requests under "TASK (sampled)" when the policy has a sampled section).
 """
 from __future__ import annotations
 
@@ -114,13 +121,15 @@ class Decision:
     method: str
     k: int
     reason: str  # "policy" | "default" | "adapted" | "off" | "probe"
+    sampled: bool = False  # decided by the policy's sampled section (a request with temperature > 0)
 
     @property
     def off(self) -> bool:
         return self.k == 0
 
     def as_dict(self) -> dict:
-        return {"task": self.task, "method": self.method, "k": OFF if self.off else self.k, "reason": self.reason}
+        out = {"task": self.task, "method": self.method, "k": OFF if self.off else self.k, "reason": self.reason}
+        return {**out, "sampled": True} if self.sampled else out
 
 
 @dataclass
@@ -146,12 +155,15 @@ def read_policy_file(path: str | Path) -> dict:
 
 
 class Policy:
-    """Per-task method and k, with optional online adaptation. Thread-safe."""
+    """Per-task method and k (greedy, and optionally sampled, rules), with optional online adaptation.
+    Thread-safe."""
 
     def __init__(self, tasks: dict[str, TaskRule] | None = None, default: TaskRule | None = None,
-                 adaptive: Adaptation | None = None, extra: dict | None = None) -> None:
+                 adaptive: Adaptation | None = None, extra: dict | None = None,
+                 sampled: tuple[dict[str, TaskRule], TaskRule] | None = None) -> None:
         self.tasks = dict(tasks or {})
         self.default = default or TaskRule()
+        self.sampled = None if sampled is None else (dict(sampled[0]), sampled[1])  # (tasks, default) at T > 0
         self.adaptive = adaptive or Adaptation()
         self.extra = dict(extra or {})  # evidence kept from the file (advisor's measurements)
         self._state: dict[str, _TaskState] = {}
@@ -163,61 +175,88 @@ class Policy:
     def from_dict(cls, d: dict) -> "Policy":
         if not isinstance(d, dict):
             raise SpecDeployError("policy: expected a JSON object")
-        tasks_in = d.get("tasks", {})
-        if not isinstance(tasks_in, dict):
-            raise SpecDeployError("policy: 'tasks' must be an object {task: {method, k}}")
-        tasks = {t: TaskRule.from_dict(r, f"task {t!r}") for t, r in tasks_in.items()}
-        default = TaskRule.from_dict(d["default"], "default") if "default" in d else TaskRule()
-        extra = {k: v for k, v in d.items() if k not in ("tasks", "default", "adaptive", "version")}
-        extra["tasks"] = {t: {k: v for k, v in r.items() if k not in ("method", "k")} for t, r in tasks_in.items()}
-        return cls(tasks, default, Adaptation.from_dict(d.get("adaptive")), extra)
+        tasks, default, evidence = _rules(d, "")
+        sampled = extra_sampled = None
+        if "sampled" in d:
+            if not isinstance(d["sampled"], dict):
+                raise SpecDeployError("policy: 'sampled' must be an object {default, tasks}")
+            s_tasks, s_default, s_evidence = _rules(d["sampled"], "sampled ")
+            sampled, extra_sampled = (s_tasks, s_default), {k: v for k, v in d["sampled"].items() if k not in ("tasks", "default")}
+            extra_sampled["tasks"] = s_evidence
+        extra = {k: v for k, v in d.items() if k not in ("tasks", "default", "adaptive", "version", "sampled")}
+        extra["tasks"] = evidence
+        if extra_sampled is not None:
+            extra["sampled"] = extra_sampled
+        return cls(tasks, default, Adaptation.from_dict(d.get("adaptive")), extra, sampled)
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
         return cls.from_dict(read_policy_file(path))
 
     def to_dict(self) -> dict:
-        evidence = self.extra.get("tasks", {})
-        tasks = {t: {**r.as_dict(), **evidence.get(t, {})} for t, r in self.tasks.items()}
-        out = {"version": 1, "default": self.default.as_dict(), "tasks": tasks, "adaptive": asdict(self.adaptive)}
-        out.update({k: v for k, v in self.extra.items() if k != "tasks"})
+        def section(tasks: dict[str, TaskRule], default: TaskRule, evidence: dict) -> dict:
+            return {"default": default.as_dict(),
+                    "tasks": {t: {**r.as_dict(), **evidence.get(t, {})} for t, r in tasks.items()}}
+
+        out = {"version": 1, **section(self.tasks, self.default, self.extra.get("tasks", {}))}
+        if self.sampled is not None:
+            more = self.extra.get("sampled", {})
+            out["sampled"] = {**section(*self.sampled, more.get("tasks", {})),
+                              **{k: v for k, v in more.items() if k != "tasks"}}
+        out["adaptive"] = asdict(self.adaptive)
+        out.update({k: v for k, v in self.extra.items() if k not in ("tasks", "sampled")})
         return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
-    def rule(self, task: str) -> TaskRule:
+    def rule(self, task: str, sampled: bool = False) -> TaskRule:
+        """The static rule for a task's greedy (or, with `sampled`, temperature > 0) requests."""
+        if sampled and self.sampled is not None:
+            return self.sampled[0].get(task, self.sampled[1])
         return self.tasks.get(task, self.default)
 
+    def rules(self) -> list[tuple[str, TaskRule]]:
+        """Every static rule, named as error messages name it ("default", "task 'code'", "sampled default", ...)."""
+        out = [("default", self.default)] + [(f"task {t!r}", r) for t, r in self.tasks.items()]
+        if self.sampled is not None:
+            out += [("sampled default", self.sampled[1])] + [(f"sampled task {t!r}", r) for t, r in self.sampled[0].items()]
+        return out
+
     # ---- decisions ----------------------------------------------------------------------
-    def decide(self, task: str) -> Decision:
-        """The method and k for the next request of `task`."""
+    def decide(self, task: str, temperature: float = 0.0) -> Decision:
+        """The method and k for the next request of `task` at `temperature`."""
+        sampled = temperature > 0 and self.sampled is not None
         with self._lock:
-            d = self._decide(task)
-            self._counts.setdefault(task, Counter())["off" if d.off else f"{d.method} k={d.k}"] += 1
+            d = self._decide(task, sampled)
+            self._counts.setdefault(_key(task, sampled), Counter())["off" if d.off else f"{d.method} k={d.k}"] += 1
             return d
 
-    def _decide(self, task: str) -> Decision:
-        rule = self.rule(task)
-        static = "policy" if task in self.tasks else "default"
+    def _decide(self, task: str, sampled: bool) -> Decision:
+        rule = self.rule(task, sampled)
+        static = "policy" if task in (self.sampled[0] if sampled else self.tasks) else "default"
         if not self.adaptive.enabled:
-            return Decision(task, "none", 0, static) if rule.off else Decision(task, rule.method, rule.k, static)
-        s = self._state_of(task)
+            if rule.off:
+                return Decision(task, "none", 0, static, sampled)
+            return Decision(task, rule.method, rule.k, static, sampled)
+        s = self._state_of(task, sampled)
         if s.off:
             s.since_off += 1
             if s.method != "none" and s.since_off % self.adaptive.probe_every == 0:
-                return Decision(task, s.method, s.k, "probe")
-            return Decision(task, "none", 0, "off")
-        return Decision(task, s.method, s.k, "adapted" if s.changes else static)
+                return Decision(task, s.method, s.k, "probe", sampled)
+            return Decision(task, "none", 0, "off", sampled)
+        return Decision(task, s.method, s.k, "adapted" if s.changes else static, sampled)
 
-    def _state_of(self, task: str) -> _TaskState:
-        s = self._state.get(task)
+    def _state_of(self, task: str, sampled: bool) -> _TaskState:
+        key = _key(task, sampled)
+        s = self._state.get(key)
         if s is None:
-            a, rule = self.adaptive, self.rule(task)
+            a, rule = self.adaptive, self.rule(task, sampled)
+            default = self.sampled[1] if sampled else self.default
             # a task marked off still gets a method to probe with: the default's (or ngram)
-            method = rule.method if not rule.off else (self.default.method if not self.default.off else "ngram")
-            k = rule.k if not rule.off else (self.default.k if not self.default.off else a.min_k)
-            s = self._state[task] = _TaskState(k=min(max(k, a.min_k), a.max_k), method=method, off=rule.off)
+            method = rule.method if not rule.off else (default.method if not default.off else "ngram")
+            k = rule.k if not rule.off else (default.k if not default.off else a.min_k)
+            s = self._state[key] = _TaskState(k=min(max(k, a.min_k), a.max_k), method=method, off=rule.off)
         return s
 
     def observe(self, decision: Decision, stats: SpecStats) -> None:
@@ -226,7 +265,7 @@ class Policy:
             return
         a = self.adaptive
         with self._lock:
-            s = self._state_of(decision.task)
+            s = self._state_of(decision.task, decision.sampled)
             alpha = stats.accepted / stats.proposed
             k = decision.k
             # acceptance at the last position: drafts that reached position k, and were accepted up to it
@@ -265,3 +304,18 @@ class Policy:
                                 "running_last_position": s.last, "changes": list(s.changes)})
                 out[task] = row
             return out
+
+
+def _key(task: str, sampled: bool) -> str:
+    return f"{task} (sampled)" if sampled else task
+
+
+def _rules(d: dict, where: str) -> tuple[dict[str, TaskRule], TaskRule, dict]:
+    """(tasks, default, per-task evidence) of a policy section: the file's top level or its sampled part."""
+    tasks_in = d.get("tasks", {})
+    if not isinstance(tasks_in, dict):
+        raise SpecDeployError(f"policy: '{where}tasks' must be an object {{task: {{method, k}}}}")
+    tasks = {t: TaskRule.from_dict(r, f"{where}task {t!r}") for t, r in tasks_in.items()}
+    default = TaskRule.from_dict(d["default"], f"{where}default") if "default" in d else TaskRule()
+    evidence = {t: {k: v for k, v in r.items() if k not in ("method", "k")} for t, r in tasks_in.items()}
+    return tasks, default, evidence

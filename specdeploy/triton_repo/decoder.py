@@ -106,7 +106,7 @@ class SpecDecoder:
         wins (with the repository's method, reason "request"), then the policy's decision for the
         task, then the repository's method and k (reason "repository")."""
         if job.k is None and self.policy is not None:
-            return self.policy.decide(job.task)
+            return self.policy.decide(job.task, job.params.temperature)
         k = self.k if job.k is None else job.k
         reason = "request" if job.k is not None else "repository"
         if self.method == "none" or k == 0:

@@ -86,12 +86,14 @@ class RepoSpec:
 
 def load_policy(path: str | Path, spec: SpecConfig) -> Policy:
     """A policy.json (runtime.policy's format, as `specdeploy advise` writes it) for a repository
-    serving `spec`. Without a "default" entry, tasks the policy does not name get spec's method and k."""
+    serving `spec`. Without a "default" entry (top level or in its sampled section), tasks the
+    policy does not name get spec's method and k."""
     data = read_policy_file(path)
+    repository = {"method": spec.method, "k": OFF if spec.method == "none" else spec.k}
     if isinstance(data, dict):
-        if "default" not in data:
-            off = spec.method == "none"
-            data = {**data, "default": {"method": spec.method, "k": OFF if off else spec.k}}
+        data = {"default": repository, **data}
+        if isinstance(data.get("sampled"), dict):
+            data["sampled"] = {"default": repository, **data["sampled"]}
     return Policy.from_dict(data)
 
 
@@ -103,7 +105,7 @@ def served_methods(spec: SpecConfig) -> tuple[str, ...]:
 def check_policy(policy: Policy, spec: SpecConfig) -> None:
     """Every method the policy names must be one the repository serves."""
     served = served_methods(spec)
-    for where, rule in [("default", policy.default)] + [(f"task {t!r}", r) for t, r in policy.tasks.items()]:
+    for where, rule in policy.rules():
         if not rule.off and rule.method not in served:
             raise SpecDeployError(f"policy {where}: method {rule.method!r} is not served by this repository "
                                   f"(it serves {', '.join(served)}); write it with --method {rule.method}")
