@@ -188,3 +188,12 @@ def test_sampled_advice_writes_the_policy_sampled_section():
     d = policy.to_dict()
     assert d["temperature"] == 0.0 and d["sampled"]["temperature"] == 0.7 and d["sampled"]["tasks"]["code"]["k"] == "off"
     assert greedy.policy().sampled is None
+
+
+def test_advise_refuses_bad_temperatures_before_loading(tmp_path, capsys):
+    """The temperature error comes first: the (missing) target is never looked at."""
+    for bad in ("0,0.5,0.7", "0.5,0.7", "-1", "hot"):
+        assert main(["advise", "--prompts", "eval", "--temperature", bad, "--target", str(tmp_path / "missing"),
+                     "--out", str(tmp_path / "p.json")]) == 2, bad
+        assert "temperature" in capsys.readouterr().err, bad
+    assert not (tmp_path / "p.json").exists()

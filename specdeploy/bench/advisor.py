@@ -486,14 +486,20 @@ def advise_temperatures(backend, prompts, encoded: list[list[int]], methods: Seq
     greedy advice rules greedy requests and the sampled one requests with temperature > 0."""
     from specdeploy.config import SamplingParams
 
-    temps = sorted(set(temperatures))
-    if not temps or min(temps) < 0 or len(temps) > 2 or (len(temps) == 2 and temps[0] != 0):
-        raise SpecDeployError(f"advise at one temperature, or at 0 and one above it; got {list(temperatures)}")
+    temps = check_temperatures(temperatures)
     advices = [advise(backend, prompts, encoded, methods, ks,
                       SamplingParams(temperature=t, max_new_tokens=max_new_tokens, seed=0 if t > 0 else None),
                       min_speedup, progress) for t in temps]
     sampled = advices[1] if len(advices) == 2 else None
     return advices[0].policy(adaptive=adaptive, sampled=sampled), advices
+
+
+def check_temperatures(temperatures: Sequence[float]) -> list[float]:
+    """The sorted temperatures to advise at: one, or 0 and one above it."""
+    temps = sorted(set(temperatures))
+    if not temps or min(temps) < 0 or len(temps) > 2 or (len(temps) == 2 and temps[0] != 0):
+        raise SpecDeployError(f"advise at one temperature, or at 0 and one above it; got {list(temperatures)}")
+    return temps
 
 
 def what_if(alpha: float, ks: Sequence[int], c: float, verify_ratio: float = 1.0) -> list[tuple[int, float]]:
@@ -532,6 +538,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         temps = [float(t) for t in str(args.temperature).split(",") if t.strip()]
     except ValueError:
         raise SpecDeployError(f"--temperature takes comma-separated numbers, got {args.temperature!r}") from None
+    check_temperatures(temps)  # before loading anything
     prompts = select_prompts(args.prompts, args.prompts_per_task)
     backend = Backend.load(args.target, args.device, args.dtype, runner=args.runner,
                            max_new_tokens=args.max_new_tokens, max_k=max(ks))
