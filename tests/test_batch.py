@@ -166,7 +166,7 @@ def test_spec_switch_auto_probes_in_bursts_that_back_off():
 def test_spec_switch_auto_is_not_stuck_off_by_noise():
     """Per-step acceptance is noisy (1 to k + 1 tokens). Where its mean pays (here 1.26x the plain
     rate, always on), a run of rejections must not keep speculation off: the estimate ages while
-    off and a probe burst decides. (The switch of session 5 spent 8% of these steps speculating.)"""
+    off and a probe burst decides. (`SpecSwitch` as of commit 8bf9123 spent 8% of these steps speculating.)"""
     import random
 
     rng = random.Random(0)

@@ -321,6 +321,7 @@ class Advice:
     min_speedup: float = 1.0
     notes: list[str] = field(default_factory=list)
     temperature: float = 0.0  # the sampling temperature the acceptance was measured at
+    step_costs: dict[str, StepCosts] = field(default_factory=dict)  # measure_costs's timings, before the runs
 
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(o.task for o in self.options))
@@ -429,8 +430,11 @@ def _f(x: float | None) -> str:
 
 # ---- running it ----------------------------------------------------------------------------
 def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], ks: Sequence[int], params,
-           min_speedup: float = 1.0, progress=None, reps: int | None = None) -> Advice:
-    """Measure costs and acceptance on `backend` (see bench.backend.Backend) and recommend per task."""
+           min_speedup: float = 1.0, progress=None, reps: int | None = None,
+           step_costs: dict[str, StepCosts] | None = None) -> Advice:
+    """Measure costs and acceptance on `backend` (see bench.backend.Backend) and recommend per task.
+    `step_costs`: `measure_costs`'s timings from an earlier call (they do not depend on the
+    temperature), measured here when None; the advice keeps them as `step_costs`."""
     from specdeploy.runtime.stats import TaskStats
 
     K = max(ks)
@@ -446,9 +450,11 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         raise SpecDeployError("no method to advise on: " + "; ".join(notes))
     reps = reps or (20 if backend.device.startswith("cuda") else 3)
     context = max(encoded, key=len)
-    draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
-    costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
-                          ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
+    if step_costs is None:
+        draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
+        step_costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
+                                   ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
+    costs = dict(step_costs)
     timed = {m: TimedProposer(e.proposer, ks) for m, e in engines.items() if m not in costs}  # medusa / eagle / multi
     for m, engine in engines.items():
         if m in timed:
@@ -475,7 +481,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled, extra))
     advice = recommend(measured, costs, ks, min_speedup)
     advice.notes.extend(notes)
-    advice.temperature = params.temperature
+    advice.temperature, advice.step_costs = params.temperature, step_costs
     return advice
 
 
@@ -486,10 +492,11 @@ def advise_temperatures(backend, prompts, encoded: list[list[int]], methods: Seq
     greedy advice rules greedy requests and the sampled one requests with temperature > 0."""
     from specdeploy.config import SamplingParams
 
-    temps = check_temperatures(temperatures)
-    advices = [advise(backend, prompts, encoded, methods, ks,
-                      SamplingParams(temperature=t, max_new_tokens=max_new_tokens, seed=0 if t > 0 else None),
-                      min_speedup, progress) for t in temps]
+    advices: list[Advice] = []
+    for t in check_temperatures(temperatures):  # the step timings once: they do not depend on t
+        params = SamplingParams(temperature=t, max_new_tokens=max_new_tokens, seed=0 if t > 0 else None)
+        advices.append(advise(backend, prompts, encoded, methods, ks, params, min_speedup, progress,
+                              step_costs=advices[0].step_costs if advices else None))
     sampled = advices[1] if len(advices) == 2 else None
     return advices[0].policy(adaptive=adaptive, sampled=sampled), advices
 
@@ -558,7 +565,7 @@ def cmd_advise(args: argparse.Namespace) -> int:
         console.print(advice.table(f"advisor at temperature {advice.temperature:g}: expected speedup per task (best k per method)"))
     policy.save(args.out)
     console.print(f"wrote {args.out} (default for other tasks: {policy.default.as_dict()}"
-                  + (f"; sampled: {policy.sampled[1].as_dict()})" if policy.sampled else ")"))
+                  + (f"; sampled: {policy.sampled.default.as_dict()})" if policy.sampled else ")"))
     return 0
 
 

@@ -41,6 +41,7 @@ import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from specdeploy.config import MAX_K, METHODS
 from specdeploy.errors import SpecDeployError
@@ -78,6 +79,16 @@ class TaskRule:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise SpecDeployError(f"policy {where}: k must be 'off' or an integer in [1, {MAX_K}], got {k!r}")
         return cls(method=method, k=k)
+
+
+class Rules(NamedTuple):
+    """One section's static rules: per-task rules, and the default for tasks not named."""
+
+    tasks: dict[str, TaskRule]
+    default: TaskRule
+
+    def rule(self, task: str) -> TaskRule:
+        return self.tasks.get(task, self.default)
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ class Policy:
                  sampled: tuple[dict[str, TaskRule], TaskRule] | None = None) -> None:
         self.tasks = dict(tasks or {})
         self.default = default or TaskRule()
-        self.sampled = None if sampled is None else (dict(sampled[0]), sampled[1])  # (tasks, default) at T > 0
+        self.sampled = None if sampled is None else Rules(dict(sampled[0]), sampled[1])  # requests at T > 0
         self.adaptive = adaptive or Adaptation()
         self.extra = dict(extra or {})  # evidence kept from the file (advisor's measurements)
         self._state: dict[str, _TaskState] = {}
@@ -194,14 +205,14 @@ class Policy:
         return cls.from_dict(read_policy_file(path))
 
     def to_dict(self) -> dict:
-        def section(tasks: dict[str, TaskRule], default: TaskRule, evidence: dict) -> dict:
+        def written(tasks: dict[str, TaskRule], default: TaskRule, evidence: dict) -> dict:
             return {"default": default.as_dict(),
                     "tasks": {t: {**r.as_dict(), **evidence.get(t, {})} for t, r in tasks.items()}}
 
-        out = {"version": 1, **section(self.tasks, self.default, self.extra.get("tasks", {}))}
+        out = {"version": 1, **written(self.tasks, self.default, self.extra.get("tasks", {}))}
         if self.sampled is not None:
             more = self.extra.get("sampled", {})
-            out["sampled"] = {**section(*self.sampled, more.get("tasks", {})),
+            out["sampled"] = {**written(*self.sampled, more.get("tasks", {})),
                               **{k: v for k, v in more.items() if k != "tasks"}}
         out["adaptive"] = asdict(self.adaptive)
         out.update({k: v for k, v in self.extra.items() if k not in ("tasks", "sampled")})
@@ -210,17 +221,19 @@ class Policy:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
+    def section(self, sampled: bool = False) -> Rules:
+        """The rules of greedy requests, or (with `sampled`) of requests at temperature > 0."""
+        return self.sampled if sampled and self.sampled is not None else Rules(self.tasks, self.default)
+
     def rule(self, task: str, sampled: bool = False) -> TaskRule:
         """The static rule for a task's greedy (or, with `sampled`, temperature > 0) requests."""
-        if sampled and self.sampled is not None:
-            return self.sampled[0].get(task, self.sampled[1])
-        return self.tasks.get(task, self.default)
+        return self.section(sampled).rule(task)
 
     def rules(self) -> list[tuple[str, TaskRule]]:
         """Every static rule, named as error messages name it ("default", "task 'code'", "sampled default", ...)."""
         out = [("default", self.default)] + [(f"task {t!r}", r) for t, r in self.tasks.items()]
         if self.sampled is not None:
-            out += [("sampled default", self.sampled[1])] + [(f"sampled task {t!r}", r) for t, r in self.sampled[0].items()]
+            out += [("sampled default", self.sampled.default)] + [(f"sampled task {t!r}", r) for t, r in self.sampled.tasks.items()]
         return out
 
     # ---- decisions ----------------------------------------------------------------------
@@ -233,8 +246,9 @@ class Policy:
             return d
 
     def _decide(self, task: str, sampled: bool) -> Decision:
-        rule = self.rule(task, sampled)
-        static = "policy" if task in (self.sampled[0] if sampled else self.tasks) else "default"
+        rules = self.section(sampled)
+        rule = rules.rule(task)
+        static = "policy" if task in rules.tasks else "default"
         if not self.adaptive.enabled:
             if rule.off:
                 return Decision(task, "none", 0, static, sampled)
@@ -251,8 +265,8 @@ class Policy:
         key = _key(task, sampled)
         s = self._state.get(key)
         if s is None:
-            a, rule = self.adaptive, self.rule(task, sampled)
-            default = self.sampled[1] if sampled else self.default
+            a, rules = self.adaptive, self.section(sampled)
+            rule, default = rules.rule(task), rules.default
             # a task marked off still gets a method to probe with: the default's (or ngram)
             method = rule.method if not rule.off else (default.method if not default.off else "ngram")
             k = rule.k if not rule.off else (default.k if not default.off else a.min_k)
