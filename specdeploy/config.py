@@ -61,6 +61,7 @@ class SpecConfig:
     # (medusa: the artifact's tree, eagle: 48, multi: 48 + k). EAGLE trees are k deep, `tree_topk` wide.
     tree_size: int | None = None
     tree_topk: int = 8
+    switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,8 @@ class SpecConfig:
             raise SpecDeployError(f"tree_size must be an integer in [0, 1024], got {self.tree_size!r}")
         if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 64:
             raise SpecDeployError(f"tree_topk must be an integer in [1, 64], got {self.tree_topk!r}")
+        if self.switch not in ("on", "auto"):
+            raise SpecDeployError(f"switch must be 'on' or 'auto', got {self.switch!r}")
 
     @classmethod
     def from_vllm(cls, cfg: dict) -> "SpecConfig":

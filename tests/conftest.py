@@ -7,6 +7,7 @@ import torch
 from specdeploy.config import SamplingParams, SpecConfig
 
 from specdeploy.models.loader import LoadedModel, load_model
+from specdeploy.runtime.switch import SpecSwitch
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +54,15 @@ def assert_matches_reference(engine, reference, prompts: list[str], max_new: int
     for i, (ids, ref) in enumerate(reference):
         got = engine.generate_ids(ids, SamplingParams(max_new_tokens=max_new)).token_ids
         assert got == ref, f"prompt {i} ({prompts[i]!r}): {got} != {ref}"
+
+
+class AlternatingSwitch(SpecSwitch):
+    """Spec for `on` steps out of every `period`: drafts must catch up on the tokens of plain steps."""
+
+    def __init__(self, on: int, period: int) -> None:
+        super().__init__("auto")
+        self.on, self.period = on, period
+
+    def choose(self, slots: int = 1) -> bool:
+        self._steps += 1
+        return self._steps % self.period < self.on

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from specdeploy.config import SamplingParams
-from specdeploy.runtime.batch import BatchRequest, BatchSpeculator, SpecSwitch, greedy_accept_batch, ngram_propose_batch
+from specdeploy.runtime.batch import BatchRequest, BatchSpeculator, greedy_accept_batch, ngram_propose_batch
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import NGramProposer, NoProposer
 from specdeploy.runtime.runner import TorchRunner
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import verify
+from conftest import AlternatingSwitch
 from test_cuda_runner import needs_cuda, tiny_llama
 
 GREEDY = SamplingParams()
@@ -102,84 +103,18 @@ def test_batch_stats_equal_the_loop():
         assert a.accepted_at == b.accepted_at
 
 
-class _Alternate(SpecSwitch):
-    """Spec on for 2 steps, off for 5: exercises the draft's catch-up after plain steps."""
-
-    def __init__(self):
-        super().__init__("auto")
-
-    def choose(self) -> bool:
-        self._steps += 1
-        return self._steps % 7 < 2
-
-
 def test_switching_speculation_off_and_on_stays_lossless():
     model = tiny_llama()
     lean = LeanLlama.from_hf(model)
     prompts = _prompts(5, seed=5)
     ref = _solo_plain(model, prompts, 45)
     eng = BatchSpeculator(lean, method="draft", draft=lean, k=4, max_batch=3, max_length=96, eos_ids=[0])
-    eng.switch = _Alternate()
+    eng.switch = AlternatingSwitch(2, 7)  # exercises the draft's catch-up after plain steps
     res = eng.run([BatchRequest(p, 45) for p in prompts])
     assert [r.token_ids for r in res] == [g.token_ids for g in ref]
     # a full-depth draft only misses if its cache missed the tokens of plain steps
     assert all(r.stats.alpha in (None, 1.0) for r in res)
     assert eng.switch.plain_steps > 0 and eng.switch.spec_steps > 0
-
-
-def _drive(sw: SpecSwitch, steps: int, acceptance, spec_s: float, plain_s: float = 1.0) -> list[bool]:
-    picks = []
-    for _ in range(steps):
-        spec = sw.choose()
-        picks.append(spec)
-        sw.record(spec, acceptance() if spec else 1.0, spec_s if spec else plain_s)
-    return picks
-
-
-def test_spec_switch_auto_keeps_paying_speculation_on():
-    """spec iff acceptance_length / spec_step_time >= 1 / plain_step_time; while on, one plain step
-    in probe_every refreshes the plain step time."""
-    sw = SpecSwitch("auto", probe_every=10)
-    tail = _drive(sw, 100, lambda: 1.8, 1.2)[-50:]
-    assert sw.prefers_spec() and sum(tail) == 45
-    assert SpecSwitch("off").choose() is False and SpecSwitch("on").choose() is True
-    with pytest.raises(Exception):
-        SpecSwitch("sometimes")
-
-
-def test_spec_switch_auto_probes_in_bursts_that_back_off():
-    """Where speculation does not pay, a burst of probe_len spec steps re-measures it; each burst
-    that fails doubles the wait before the next one, up to max_wait."""
-    sw = SpecSwitch("auto", probe_every=10, probe_len=3, max_wait=40)
-    picks = _drive(sw, 300, lambda: 1.2, 2.0)
-    assert not sw.prefers_spec()
-    runs, gaps, i = [], [], 1  # the first step measures spec, then plain once (the first gap's extra step)
-    while i < len(picks):
-        j = i
-        while j < len(picks) and picks[j] == picks[i]:
-            j += 1
-        (runs if picks[i] else gaps).append(j - i)
-        i = j
-    assert set(runs) == {3} and gaps[:4] == [11, 20, 40, 40]
-
-
-def test_spec_switch_auto_is_not_stuck_off_by_noise():
-    """Per-step acceptance is noisy (1 to k + 1 tokens). Where its mean pays (here 1.26x the plain
-    rate, always on), a run of rejections must not keep speculation off: the estimate ages while
-    off and a probe burst decides. (`SpecSwitch` as of commit 8bf9123 spent 8% of these steps speculating.)"""
-    import random
-
-    rng = random.Random(0)
-
-    def accepted():  # 1 + accepted drafts, each accepted with p = 0.55 until one is not (k = 4)
-        n = 1
-        while n < 5 and rng.random() < 0.55:
-            n += 1
-        return n
-
-    sw = SpecSwitch("auto")
-    picks = _drive(sw, 20000, accepted, spec_s=2.8, plain_s=1.7)
-    assert sum(picks) / len(picks) > 0.7
 
 
 def test_batch_rejects_overlong_requests():

@@ -352,7 +352,9 @@ class Advice:
             s_tasks, s_default, s_extra = sampled._rules()
             s_extra.update({"temperature": sampled.temperature, "costs": {m: c.as_dict() for m, c in sampled.costs.items()}})
             rules, extra["sampled"] = (s_tasks, s_default), s_extra
-        return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra, rules)
+        # the switch guards each request: per-task advice comes from a few prompts, and prompts of one task differ
+        return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra, rules,
+                      switch="auto")
 
     def _rules(self):
         """(tasks, default, {"tasks": evidence}) of this advice."""

@@ -296,6 +296,8 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
                     _, ftps = _tps_over(first_plain, run, idx, task)
                     row["plain_drift"] = round(ptps / ftps - 1, 4) if ftps > 0 else None
             row["mismatch_checked"] = plain is not None and run.temperature == 0
+            if s.switched_off:  # steps the speculation switch decoded plain (policy "switch": "auto")
+                row["switched_off"] = round(s.switched_off / s.target_forwards, 4)
             gen = hf_generate.get((run.temperature, run.batch))
             if gen is not None and gen is not run:
                 _, gtps = _tps_over(gen, run, idx, task)

@@ -38,6 +38,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
 from specdeploy.runtime.loop import StopCondition
 from specdeploy.runtime.stats import SpecStats
+from specdeploy.runtime.switch import SpecSwitch
 
 METHODS = ("none", "ngram", "draft")  # "draft": any LeanLlama draft (layerskip or trained)
 PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
@@ -116,95 +117,6 @@ class BatchResult:
     token_ids: list[int]  # generated tokens only (EOS included when it ended the text)
     finish_reason: str  # "eos" | "length"
     stats: SpecStats  # wall_s: from the request's join to its last token
-
-
-class SpecSwitch:
-    """Speculation on or off for the whole batch: "on", "off", or "auto" (a measured cost model).
-
-    auto: moving averages of the device time of a spec step and of a plain step (CUDA events
-    around the step's graph), and of the tokens a spec step emits per slot (the acceptance
-    length; a plain step emits exactly one). It runs spec steps while
-    acceptance_length / spec_time >= 1 / plain_time.
-
-    Acceptance is noisy step to step (1 to k + 1 tokens), and while speculation is off it is not
-    measured at all, so the estimate must not outlive its evidence: it is a ratio of sums that
-    age by `acceptance_decay` every step, spec or plain. While on, one plain step in
-    `probe_every` refreshes the plain step time. While off, a burst of `probe_len` spec steps
-    every `probe_every` steps re-measures acceptance; the old evidence has faded by then, so the
-    burst decides. A burst that does not turn speculation back on doubles the wait before the
-    next one (up to `max_wait`), so where speculation never pays (large batches, a poor draft)
-    probing costs little; one that does resets the wait.
-    """
-
-    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8, probe_len: int = 4,
-                 acceptance_decay: float = 0.95, max_wait: int = 512) -> None:
-        if mode not in ("on", "off", "auto"):
-            raise SpecDeployError(f"speculation switch must be on, off or auto, not {mode!r}")
-        self.mode, self.probe_every, self.decay = mode, probe_every, decay
-        self.probe_len, self.acceptance_decay, self.max_wait = probe_len, acceptance_decay, max_wait
-        self.step_s: dict[bool, float | None] = {True: None, False: None}  # device seconds per step, spec / plain
-        self._tokens = self._weight = 0.0  # aged sums: tokens per slot of spec steps, and their count
-        self._steps = 0
-        self._off_for = 0  # plain steps since speculation was last chosen
-        self._wait = probe_every  # plain steps before the next probe burst
-        self._burst = 0  # spec steps left in the current probe burst
-        self._probing = False  # a burst ran and its verdict is pending
-        self.spec_steps = 0
-        self.plain_steps = 0
-
-    @property
-    def acceptance(self) -> float | None:
-        """Tokens per slot per spec step, over the aged evidence (None before any spec step)."""
-        return self._tokens / self._weight if self._weight > 0 else None
-
-    def prefers_spec(self) -> bool:
-        """The cost model's choice (before probing)."""
-        t_spec, t_plain = self.step_s[True], self.step_s[False]
-        if t_spec is None or t_plain is None or self.acceptance is None:
-            return True
-        return self.acceptance / t_spec >= 1.0 / t_plain
-
-    def choose(self) -> bool:
-        self._steps += 1
-        if self.mode != "auto":
-            return self.mode == "on"
-        if self._burst > 0:
-            self._burst -= 1
-            return True
-        if self.step_s[True] is None or self.acceptance is None:
-            return True  # measure spec first
-        if self.step_s[False] is None:
-            return False  # then plain once
-        best = self.prefers_spec()
-        if self._probing:  # the burst's verdict
-            self._probing = False
-            self._wait = self.probe_every if best else min(2 * self._wait, self.max_wait)
-        if best:
-            self._off_for = 0
-            return self._steps % self.probe_every != 0
-        if self._off_for >= self._wait:
-            self._off_for, self._burst, self._probing = 0, self.probe_len - 1, True
-            return True
-        self._off_for += 1
-        return False
-
-    def record(self, spec: bool, tokens_per_slot: float | None, seconds: float) -> None:
-        """One finished step: its mode, tokens emitted per active slot, device seconds."""
-        if spec:
-            self.spec_steps += 1
-        else:
-            self.plain_steps += 1
-        if seconds > 0:
-            self.step_s[spec] = _ema(self.step_s[spec], seconds, self.decay)
-        self._tokens *= self.acceptance_decay
-        self._weight *= self.acceptance_decay
-        if spec and tokens_per_slot is not None:
-            self._tokens += tokens_per_slot
-            self._weight += 1.0
-
-
-def _ema(old: float | None, new: float, decay: float) -> float:
-    return new if old is None else decay * old + (1 - decay) * new
 
 
 @dataclass
@@ -426,8 +338,8 @@ class BatchSpeculator:
         self.slots[slot] = None
 
     def _launch(self) -> _Launched:
-        spec = bool(self.k) and self.switch.choose()
         live = [s for s in self.slots if s is not None]
+        spec = bool(self.k) and self.switch.choose(len(live))
         # longest cache among live slots, bounded for the step in flight
         longest = max(len(s.tokens) for s in live) + (self.k + 1) * (2 if self.overlap else 1)
         kv = bucket(min(self.positions, longest + max(self.k + 1, CATCHUP) + 1), self.kv_buckets)
@@ -485,7 +397,7 @@ class BatchSpeculator:
                 if on_done:
                     on_done(result)
                 self._leave(slot)
-        self.switch.record(launched.spec, tokens / slots if slots else None, seconds)
+        self.switch.record(launched.spec, tokens / slots if slots else None, seconds, slots)
         return done
 
     def run(self, requests: Sequence[BatchRequest], on_done: Callable[[BatchResult], None] | None = None) -> list[BatchResult]:

@@ -147,11 +147,11 @@ class SpecEngine:
         stop = StopCondition(self.eos_ids, params.max_new_tokens, params.stop, self._decode)
         decision = self.policy.decide(task, params.temperature) if self.policy is not None else None
         if decision is None:
-            proposer, k = self.proposer, (self.spec.k if self.spec.method != "none" else 0)
+            proposer, k, switch = self.proposer, (self.spec.k if self.spec.method != "none" else 0), self.spec.switch
         else:
-            proposer, k = self._proposer_for(decision.method), decision.k
+            proposer, k, switch = self._proposer_for(decision.method), decision.k, decision.switch
         runner = self.runner if getattr(proposer, "needs_hidden", False) else self.plain_runner
-        gen = speculative_generate(runner, proposer, prompt_ids, params, stop, k=k)
+        gen = speculative_generate(runner, proposer, prompt_ids, params, stop, k=k, switch=switch)
         if decision is not None:
             self.policy.observe(decision, gen.stats)
         self.task_stats.add(task, gen.stats)

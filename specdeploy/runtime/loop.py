@@ -12,6 +12,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.runner import Runner
 from specdeploy.runtime.stats import SpecStats
+from specdeploy.runtime.switch import SpecSwitch
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import verify
 
@@ -50,8 +51,14 @@ def speculative_generate(
     params: SamplingParams,
     stop: StopCondition,
     k: int = 4,
+    switch: str | SpecSwitch = "on",
 ) -> Generation:
     """Generate from `target`, with drafts from `proposer` verified k at a time.
+
+    switch: "on" drafts every step; "auto" lets a `SpecSwitch` decode plain steps wherever this
+    request's measured acceptance does not pay for its measured spec step time (the proposer then
+    catches up on the skipped tokens at its next draft); "off" is plain decoding. A `SpecSwitch`
+    is used as given (tests drive it).
 
     Invariant: the target's KV cache holds every committed token but the last one
     (the pending token), which is fed first in the next step.
@@ -72,9 +79,12 @@ def speculative_generate(
 
     hidden_buffer = None  # storage behind ctx.target_hidden once it grows
     reason = None
+    spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
     while reason is None:
+        step_start = time.perf_counter()
+        spec = spec_switch.choose()
         # 1. draft, never past max_new_tokens or the context window
-        budget = min(k, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
+        budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
         draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
         draft = _fit(draft, budget, target.max_length - target.length - 1)
         # 2. verify: one target forward scores the pending token and every draft token (chain or tree)
@@ -95,6 +105,7 @@ def speculative_generate(
             target.rollback(base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
         stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
+        stats.switched_off += not spec
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
@@ -104,6 +115,8 @@ def speculative_generate(
             reason = stop.check(generated)
             if reason:
                 break
+        # the verdict's tokens are on the host by now: the step's device work is done
+        spec_switch.record(spec, verdict.num_accepted + 1, time.perf_counter() - step_start)
 
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start

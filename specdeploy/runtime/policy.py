@@ -8,13 +8,17 @@ A policy is read from ``policy.json`` (written by ``specdeploy advise``, or by h
                "creative_writing": {"method": "none", "k": "off"}},
      "sampled": {"default": {"method": "none", "k": "off"},
                  "tasks": {"code": {"method": "eagle", "k": 2}}},
-     "adaptive": {"enabled": true, "min_k": 1, "max_k": 8}}
+     "adaptive": {"enabled": true, "min_k": 1, "max_k": 8},
+     "switch": "auto"}
 
 ``default`` and ``tasks`` rule greedy requests, and sampled ones too unless the file has a
 ``sampled`` section: then requests with temperature > 0 follow it (its own default and tasks).
 Acceptance differs between greedy and sampled decoding (a draft's token must be drawn by the
 target's distribution, not only be its argmax), so one task may pay at one and not the other.
-Extra keys (the advisor's evidence: α, expected speedup, costs) are kept and ignored.
+``"switch": "auto"`` (default "on") lets every speculating request decode plain steps wherever
+its own measured acceptance does not pay for its measured step time (`SpecSwitch`, switch.py):
+per-task advice comes from a few prompts, and prompts of one task differ. Extra keys (the
+advisor's evidence: α, expected speedup, costs) are kept and ignored.
 
 Decisions are per request: `decide(task)` before it, `observe(decision, stats)` after it.
 k never changes what is generated (verification keeps only tokens equal to the target's
@@ -39,7 +43,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,6 +137,7 @@ class Decision:
     k: int
     reason: str  # "policy" | "default" | "adapted" | "off" | "probe"
     sampled: bool = False  # decided by the policy's sampled section (a request with temperature > 0)
+    switch: str = "on"  # the request's speculation switch (`speculative_generate(switch=...)`)
 
     @property
     def off(self) -> bool:
@@ -140,7 +145,11 @@ class Decision:
 
     def as_dict(self) -> dict:
         out = {"task": self.task, "method": self.method, "k": OFF if self.off else self.k, "reason": self.reason}
-        return {**out, "sampled": True} if self.sampled else out
+        if self.sampled:
+            out["sampled"] = True
+        if self.switch != "on" and not self.off:
+            out["switch"] = self.switch
+        return out
 
 
 @dataclass
@@ -171,7 +180,10 @@ class Policy:
 
     def __init__(self, tasks: dict[str, TaskRule] | None = None, default: TaskRule | None = None,
                  adaptive: Adaptation | None = None, extra: dict | None = None,
-                 sampled: tuple[dict[str, TaskRule], TaskRule] | None = None) -> None:
+                 sampled: tuple[dict[str, TaskRule], TaskRule] | None = None, switch: str = "on") -> None:
+        if switch not in ("on", "auto"):
+            raise SpecDeployError(f"policy switch: expected 'on' or 'auto', got {switch!r}")
+        self.switch = switch
         self.tasks = dict(tasks or {})
         self.default = default or TaskRule()
         self.sampled = None if sampled is None else Rules(dict(sampled[0]), sampled[1])  # requests at T > 0
@@ -194,11 +206,11 @@ class Policy:
             s_tasks, s_default, s_evidence = _rules(d["sampled"], "sampled ")
             sampled, extra_sampled = (s_tasks, s_default), {k: v for k, v in d["sampled"].items() if k not in ("tasks", "default")}
             extra_sampled["tasks"] = s_evidence
-        extra = {k: v for k, v in d.items() if k not in ("tasks", "default", "adaptive", "version", "sampled")}
+        extra = {k: v for k, v in d.items() if k not in ("tasks", "default", "adaptive", "version", "sampled", "switch")}
         extra["tasks"] = evidence
         if extra_sampled is not None:
             extra["sampled"] = extra_sampled
-        return cls(tasks, default, Adaptation.from_dict(d.get("adaptive")), extra, sampled)
+        return cls(tasks, default, Adaptation.from_dict(d.get("adaptive")), extra, sampled, d.get("switch", "on"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
@@ -215,6 +227,7 @@ class Policy:
             out["sampled"] = {**written(*self.sampled, more.get("tasks", {})),
                               **{k: v for k, v in more.items() if k != "tasks"}}
         out["adaptive"] = asdict(self.adaptive)
+        out["switch"] = self.switch
         out.update({k: v for k, v in self.extra.items() if k not in ("tasks", "sampled")})
         return out
 
@@ -241,7 +254,7 @@ class Policy:
         """The method and k for the next request of `task` at `temperature`."""
         sampled = temperature > 0 and self.sampled is not None
         with self._lock:
-            d = self._decide(task, sampled)
+            d = replace(self._decide(task, sampled), switch=self.switch)
             self._counts.setdefault(_key(task, sampled), Counter())["off" if d.off else f"{d.method} k={d.k}"] += 1
             return d
 

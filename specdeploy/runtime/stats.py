@@ -14,6 +14,7 @@ class SpecStats:
     emitted: int = 0  # tokens given to the user
     target_forwards: int = 0  # verify steps (prefill not counted)
     wall_s: float = 0.0
+    switched_off: int = 0  # verify steps decoded plain by the speculation switch (switch "auto")
     proposed_at: list[int] = field(default_factory=list)  # [position] drafts that reached position i
     accepted_at: list[int] = field(default_factory=list)  # [position] drafts accepted at position i
 
@@ -35,6 +36,7 @@ class SpecStats:
         self.emitted += other.emitted
         self.target_forwards += other.target_forwards
         self.wall_s += other.wall_s
+        self.switched_off += other.switched_off
         for mine, theirs in ((self.proposed_at, other.proposed_at), (self.accepted_at, other.accepted_at)):
             _grow(mine, len(theirs))
             for i, v in enumerate(theirs):
@@ -70,6 +72,7 @@ class SpecStats:
             "emitted": self.emitted,
             "target_forwards": self.target_forwards,
             "wall_s": self.wall_s,
+            "switched_off": self.switched_off,
             "tokens_per_s": self.tokens_per_s,
         }
 

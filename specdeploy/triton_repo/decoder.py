@@ -145,7 +145,7 @@ class SpecDecoder:
 
         stop = StreamingStop(self.eos_ids, job.params.max_new_tokens, job.params.stop, self.decode, on_token=on_token)
         try:
-            gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k)
+            gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k, switch=decision.switch)
         finally:
             for runner in (target, draft_runner):
                 if runner is not None:

@@ -1,0 +1,104 @@
+"""SpecSwitch: speculate or decode plain, step by step, from measured step times and acceptance.
+
+Speculation pays while a spec step's tokens per unit of time beat a plain step's:
+acceptance_length / spec_step_time >= 1 / plain_step_time. Both sides are measured as the run
+goes (a request in `speculative_generate`, a whole batch in `BatchSpeculator`), so the switch
+turns speculation off where it does not pay (a prompt the draft predicts badly, a large batch)
+and back on where it does, whatever the method: the loop never asks which proposer it runs.
+"""
+from __future__ import annotations
+
+from specdeploy.errors import SpecDeployError
+
+MODES = ("on", "off", "auto")
+
+
+class SpecSwitch:
+    """Speculation "on", "off", or "auto" (a measured cost model).
+
+    auto: moving averages of the time of a spec step and of a plain step, and of the tokens a
+    spec step emits per slot (the acceptance length; a plain step emits exactly one). It runs
+    spec steps while acceptance_length / spec_time >= 1 / plain_time.
+
+    Acceptance is noisy step to step (1 to k + 1 tokens), and while speculation is off it is not
+    measured at all, so the estimate must not outlive its evidence: it is a ratio of sums (over
+    slot-steps: one slot for one step) that age by `acceptance_decay` every step, spec or plain.
+    It starts with a burst of spec steps, then measures one plain step. While on, one plain step
+    in `probe_every` refreshes the plain step time. While off, a burst of spec steps every
+    `probe_every` steps re-measures acceptance; the old evidence has faded by then, so the burst
+    decides. A burst runs until it holds `probe_len` slot-steps of evidence: `probe_len` steps for
+    one request, a single step for a batch of that many. A burst that does not turn speculation
+    back on doubles the wait before the next one (up to `max_wait`), so where speculation never
+    pays probing costs little; one that does resets the wait.
+    """
+
+    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8, probe_len: int = 4,
+                 acceptance_decay: float = 0.95, max_wait: int = 512) -> None:
+        if mode not in MODES:
+            raise SpecDeployError(f"speculation switch must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode, self.probe_every, self.decay = mode, probe_every, decay
+        self.probe_len, self.acceptance_decay, self.max_wait = probe_len, acceptance_decay, max_wait
+        self.step_s: dict[bool, float | None] = {True: None, False: None}  # seconds per step, spec / plain
+        self._tokens = self._weight = 0.0  # aged sums over slot-steps: tokens of spec steps, and their count
+        self._steps = 0
+        self._off_for = 0  # plain steps since speculation was last chosen
+        self._wait = probe_every  # plain steps before the next probe burst
+        self._burst = probe_len  # slot-steps of evidence the current burst still gathers
+        self._probing = False  # a burst ran and its verdict is pending
+        self.spec_steps = 0
+        self.plain_steps = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        """Tokens per slot per spec step, over the aged evidence (None before any spec step)."""
+        return self._tokens / self._weight if self._weight > 0 else None
+
+    def prefers_spec(self) -> bool:
+        """The cost model's choice (before probing)."""
+        t_spec, t_plain = self.step_s[True], self.step_s[False]
+        if t_spec is None or t_plain is None or self.acceptance is None:
+            return True
+        return self.acceptance / t_spec >= 1.0 / t_plain
+
+    def choose(self, slots: int = 1) -> bool:
+        """Speculate in the next step (of `slots` active slots)?"""
+        self._steps += 1
+        if self.mode != "auto":
+            return self.mode == "on"
+        if self._burst > 0:
+            self._burst -= max(slots, 1)
+            return True
+        if self.step_s[True] is None or self.acceptance is None:
+            return True  # a step still in flight holds the first evidence
+        if self.step_s[False] is None:
+            return False  # then plain once
+        best = self.prefers_spec()
+        if self._probing:  # the burst's verdict
+            self._probing = False
+            self._wait = self.probe_every if best else min(2 * self._wait, self.max_wait)
+        if best:
+            self._off_for = 0
+            return self._steps % self.probe_every != 0
+        if self._off_for >= self._wait:
+            self._off_for, self._burst, self._probing = 0, self.probe_len - max(slots, 1), True
+            return True
+        self._off_for += 1
+        return False
+
+    def record(self, spec: bool, tokens_per_slot: float | None, seconds: float, slots: int = 1) -> None:
+        """One finished step: its mode, tokens emitted per active slot, its time, its active slots."""
+        if spec:
+            self.spec_steps += 1
+        else:
+            self.plain_steps += 1
+        if seconds > 0:
+            self.step_s[spec] = _ema(self.step_s[spec], seconds, self.decay)
+        self._tokens *= self.acceptance_decay
+        self._weight *= self.acceptance_decay
+        if spec and tokens_per_slot is not None and slots > 0:
+            self._tokens += tokens_per_slot * slots
+            self._weight += slots
+
+
+def _ema(old: float | None, new: float, decay: float) -> float:
+    return new if old is None else decay * old + (1 - decay) * new
