@@ -1,8 +1,13 @@
 """Shared fixtures: the embedded SmolLM2 in float32 (CPU), loaded once per test session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # set before transformers imports Triton: fused-kernel tests run its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from specdeploy.config import SamplingParams, SpecConfig
 

@@ -287,6 +287,7 @@ class Bench:
         loaded = self.load(dtype)
         prompts, enc = self.prompts(loaded.tokenizer, self.args.prompts_per_task)
         lean = LeanLlama.from_hf(loaded.model)
+        self.kernels = lean.kernels
         return loaded, prompts, enc, loaded.stop_ids(), lean, self.drafts(loaded, lean)
 
     def loop_prompts(self, loaded, prompts: list[Prompt], plain_key: str):
@@ -533,7 +534,9 @@ def render(payloads: list[dict]) -> str:
     lines = ["# GPU benchmark: specdeploy compiled paths vs Hugging Face", ""]
     for p in payloads:
         m = p["meta"]
-        lines.append(f"- `{m['command']}` — {m['device']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}, parts {m['parts']}")
+        kernels = f", layer kernels {m['kernels']}" if m.get("kernels") else ""
+        lines.append(f"- `{m['command']}` — {m['device']}, torch {m['torch']}, transformers {m['transformers']}, {m['date']}, "
+                     f"parts {m['parts']}{kernels}")
     lines += ["", "Greedy decoding, bfloat16 unless marked, eval prompts (8 per task unless a row says fewer), "
               f"max_new_tokens {recs[0]['max_new_tokens'] if recs else '-'}. tokens/s at batch 1 = a task's tokens over "
               "the sum of its requests' wall times (prefill included); at batch > 1 = all tokens over the run's wall time. "
@@ -657,6 +660,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 getattr(bench, f"part_{part}")()
     finally:
         meta["wall_s"] = round(time.perf_counter() - t, 1)
+        meta["kernels"] = getattr(bench, "kernels", None)  # LeanLlama's layer kernels: "fused" or "torch"
         payload = {"meta": meta, "records": bench.records, "errors": bench.errors}
         (out / f"{args.tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
         (out / f"{args.tag}.md").write_text(render([payload]))

@@ -1,0 +1,196 @@
+"""The jitted Triton kernels behind kernels.py (imported only where Triton is installed).
+
+Shapes and the meaning of each kernel are in kernels.py's wrappers; every kernel takes its
+token rows in tiles of BLOCK_M = 16 and reduces in float32 in a fixed order (see kernels.py).
+Sizes that vary per call (token count, KV length) are not specialised: one binary serves every
+size, so a token's arithmetic (down to the compiler's choice of fused multiply-adds) is the same
+whatever else shares the launch; Triton would otherwise compile a variant for a count of 1.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 models: exact float32 products, not TF32
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _x_block(x_ptr, nw_ptr, rows, row_ok, ks, K, ssq, HAS_NORM: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] block of x and the rows' running sum of squares. With HAS_NORM the block
+    comes back times the RMSNorm weight (cast to the model dtype) and the caller scales the product
+    by `_rstd(ssq)` afterwards: norm(x) @ W = rstd * ((x * w_norm) @ W), one pass over x."""
+    k_ok = ks < K
+    x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    if HAS_NORM:
+        xf = x.to(tl.float32)
+        ssq += tl.sum(xf * xf, axis=1)
+        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0)
+        x = (xf * nw.to(tl.float32)[None, :]).to(nw.dtype)
+    return x, ssq
+
+
+@triton.jit
+def _rstd(ssq, K, eps):
+    """1 / sqrt(mean(x²) + eps) from a row's sum of squares, float32."""
+    return 1.0 / tl.sqrt_rn(ssq / K + eps)
+
+
+@triton.jit
+def _normed_pair(x_ptr, nw_ptr, w_ptr, rows, row_ok, rows_a, rows_b, w_ok, K, eps,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """rmsnorm(x) @ W[rows_a]ᵀ and rmsnorm(x) @ W[rows_b]ᵀ for W [*, K]: two [BLOCK_M, BLOCK_N] float32
+    blocks (gate and up, or the two halves of a rotary head); w_ok [BLOCK_N] masks weight rows."""
+    ssq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x, ssq = _x_block(x_ptr, nw_ptr, rows, row_ok, ks, K, ssq, True)
+        ok = w_ok[:, None] & (ks[None, :] < K)
+        wa = tl.load(w_ptr + rows_a[:, None] * K + ks[None, :], mask=ok, other=0.0)
+        wb = tl.load(w_ptr + rows_b[:, None] * K + ks[None, :], mask=ok, other=0.0)
+        acc_a = _dot(x, tl.trans(wa), acc_a, IEEE)
+        acc_b = _dot(x, tl.trans(wb), acc_b, IEEE)
+    rstd = _rstd(ssq, K, eps)[:, None]
+    return acc_a * rstd, acc_b * rstd
+
+
+@triton.jit(do_not_specialize=["M"])
+def linear_kernel(x_ptr, w_ptr, res_ptr, nw_ptr, out_ptr, M, N, K, eps,
+                  HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    ssq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x, ssq = _x_block(x_ptr, nw_ptr, rows, row_ok, ks, K, ssq, HAS_NORM)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K), other=0.0)
+        acc = _dot(x, tl.trans(w), acc, IEEE)
+    if HAS_NORM:
+        acc = acc * _rstd(ssq, K, eps)[:, None]
+    offs = rows[:, None] * N + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["M"])
+def gate_up_kernel(x_ptr, nw_ptr, w_ptr, out_ptr, M, I, K, eps,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < I
+    gate, up = _normed_pair(x_ptr, nw_ptr, w_ptr, rows, row_ok, cols, I + cols, col_ok, K, eps,
+                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + rows[:, None] * I + cols[None, :], act.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "m"])
+def qkv_rope_kernel(x_ptr, nw_ptr, w_ptr, cos_ptr, sin_ptr, rope_pos_ptr, q_ptr, kv_ptr, rows_ptr, pos_ptr,
+                    M, K, eps, q_scale, m, HQ, HKV, rope_stride, s_b, s_h, s_kv, s_p,
+                    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    IEEE: tl.constexpr):
+    toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1) // (HALF // BLOCK_H)  # q heads, then k heads, then v heads
+    ok = toks < M
+    # BLOCK_H of the head's first-half dims and their rotate_half partners HALF further on
+    d = (tl.program_id(1) % (HALF // BLOCK_H)) * BLOCK_H + tl.arange(0, BLOCK_H)
+    lo_rows = head * 2 * HALF + d
+    acc_lo, acc_hi = _normed_pair(x_ptr, nw_ptr, w_ptr, toks, ok, lo_rows, lo_rows + HALF, d >= 0, K, eps,
+                                  BLOCK_M, BLOCK_H, BLOCK_K, IEEE)
+    lo, hi = acc_lo, acc_hi
+    if head < HQ + HKV:  # rotary embedding on q and k: rotate_half pairs element i with i + HALF
+        rp = tl.load(rope_pos_ptr + toks, mask=ok, other=0)
+        tab = rp[:, None] * rope_stride + d[None, :]
+        c_lo = tl.load(cos_ptr + tab).to(tl.float32)
+        c_hi = tl.load(cos_ptr + tab + HALF).to(tl.float32)
+        s_lo = tl.load(sin_ptr + tab).to(tl.float32)  # sign-folded: -sin
+        s_hi = tl.load(sin_ptr + tab + HALF).to(tl.float32)
+        lo = acc_lo * c_lo + acc_hi * s_lo
+        hi = acc_hi * c_hi + acc_lo * s_hi
+    if head < HQ:
+        dst = q_ptr + toks[:, None] * (HQ * 2 * HALF) + head * 2 * HALF + d[None, :]
+        tl.store(dst, (lo * q_scale).to(q_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dst + HALF, (hi * q_scale).to(q_ptr.dtype.element_ty), mask=ok[:, None])
+    else:
+        is_v = (head >= HQ + HKV).to(tl.int32)
+        kvh = head - HQ - is_v * HKV
+        crow = tl.load(rows_ptr + toks // m, mask=ok, other=0)
+        p = tl.load(pos_ptr + toks, mask=ok, other=0)
+        dst = kv_ptr + crow[:, None] * s_b + kvh * s_h + is_v * s_kv + p[:, None] * s_p + d[None, :]
+        tl.store(dst, lo.to(kv_ptr.dtype.element_ty), mask=ok[:, None])
+        tl.store(dst + HALF, hi.to(kv_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit(do_not_specialize=["m", "kv_len", "splits"])
+def attn_partial_kernel(q_ptr, kv_ptr, rows_ptr, allowed_ptr, part_o_ptr, part_ml_ptr,
+                        m, kv_len, HKV, G, splits, s_b, s_h, s_kv, s_p,
+                        HD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    rh = tl.program_id(0)  # fed row r, KV head h: rh = r * HKV + h
+    split = tl.program_id(1)  # keys [split * BLOCK_N, (split + 1) * BLOCK_N)
+    r, kvh = rh // HKV, rh % HKV
+    j = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # stacked query: head kvh * G + j // m, token j % m
+    j_ok = j < G * m
+    tok = r * m + j % m
+    d = tl.arange(0, HD)
+    q = tl.load(q_ptr + tok[:, None] * (HKV * G * HD) + (kvh * G + j // m)[:, None] * HD + d[None, :],
+                mask=j_ok[:, None], other=0.0)
+    keys = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < kv_len
+    src = kv_ptr + tl.load(rows_ptr + r) * s_b + kvh * s_h + keys[:, None] * s_p + d[None, :]
+    k = tl.load(src, mask=key_ok[:, None], other=0.0)
+    v = tl.load(src + s_kv, mask=key_ok[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.float32), IEEE)
+    allow = tl.load(allowed_ptr + tok[:, None] * kv_len + keys[None, :], mask=j_ok[:, None] & key_ok[None, :], other=0)
+    s = tl.where(allow != 0, s, float("-inf"))
+    mx = tl.max(s, axis=1)
+    p = tl.exp(s - tl.where(mx == float("-inf"), 0.0, mx)[:, None])  # a fully masked block: all zeros
+    o = _dot(p.to(v.dtype), v, tl.zeros([BLOCK_Q, HD], dtype=tl.float32), IEEE)
+    qp = tl.num_programs(2) * BLOCK_Q
+    part = rh * splits + split
+    tl.store(part_o_ptr + (part * qp + j)[:, None] * HD + d[None, :], o)
+    tl.store(part_ml_ptr + (part * 2) * qp + j, mx)
+    tl.store(part_ml_ptr + (part * 2 + 1) * qp + j, tl.sum(p, axis=1))
+
+
+@triton.jit(do_not_specialize=["m", "splits"])
+def attn_combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, m, HKV, G, splits,
+                        HD: tl.constexpr, BLOCK_Q: tl.constexpr, UNROLL: tl.constexpr):
+    rh = tl.program_id(0)
+    r, kvh = rh // HKV, rh % HKV
+    j = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    j_ok = j < G * m
+    qp = tl.num_programs(1) * BLOCK_Q
+    d = tl.arange(0, HD)
+    top = tl.full([BLOCK_Q], float("-inf"), tl.float32)  # running max, sum and weighted output
+    total = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, HD], dtype=tl.float32)
+    # key blocks in order, UNROLL at a time so that their loads are in flight together; a block
+    # past the last (or past a query's keys) changes nothing: scale 1, weight 0
+    for s0 in range(0, splits, UNROLL):
+        for t in tl.static_range(UNROLL):
+            part = rh * splits + s0 + t
+            ok = (j * 0 + s0 + t) < splits  # [BLOCK_Q]: masks must be tensors
+            mx = tl.load(part_ml_ptr + (part * 2) * qp + j, mask=ok, other=float("-inf"))
+            lsum = tl.load(part_ml_ptr + (part * 2 + 1) * qp + j, mask=ok, other=0.0)
+            o = tl.load(part_o_ptr + (part * qp + j)[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
+            new_top = tl.maximum(top, mx)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+            old_w, w = tl.exp(top - safe), tl.exp(mx - safe)
+            acc = acc * old_w[:, None] + w[:, None] * o
+            total = total * old_w + w * lsum
+            top = new_top
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # only padded query rows see no key
+    tok = r * m + j % m
+    tl.store(out_ptr + tok[:, None] * (HKV * G * HD) + (kvh * G + j // m)[:, None] * HD + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=j_ok[:, None])

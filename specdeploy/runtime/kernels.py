@@ -1,0 +1,164 @@
+"""Fused Llama decoder-layer kernels in Triton (the GPU kernel language, not the inference server).
+
+Why: a compiled step of a small model is a chain of tiny launches, each a few microseconds
+whatever it computes (SmolLM2-135M: ~17 kernels a layer, 30 layers, results/gpu/run6_kernels.md).
+These kernels do one layer in six launches over `StaticKVCache`'s layout:
+
+1. `qkv_rope`: RMSNorm -> fused q/k/v projection -> rotary embedding; q (scaled by
+   1/sqrt(head_dim)) to a buffer, k and v straight into the KV cache;
+2. `attention`: split-KV decode attention ("flash-decoding"): a program scores one 64-key block
+   of one KV head against every query that shares it (GQA) under the boolean `allowed` mask,
+   then a combine kernel merges the blocks' softmax partials in key order;
+3. `linear(residual=h)`: the output projection added to the residual stream;
+4. `gate_up`: RMSNorm -> gate/up projection -> silu(gate) * up;
+5. `linear(residual=h)`: the down projection.
+
+`linear(norm=...)` also serves the LM head. Row independence: every matrix product tiles the
+token rows by 16 with a fixed reduction order over the inner dimension, and attention splits keys
+at fixed 64-key boundaries (extra all-masked blocks add exact zeros), so a token's outputs do not
+depend on how many other tokens share the launch, nor on the KV bucket. Accumulation is float32;
+float32 models multiply in IEEE float32 (no TF32).
+
+Off CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors): that is
+how CI checks them against the torch forward of cuda_runner.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_M = 16  # token rows per program: the smallest tile of Triton's dot, fixed for row independence
+KEY_BLOCK = 64  # keys per attention program; also the split of the combine (fixed: see module docstring)
+
+
+@dataclass
+class Tile:
+    """Launch shape of one matrix kernel: output columns and inner-dimension step per program."""
+
+    block_n: int  # qkv_rope: dims of each half of a head per program
+    block_k: int
+    warps: int = 4
+    stages: int = 3
+
+
+# the fastest of scripts/kernel_bench.py's variants on an H200 across 1-64 tokens and 1-32 rows
+# (results/gpu/run11_kernels.json): narrow column blocks for more programs, 128-wide inner steps
+TILES = {"qkv": Tile(16, 64, 2), "linear": Tile(16, 128, 2), "lm_head": Tile(128, 64), "gate_up": Tile(16, 128, 2)}
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fused kernels can run for tensors on `device`: CUDA with Triton installed, or any
+    device under Triton's interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    """The jitted kernels, defined on first use (importing Triton costs ~1 s and is optional)."""
+    global _K
+    if _K is None:
+        from specdeploy.runtime import _triton_kernels as k
+        _K = k
+    return _K
+
+
+_K = None
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32
+
+
+def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wqkv: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor, rope_pos: torch.Tensor, kv: torch.Tensor, cache_rows: torch.Tensor,
+             pos: torch.Tensor, num_heads: int, num_kv_heads: int, tokens_per_row: int) -> torch.Tensor:
+    """RMSNorm, q/k/v projection and rope for x [M, hidden] (M = rows * tokens_per_row); returns q
+    [M, heads, head_dim] scaled by 1/sqrt(head_dim) and writes k / v into `kv`, one layer of the
+    cache [batch, kv_heads, 2, positions, head_dim], at cache row cache_rows [rows] and position
+    pos [M] of each token. cos / sin: [rope_positions, head_dim] (sin sign-folded as
+    `rope_tables` gives it); rope_pos: [M] int64 rotary position of each token."""
+    x = x.contiguous()
+    M, hidden = x.shape
+    hd = kv.shape[-1]
+    q = torch.empty(M, num_heads, hd, device=x.device, dtype=x.dtype)
+    t = TILES["qkv"]
+    block_h = min(t.block_n, hd // 2)
+    grid = (triton_cdiv(M, BLOCK_M), (num_heads + 2 * num_kv_heads) * (hd // 2 // block_h))
+    _kernels().qkv_rope_kernel[grid](
+        x, norm_w, wqkv, cos, sin, rope_pos, q, kv, cache_rows, pos,
+        M, hidden, eps, hd**-0.5, tokens_per_row, num_heads, num_kv_heads,
+        cos.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        HALF=hd // 2, BLOCK_H=block_h, BLOCK_M=BLOCK_M, BLOCK_K=t.block_k, IEEE=_ieee(x.dtype),
+        num_warps=t.warps, num_stages=t.stages)
+    return q
+
+
+def attention(q: torch.Tensor, kv: torch.Tensor, cache_rows: torch.Tensor, allowed: torch.Tensor,
+              num_kv_heads: int) -> torch.Tensor:
+    """softmax(q kᵀ + mask) v for q [rows * m, heads, head_dim] (already scaled) against one layer
+    of the cache kv [batch, kv_heads, 2, positions, head_dim], rows' cache rows `cache_rows` [rows],
+    allowed [rows, m, kv_len] bool -> [rows * m, heads * head_dim]."""
+    R, m, kv_len = allowed.shape
+    _, heads, hd = q.shape
+    g = heads // num_kv_heads
+    gm = g * m  # the queries of the g heads sharing a KV head, stacked
+    block_q = 16  # fixed, like BLOCK_M: a query's softmax sums must not depend on how many share the launch
+    q_blocks = triton_cdiv(gm, block_q)
+    splits = triton_cdiv(kv_len, KEY_BLOCK)
+    part_o = torch.empty(R * num_kv_heads, splits, q_blocks * block_q, hd, device=q.device, dtype=torch.float32)
+    part_ml = torch.empty(R * num_kv_heads, splits, 2, q_blocks * block_q, device=q.device, dtype=torch.float32)
+    k = _kernels()
+    k.attn_partial_kernel[(R * num_kv_heads, splits, q_blocks)](
+        q, kv, cache_rows, allowed.contiguous().view(torch.uint8), part_o, part_ml,
+        m, kv_len, num_kv_heads, g, splits,
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        HD=hd, BLOCK_Q=block_q, BLOCK_N=KEY_BLOCK, IEEE=_ieee(q.dtype), num_warps=4, num_stages=2)
+    out = torch.empty(R * m, heads * hd, device=q.device, dtype=q.dtype)
+    k.attn_combine_kernel[(R * num_kv_heads, q_blocks)](
+        part_o, part_ml, out, m, num_kv_heads, g, splits,
+        HD=hd, BLOCK_Q=block_q, UNROLL=4, num_warps=4)
+    return out
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = None,
+           norm_w: torch.Tensor | None = None, eps: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] rmsnorm?(x) @ wᵀ: x [M, K], w [N, K], residual [M, N] -> [M, N] (into `out`,
+    which may be `residual` itself: each element is read before it is written, by one program)."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    t = TILES["linear" if N <= 4096 else "lm_head"]
+    grid = (triton_cdiv(M, BLOCK_M), triton_cdiv(N, t.block_n))
+    _kernels().linear_kernel[grid](
+        x, w, residual if residual is not None else out, norm_w if norm_w is not None else w, out,
+        M, N, K, eps,
+        HAS_RES=residual is not None, HAS_NORM=norm_w is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=_ieee(x.dtype),
+        num_warps=t.warps, num_stages=t.stages)
+    return out
+
+
+def gate_up(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u where [g | u] = rmsnorm(x) @ w_gate_upᵀ: x [M, hidden], w_gate_up [2 * I, hidden]
+    (gate rows, then up rows) -> [M, I]."""
+    x = x.contiguous()
+    M, K = x.shape
+    inter = w_gate_up.shape[0] // 2
+    out = torch.empty(M, inter, device=x.device, dtype=x.dtype)
+    t = TILES["gate_up"]
+    grid = (triton_cdiv(M, BLOCK_M), triton_cdiv(inter, t.block_n))
+    _kernels().gate_up_kernel[grid](
+        x, norm_w, w_gate_up, out, M, inter, K, eps,
+        BLOCK_M=BLOCK_M, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=_ieee(x.dtype),
+        num_warps=t.warps, num_stages=t.stages)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

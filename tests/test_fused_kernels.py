@@ -1,0 +1,138 @@
+"""The fused Triton layers (runtime/kernels.py) against the torch layers of the lean forward: on CPU
+under Triton's interpreter (float32), and bitwise row independence where CUDA exists."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specdeploy.config import SamplingParams
+from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, choose_kernels
+from specdeploy.runtime.loop import StopCondition, speculative_generate
+from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
+from specdeploy.runtime.types import Draft
+
+pytest.importorskip("triton")  # on CPU conftest.py has set TRITON_INTERPRET=1 before anything imported it
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def small_llama(layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    """A random GQA Llama with head_dim 32 (the fused kernels need a power of two >= 32)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).to(DEV).eval()
+
+
+def both(model):
+    return LeanLlama.from_hf(model, kernels="torch"), LeanLlama.from_hf(model, kernels="fused")
+
+
+def test_kernel_choice():
+    model = small_llama(layers=1)
+    dims = LeanLlama.from_hf(model, kernels="torch").dims
+    assert choose_kernels(dims, torch.device("cpu")) == "torch"  # the interpreter is never the default
+    with pytest.raises(SpecDeployError, match="kernels must be"):
+        choose_kernels(dims, torch.device("cpu"), "cuda")
+    odd = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)  # head_dim 24
+    with pytest.raises(SpecDeployError, match="power-of-two"):
+        LeanLlama.from_hf(LlamaForCausalLM(odd), kernels="fused")
+
+
+def test_fused_forward_matches_torch_prefill_ragged_and_tree():
+    torch_lean, fused = both(small_llama())
+    caches = [lean.new_cache(2, 96) for lean in (torch_lean, fused)]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 96, (2, 21), generator=g).to(DEV)
+
+    def run(*args, **kw):
+        outs = [lean.forward(cache, *args, **kw) for lean, cache in zip((torch_lean, fused), caches)]
+        for a, b in zip(*outs):
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(caches[1].kv, caches[0].kv, atol=2e-4, rtol=1e-4)
+
+    pos = torch.arange(21, device=DEV)[None].expand(2, 21)
+    run(ids, pos, None, 96, want_hidden=True)  # prefill, both rows
+    step = torch.randint(0, 96, (1, 3), generator=g).to(DEV)
+    run(step, torch.tensor([[21, 22, 23]], device=DEV), torch.tensor([1], device=DEV), 64)  # row 1 alone
+    ragged = torch.tensor([[30, 31], [24, 25]], device=DEV)  # rows at their own lengths
+    run(torch.randint(0, 96, (2, 2), generator=g).to(DEV), ragged, None, 96)
+    # a token tree on row 0: node i at slot 21 + i, rotated at 21 + depth
+    parents = [-1, 0, 0, 1, 3]
+    anc = torch.eye(5, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] |= anc[p]
+    tree_pos = torch.arange(21, 26, device=DEV)[None]
+    depth = anc.sum(-1).to(DEV) - 1
+    run(torch.randint(0, 96, (1, 5), generator=g).to(DEV), tree_pos, torch.tensor([0], device=DEV), 64,
+        rope_pos=21 + depth[None], ancestry=anc[None].to(DEV))
+
+
+class _Tree:
+    """A fixed-shape token tree from a draft runner's greedy chain plus one sibling per level."""
+
+    needs_hidden = False
+
+    def __init__(self, runner) -> None:
+        self.chain = DraftModelProposer(runner)
+
+    def reset(self) -> None:
+        self.chain.reset()
+
+    def propose(self, ctx, k: int) -> Draft:
+        d = self.chain.propose(ctx, k)
+        if d.k == 0:
+            return d
+        tokens, parents = [], []
+        for i, t in enumerate(d.tokens.tolist()):  # node 2i: the chain token, 2i + 1: a sibling
+            parent = 2 * (i - 1) if i else -1
+            tokens += [t, (t + 1) % 96]
+            parents += [parent, parent]
+        return Draft(tokens=torch.tensor(tokens), probs=None, parents=torch.tensor(parents))
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft", "tree"])
+def test_fused_runner_greedy_is_lossless(method):
+    """Speculation over a fused-kernel target gives the plain greedy output of the torch runner
+    (one prompt: the interpreter takes ~1 s a forward)."""
+    model = small_llama(layers=2, seed=1)
+    torch_lean, fused = both(model)
+    params, stop = SamplingParams(max_new_tokens=14), StopCondition(frozenset([0]), 14)
+    prompt = [5, 17, 5, 17, 9, 33, 5]
+    ref = speculative_generate(CudaGraphRunner(torch_lean, max_length=64, use_graphs=False), NoProposer(),
+                               prompt, params, stop, k=0).token_ids
+    draft_runner = CudaGraphRunner(torch_lean, max_length=64, use_graphs=False)  # the target itself, torch kernels
+    proposer = {"ngram": NGramProposer(), "draft": DraftModelProposer(draft_runner), "tree": _Tree(draft_runner)}[method]
+    target = CudaGraphRunner(fused, max_length=64, query_buckets=(1, 4, 16), use_graphs=False)
+    out = speculative_generate(target, proposer, prompt, params, stop, k=3)
+    assert out.token_ids == ref
+    if method != "ngram":  # a draft that is the target: most draft tokens accepted
+        assert out.stats.target_forwards <= len(ref) // 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="row independence is a property of the GPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rows_are_bitwise_independent(dtype):
+    """A token's logits are the same bits alone, first in a chain (another KV bucket) and beside other rows."""
+    fused = LeanLlama.from_hf(small_llama().to(dtype), kernels="fused")
+    prefix = torch.randint(0, 96, (1, 40), device=DEV)
+    chain = torch.randint(0, 96, (1, 5), device=DEV)
+    pos = torch.arange(45, device=DEV)[None]
+
+    def prefilled(rows: int):
+        cache = fused.new_cache(rows, 200)
+        fused.forward(cache, prefix.expand(rows, 40), pos[:, :40].expand(rows, 40), None, 200, logits="none")
+        return cache
+
+    alone = fused.forward(prefilled(1), chain[:, :1], pos[:, 40:41], None, 64)[0][0, 0]
+    in_chain = fused.forward(prefilled(1), chain, pos[:, 40:], None, 128)[0][0, 0]
+    rows = torch.randint(0, 96, (5, 1), device=DEV)
+    rows[2] = chain[0, 0]
+    in_batch = fused.forward(prefilled(5), rows, pos[:, 40:41].expand(5, 1), None, 200)[0][2, 0]
+    assert torch.equal(alone, in_chain) and torch.equal(alone, in_batch)
