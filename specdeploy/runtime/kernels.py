@@ -24,6 +24,7 @@ how CI checks them against the torch forward of cuda_runner.py.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ BLOCK_M = 16  # token rows per program: the smallest tile of Triton's dot, fixed
 KEY_BLOCK = 64  # keys per attention program; also the split of the combine (fixed: see module docstring)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tile:
     """Launch shape of one matrix kernel: output columns and inner-dimension step per program."""
 
@@ -57,16 +58,12 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def _kernels():
     """The jitted kernels, defined on first use (importing Triton costs ~1 s and is optional)."""
-    global _K
-    if _K is None:
-        from specdeploy.runtime import _triton_kernels as k
-        _K = k
-    return _K
+    from specdeploy.runtime import _triton_kernels
 
-
-_K = None
+    return _triton_kernels
 
 
 def _ieee(dtype: torch.dtype) -> bool:
@@ -87,7 +84,7 @@ def qkv_rope(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wqkv: torch.Tens
     q = torch.empty(M, num_heads, hd, device=x.device, dtype=x.dtype)
     t = TILES["qkv"]
     block_h = min(t.block_n, hd // 2)
-    grid = (triton_cdiv(M, BLOCK_M), (num_heads + 2 * num_kv_heads) * (hd // 2 // block_h))
+    grid = (_cdiv(M, BLOCK_M), (num_heads + 2 * num_kv_heads) * (hd // 2 // block_h))
     _kernels().qkv_rope_kernel[grid](
         x, norm_w, wqkv, cos, sin, rope_pos, q, kv, cache_rows, pos,
         M, hidden, eps, hd**-0.5, tokens_per_row, num_heads, num_kv_heads,
@@ -107,8 +104,8 @@ def attention(q: torch.Tensor, kv: torch.Tensor, cache_rows: torch.Tensor, allow
     g = heads // num_kv_heads
     gm = g * m  # the queries of the g heads sharing a KV head, stacked
     block_q = 16  # fixed, like BLOCK_M: a query's softmax sums must not depend on how many share the launch
-    q_blocks = triton_cdiv(gm, block_q)
-    splits = triton_cdiv(kv_len, KEY_BLOCK)
+    q_blocks = _cdiv(gm, block_q)
+    splits = _cdiv(kv_len, KEY_BLOCK)
     part_o = torch.empty(R * num_kv_heads, splits, q_blocks * block_q, hd, device=q.device, dtype=torch.float32)
     part_ml = torch.empty(R * num_kv_heads, splits, 2, q_blocks * block_q, device=q.device, dtype=torch.float32)
     k = _kernels()
@@ -134,7 +131,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None = Non
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     t = TILES["linear" if N <= 4096 else "lm_head"]
-    grid = (triton_cdiv(M, BLOCK_M), triton_cdiv(N, t.block_n))
+    grid = (_cdiv(M, BLOCK_M), _cdiv(N, t.block_n))
     _kernels().linear_kernel[grid](
         x, w, residual if residual is not None else out, norm_w if norm_w is not None else w, out,
         M, N, K, eps,
@@ -152,7 +149,7 @@ def gate_up(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_gate_up: torch.
     inter = w_gate_up.shape[0] // 2
     out = torch.empty(M, inter, device=x.device, dtype=x.dtype)
     t = TILES["gate_up"]
-    grid = (triton_cdiv(M, BLOCK_M), triton_cdiv(inter, t.block_n))
+    grid = (_cdiv(M, BLOCK_M), _cdiv(inter, t.block_n))
     _kernels().gate_up_kernel[grid](
         x, norm_w, w_gate_up, out, M, inter, K, eps,
         BLOCK_M=BLOCK_M, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=_ieee(x.dtype),
@@ -160,5 +157,5 @@ def gate_up(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_gate_up: torch.
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
