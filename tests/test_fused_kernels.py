@@ -62,6 +62,8 @@ def test_fused_forward_matches_torch_prefill_ragged_and_tree():
     run(step, torch.tensor([[21, 22, 23]], device=DEV), torch.tensor([1], device=DEV), 64)  # row 1 alone
     ragged = torch.tensor([[30, 31], [24, 25]], device=DEV)  # rows at their own lengths
     run(torch.randint(0, 96, (2, 2), generator=g).to(DEV), ragged, None, 96)
+    same = torch.tensor([[40]], device=DEV).expand(2, 1)  # a stride-0 view, as callers pass positions
+    run(torch.randint(0, 96, (2, 1), generator=g).to(DEV), same, None, 96)
     # a token tree on row 0: node i at slot 21 + i, rotated at 21 + depth
     parents = [-1, 0, 0, 1, 3]
     anc = torch.eye(5, dtype=torch.bool)
