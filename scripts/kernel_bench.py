@@ -3,11 +3,12 @@
     python scripts/kernel_bench.py [--out DIR]      # writes DIR/kernel_bench.json and prints a table
 
 A `LeanLlama` with SmolLM2-135M's shapes and random weights (a step's speed does not depend on
-the values), for each dtype (bfloat16, float32) and each kernel set (torch, fused):
-1. agreement: fused logits against torch logits (relative L2 error) for a prefill;
+the values), for each dtype (float32, then bfloat16) and each kernel set (torch, fused):
+1. agreement: each path's logits against the float32 torch layers' (relative L2 error, argmax
+   agreement) for a prefill;
 2. row independence: one token's logits fed alone, as the first of a 5-token chain (another KV
    bucket), and as one row of 8: bitwise equal or not;
-3. step time: ms per replayed forward (CUDA graph, median of 50 event timings) for (rows, query
+3. step time: ms per replayed forward (CUDA graph, `gpu_bench.gpu_time_ms`) for (rows, query
    tokens) = (1, 1), (1, 5), (1, 9), (1, 64), (8, 1), (32, 1), (32, 5), at a KV bucket of 512;
 4. greedy decoding: tokens/s of 256 new tokens through `CudaGraphRunner` + `speculative_generate`
    (no draft) and through the batched engine at batch 1 (bfloat16 only);
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdeploy.bench.gpu_bench import gpu_time_ms
 from specdeploy.config import SamplingParams
 from specdeploy.runtime import kernels
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
@@ -49,16 +51,7 @@ def step_ms(lean: LeanLlama, rows: int, m: int) -> float:
     cache = lean.new_cache(rows, KV + 64)
     tokens = torch.randint(0, lean.dims.vocab, (rows, m), device="cuda")
     pos = (torch.arange(m, device="cuda") + 300)[None].expand(rows, m).contiguous()
-    fn = CapturedFn(lambda: lean.forward(cache, tokens, pos, None, KV, logits="all"), True)
-    times = []
-    for _ in range(50):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return gpu_time_ms(CapturedFn(lambda: lean.forward(cache, tokens, pos, None, KV, logits="all"), True))
 
 
 def row_independence(lean: LeanLlama) -> dict[str, bool]:
@@ -104,7 +97,7 @@ def decode_tps(lean: LeanLlama) -> dict[str, float]:
 
 
 VARIANTS = {  # name -> TILES overrides (kernels.Tile: block_n, block_k, warps, stages)
-    "n32k64": {},
+    "n32k64": {"qkv": Tile(32, 64), "linear": Tile(32, 64), "gate_up": Tile(32, 64)},  # the first kernels' tiles
     "n16k128": {"qkv": Tile(16, 64), "linear": Tile(16, 128), "gate_up": Tile(16, 128)},
     "n16k128w2": {"qkv": Tile(16, 64, 2), "linear": Tile(16, 128, 2), "gate_up": Tile(16, 128, 2)},
     "n16k256s2": {"qkv": Tile(16, 128, 4, 2), "linear": Tile(16, 256, 4, 2), "gate_up": Tile(16, 256, 4, 2)},
@@ -136,13 +129,15 @@ def tile_variants(model) -> dict[str, dict[str, float]]:
     """Step ms of the fused forward under each launch-shape variant (bfloat16)."""
     saved = dict(kernels.TILES)
     res = {}
-    for name, override in VARIANTS.items():
+    try:
+        for name, override in VARIANTS.items():
+            kernels.TILES.update(saved)
+            kernels.TILES.update(override)
+            lean = LeanLlama.from_hf(model, kernels="fused")
+            res[name] = {f"{r}x{m}": step_ms(lean, r, m) for r, m in SHAPES}
+            print("variant", name, json.dumps(res[name]), flush=True)
+    finally:
         kernels.TILES.update(saved)
-        kernels.TILES.update(override)
-        lean = LeanLlama.from_hf(model, kernels="fused")
-        res[name] = {f"{r}x{m}": step_ms(lean, r, m) for r, m in SHAPES}
-        print("variant", name, json.dumps(res[name]), flush=True)
-    kernels.TILES.update(saved)
     return res
 
 

@@ -138,3 +138,15 @@ def test_fused_rows_are_bitwise_independent(dtype):
     rows[2] = chain[0, 0]
     in_batch = fused.forward(prefilled(5), rows, pos[:, 40:41].expand(5, 1), None, 200)[0][2, 0]
     assert torch.equal(alone, in_chain) and torch.equal(alone, in_batch)
+
+
+def test_qkv_rope_refuses_strided_index_tensors():
+    """The kernel reads positions by offset: a stride-0 view would be read past its storage."""
+    from specdeploy.runtime import kernels
+
+    lean = LeanLlama.from_hf(small_llama(layers=1), kernels="fused")
+    w, cache = lean.layers[0], lean.new_cache(2, 16)
+    pos = torch.tensor([3], device=DEV).expand(2)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.qkv_rope(torch.zeros(2, 128, device=DEV), w.attn_norm, 1e-5, w.wqkv, lean.rope_cos, lean.rope_sin, pos,
+                         cache.kv[0], torch.arange(2, device=DEV), pos, 4, 2, 1)

@@ -71,6 +71,7 @@ class Bench:
         self.records: list[dict] = []
         self.outputs: dict[str, list[list[int]]] = {}  # config name -> generated ids per prompt
         self.errors: list[dict] = []
+        self.kernels: str | None = None  # the lean target's layer kernels, once a part has loaded it
 
     # ---- setup -------------------------------------------------------------------------
     def load(self, dtype: torch.dtype):
@@ -343,7 +344,7 @@ class Bench:
             kw = _cache_kwarg(loaded.model)
             loaded.model(ids, **{kw: cache})
             one = ids[:, :1]
-            ms = _time_ms(lambda: (loaded.model(one, **{kw: cache}), cache.crop(-1)))
+            ms = gpu_time_ms(lambda: (loaded.model(one, **{kw: cache}), cache.crop(-1)))
         rows.append({"what": "HF eager forward, 1 token, batch 1", "ms": ms})
         for b in a.batches_micro:
             for method, draft in (("none", None), ("ngram", None), ("draft", layerskip)):
@@ -378,7 +379,7 @@ class Bench:
                                                                           max_length=a.max_length)}
         for name, p in drafters.items():
             tree = p.propose(ctx, a.k)  # the first call feeds the prompt; later calls draft one tree each
-            ms = _time_ms(lambda: p.propose(ctx, a.k))
+            ms = gpu_time_ms(lambda: p.propose(ctx, a.k))
             rows.append({"what": f"EAGLE draft, tree of {tree.k} nodes (top-8, depth {a.k}), {name}", "ms": ms})
         runner = CudaGraphRunner(lean, max_length=a.max_length, output_hidden=True)
         runner.forward(ids[:-1])
@@ -386,7 +387,7 @@ class Bench:
         parents = torch.cat([torch.tensor([-1]), tree.parents + 1])
         for what, step in ((f"chain of {a.k + 1}", lambda: runner.forward(feed[: a.k + 1])),
                            (f"tree of {feed.numel()}", lambda: runner.forward(feed, tree_parents=parents))):
-            ms = _time_ms(lambda: (step(), runner.rollback(99)))
+            ms = gpu_time_ms(lambda: (step(), runner.rollback(99)))
             rows.append({"what": f"target verify, {what} tokens, CudaGraphRunner ({'graph' if runner.num_graphs else 'eager'})",
                          "ms": ms})
         runner.close()
@@ -398,7 +399,7 @@ class Bench:
         kv = 512 if 512 in eng.kv_buckets else eng.kv_buckets[-1]
         for spec in ((False, True) if method != "none" else (False,)):
             fn = eng._step_fn(spec, kv)
-            ms = _time_ms(fn)
+            ms = gpu_time_ms(fn)
             what = (f"step {'spec ' + method if spec else 'plain'} k={a.k if spec else 0}, batch {b}, kv {kv}, "
                     f"{'graph' if fn.graph is not None else 'eager'}")
             rows.append({"what": what, "ms": ms})
@@ -479,7 +480,7 @@ def _peak() -> int:
     return torch.cuda.max_memory_allocated() if _cuda() else 0
 
 
-def _time_ms(fn, warmup: int = 5, reps: int = 50) -> float:
+def gpu_time_ms(fn, warmup: int = 5, reps: int = 50) -> float:
     """Median milliseconds of fn() on the GPU, by CUDA events (host clock on CPU)."""
     if not _cuda():
         warmup, reps = 1, 3
@@ -660,7 +661,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 getattr(bench, f"part_{part}")()
     finally:
         meta["wall_s"] = round(time.perf_counter() - t, 1)
-        meta["kernels"] = getattr(bench, "kernels", None)  # LeanLlama's layer kernels: "fused" or "torch"
+        meta["kernels"] = bench.kernels
         payload = {"meta": meta, "records": bench.records, "errors": bench.errors}
         (out / f"{args.tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
         (out / f"{args.tag}.md").write_text(render([payload]))

@@ -339,10 +339,11 @@ class LeanLlama:
         rows: torch.Tensor | None = None,  # [R] int64 cache rows fed, or None for every row in order
     ) -> torch.Tensor:
         """The decoder layers alone (no embedding, no final norm): h -> [R*m, hidden]. Capturable."""
-        if self.kernels == "fused":
-            return self._fused_layers(cache, h, pos, rope_pos, allowed, rows)
         d = self.dims
         R, m = pos.shape
+        cache_rows = rows if rows is not None else torch.arange(R, device=h.device)  # [R]
+        if self.kernels == "fused":
+            return self._fused_layers(cache, h, pos, rope_pos, allowed, cache_rows)
         kv_len = allowed.shape[-1]
         g, hkv, hq, hd = d.group, d.num_kv_heads, d.num_heads, d.head_dim
         # once per forward, shared by every layer:
@@ -357,15 +358,13 @@ class LeanLlama:
         # ([R, hkv, g*m, hd]), so the mask repeats g times
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=h.device).masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None].expand(R, g, m, kv_len).reshape(R, 1, g * m, kv_len)
-        row_idx = (rows if rows is not None else torch.arange(R, device=h.device))[:, None]  # [R, 1]
-        return self._layers(cache, h, cos, sin, mask, row_idx, pos, rows, kv_len, R, m)
+        return self._layers(cache, h, cos, sin, mask, cache_rows[:, None], pos, rows, kv_len, R, m)
 
     def _fused_layers(self, cache: StaticKVCache, h: torch.Tensor, pos: torch.Tensor, rope_pos: torch.Tensor,
-                      allowed: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """`run_layers` in six fused kernels a layer (kernels.py); same arguments."""
+                      allowed: torch.Tensor, cache_rows: torch.Tensor) -> torch.Tensor:
+        """`run_layers` in six fused kernels a layer (kernels.py); cache_rows: [R] the cache row of each fed row."""
         d = self.dims
-        R, m = pos.shape
-        cache_rows = rows if rows is not None else torch.arange(R, device=h.device)
+        m = pos.shape[1]
         pos, rope_pos = pos.reshape(-1).contiguous(), rope_pos.reshape(-1).contiguous()  # [R*m]; callers pass expanded views
         for layer, w in enumerate(self.layers):
             kv = cache.kv[layer]
