@@ -58,7 +58,7 @@ class SpecConfig:
     ngram_max: int = 4
     layerskip_layers: int | None = None  # None: a quarter of the target's layers
     # token trees (medusa, eagle, multi): nodes per tree, 0 = a chain of k; None = the method's default
-    # (medusa: the artifact's tree, eagle: 48, multi: 48 + k). EAGLE trees are k deep, `tree_topk` wide.
+    # (medusa: the artifact's tree, eagle and multi's EAGLE: 48). EAGLE trees are k deep, `tree_topk` wide.
     tree_size: int | None = None
     tree_topk: int = 8
     switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)

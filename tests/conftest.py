@@ -15,6 +15,21 @@ from specdeploy.models.loader import LoadedModel, load_model
 from specdeploy.runtime.switch import SpecSwitch
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test beside a tritonserver that has exited reports the server's exit code and log tail."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    from specdeploy.triton_repo.server import TritonServer
+
+    for name, value in getattr(item, "funcargs", {}).items():
+        if isinstance(value, TritonServer) and value.process is not None and value.process.poll() is not None:
+            report.sections.append((f"tritonserver of fixture {name!r} exited with code {value.process.returncode}",
+                                    value.log_tail(80)))
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     torch.manual_seed(0)

@@ -1,9 +1,9 @@
-"""Token trees: shapes and merges, greedy tree verification, and the sampling distribution through trees.
+"""Token trees: shapes, greedy tree verification, and the sampling distribution through trees.
 
 The statistical tests reuse the bigram target of test_sampling_distribution (sequence
 probabilities known in closed form) with tree-shaped drafts: children drawn WITHOUT
 replacement from a draft distribution (recursive rejection sampling with probs), top-k
-children (point masses), and a multi-draft merge. A chi-square test compares whole
+children (point masses), and lookup chains mixed with trees step by step. A chi-square test compares whole
 3-token continuations with the exact distribution; a deliberately wrong tree rule
 (after a rejected child, keep the target distribution instead of the residual) must fail
 the same test, or the test could not catch a real bug.
@@ -19,7 +19,8 @@ import specdeploy.runtime.verify as verify_module
 from specdeploy.config import SamplingParams
 from specdeploy.runtime.loop import StopCondition, _fit, speculative_generate
 from specdeploy.runtime.proposers import NGramProposer
-from specdeploy.runtime.tree import TreeBuilder, ancestor_matrix, draft_paths, merge_drafts, shape_parents, sparse_tree
+from specdeploy.runtime.head_proposers import LookupFirstProposer
+from specdeploy.runtime.tree import ancestor_matrix, shape_parents, sparse_tree
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs, verify
 from table_runner import BigramRunner
@@ -74,22 +75,17 @@ class TopTree(SampledTree):
     """Deterministic: the `width` most likely draft tokens under each node (no probs: point masses)."""
 
     def propose(self, ctx: Context, k: int) -> Draft:
-        b = TreeBuilder()
+        tokens, parents = [], []
         level = [(-1, ctx.token_ids[-1])]
         for _ in range(min(k, self.depth)):
-            level = [(b.add(node, c), c) for node, tok in level for c in self.table[tok].topk(self.width).indices.tolist()]
-        return b.draft()
-
-
-class Merged:
-    def __init__(self, *proposers, budget: int) -> None:
-        self.proposers, self.budget = proposers, budget
-
-    def reset(self) -> None:
-        pass
-
-    def propose(self, ctx: Context, k: int) -> Draft:
-        return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
+            nxt = []
+            for node, tok in level:
+                for c in self.table[tok].topk(self.width).indices.tolist():
+                    tokens.append(c)
+                    parents.append(node)
+                    nxt.append((len(tokens) - 1, c))
+            level = nxt
+        return Draft(torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
 
 
 def _sample(proposer, prompt: list[int], params: SamplingParams, n: int, k: int) -> Counter:
@@ -102,7 +98,7 @@ def _sample(proposer, prompt: list[int], params: SamplingParams, n: int, k: int)
     return counts
 
 
-# ---------------------------------------------------------------- shapes and merges
+# ---------------------------------------------------------------- shapes
 
 def test_ancestor_matrix_and_order():
     anc = ancestor_matrix(torch.tensor([-1, 0, 0, 1, -1]))
@@ -110,16 +106,6 @@ def test_ancestor_matrix_and_order():
     assert anc[4].tolist() == [False, False, False, False, True]
     with pytest.raises(ValueError):
         ancestor_matrix(torch.tensor([1, -1]))
-
-
-def test_merge_shares_prefixes_and_respects_budget():
-    chain = Draft(torch.tensor([5, 6, 7]))
-    tree = Draft(torch.tensor([5, 9, 6, 8]), parents=torch.tensor([-1, -1, 0, 2]))
-    merged = merge_drafts([chain, tree], budget=10)
-    assert sorted(map(tuple, draft_paths(merged))) == [(5, 6, 7), (5, 6, 8), (9,)]
-    assert merged.k == 5  # 5, 6, 7, 9, 8: the shared prefix 5, 6 appears once
-    small = merge_drafts([chain, tree], budget=4)
-    assert small.k == 4 and (small.parents < torch.arange(4)).all()
 
 
 def test_sparse_tree_keeps_prefixes_and_likeliest_paths():
@@ -193,11 +179,23 @@ def test_top_k_tree_matches_target(params):
     assert chi_square_pvalue(counts, _exact(_tables()[0], [0], params), N) > 1e-3
 
 
-def test_multi_draft_tree_matches_target():
+def test_lookup_first_matches_target():
+    """Lookup chains where the context repeats, top-k trees elsewhere: each step's choice follows the
+    committed tokens, so the output still follows the target's distribution."""
     _, draft = _tables()
     prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0]
     params = SamplingParams(temperature=1.0)
-    counts = _sample(Merged(NGramProposer(1, 3), TopTree(draft, 2, 2), budget=6), prompt, params, N, k=3)
+    tree = TopTree(draft, 2, 2)
+    drafted = Counter()
+
+    class Counted(LookupFirstProposer):
+        def propose(self, ctx, k):
+            d = super().propose(ctx, k)
+            drafted["tree" if d.is_tree else "chain" if d.k else "none"] += 1
+            return d
+
+    counts = _sample(Counted(NGramProposer(2, 3), tree), prompt, params, N, k=3)
+    assert drafted["tree"] > N / 10 and drafted["chain"] > N / 10, drafted  # both kinds of step ran
     assert chi_square_pvalue(counts, _exact(_tables()[0], prompt, params), N) > 1e-3
 
 

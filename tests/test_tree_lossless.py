@@ -44,7 +44,7 @@ CASES = [
     ("eagle", 4, 0),
     ("eagle", 3, 6),  # EAGLE-2 dynamic trees
     ("eagle", 6, 48),
-    ("multi", 4, 16),  # n-gram chain + EAGLE tree merged
+    ("multi", 4, 16),  # the n-gram chain where the lookup matches, else an EAGLE tree
 ]
 
 

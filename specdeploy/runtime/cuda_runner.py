@@ -610,7 +610,7 @@ COMPILED_METHODS = ("none", "ngram", "layerskip", "draft", *HEAD_METHODS)
 
 def compiled_for(spec, target, draft=None, max_length: int | None = None):
     """(target runner, proposer) for `SpecEngine` on CUDA: a `CudaGraphRunner` for the target
-    (returning hidden states for Medusa / EAGLE / multi-draft, whose heads run as built by
+    (returning hidden states for Medusa / EAGLE / lookup-first multi, whose heads run as built by
     `build_head_proposer`) and one for a layerskip or draft model. (None, None) where the
     compiled path does not apply (another method, or a model family the lean forward does not
     cover): the engine then stays eager.

@@ -1,4 +1,4 @@
-"""Proposers that draft from the target's own hidden states (Medusa, EAGLE) and multi-draft trees.
+"""Proposers that draft from the target's own hidden states (Medusa, EAGLE), alone or behind an n-gram lookup.
 
 They read `ctx.target_hidden` (the target's last hidden state at every committed position
 but the pending one), which the loop fills when the runner returns hidden states;
@@ -11,7 +11,7 @@ proposer drafts, 0 for chains) lets a compiled runner size its query buckets.
   draft log-probability (a parent always scores at least as high as its children). It drafts
   through one `EagleStep` (features, tokens -> features, logits): `TorchEagleStep` here (head,
   embedding, lm_head), `OrtEagleHead` (onnx_heads.py) for the exported graph.
-- MultiDraftProposer: SpecInfer-style merge of several proposers' drafts into one tree.
+- LookupFirstProposer (method multi): the n-gram lookup's chain where it matches, else the EAGLE tree.
 
 Tree drafts are deterministic (``probs is None``): the verifier treats each candidate as
 a point mass, which is lossless whatever the candidates (EAGLE's own choice too).
@@ -27,7 +27,7 @@ from torch import nn
 from specdeploy.models.eagle import EagleHead
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
-from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
+from specdeploy.runtime.tree import best_nodes, shape_parents
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs
 
@@ -220,20 +220,28 @@ class EagleProposer:
         return Draft(tokens=flat[0].clone(), parents=flat[1].clone())
 
 
-class MultiDraftProposer:
-    """SpecInfer's multi-draft tree: several proposers' drafts merged into one tree, verified in one pass."""
+class LookupFirstProposer:
+    """The n-gram lookup's chain where the context repeats itself, else the model proposer's draft.
 
-    def __init__(self, proposers: Sequence[Proposer], budget: int) -> None:
-        self.proposers, self.budget = list(proposers), budget
-        self.max_nodes = budget  # largest tree drafted
-        self.needs_hidden = any(getattr(p, "needs_hidden", False) for p in self.proposers)
+    SAM-Decoding's rule (Hu et al., 2024): a matched suffix means copied text, drafted for free and
+    verified by a short query; a model tree costs a draft pass and a wide verify, and pays where
+    nothing repeats. The model proposer catches up on the tokens of lookup steps at its next draft.
+    Lossless either way: the choice depends only on the committed tokens.
+    """
+
+    def __init__(self, lookup: Proposer, model: Proposer) -> None:
+        self.lookup, self.model = lookup, model
+        self.proposers = [lookup, model]  # its parts, for callers that close runners
+        self.needs_hidden = getattr(model, "needs_hidden", False)
+        self.max_nodes = getattr(model, "max_nodes", 0)  # largest tree drafted
 
     def reset(self) -> None:
-        for p in self.proposers:
-            p.reset()
+        self.lookup.reset()
+        self.model.reset()
 
     def propose(self, ctx: Context, k: int) -> Draft:
-        return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
+        draft = self.lookup.propose(ctx, k)
+        return draft if draft.k else self.model.propose(ctx, k)
 
 
 def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
@@ -270,4 +278,4 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
         eagle_proposer = EagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
     if spec.method == "eagle":
         return eagle_proposer
-    return MultiDraftProposer([NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer], budget=size + spec.k)
+    return LookupFirstProposer(NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer)
