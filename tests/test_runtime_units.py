@@ -53,6 +53,30 @@ def test_ngram_truncates_to_k_and_to_available_tokens():
     assert NGramProposer(1, 1).propose(_ctx(ids), 10).tokens.tolist() == [2, 3, 1]
 
 
+def test_lookup_first_drafts_the_model_only_where_the_lookup_finds_nothing():
+    from specdeploy.runtime.head_proposers import LookupFirstProposer
+
+    class Model:
+        calls, resets, needs_hidden, max_nodes = 0, 0, True, 5
+
+        def reset(self):
+            self.resets += 1
+
+        def propose(self, ctx, k):
+            self.calls += 1
+            return Draft(torch.tensor([7] * k), parents=torch.tensor([-1] + list(range(k - 1))))
+
+    model = Model()
+    proposer = LookupFirstProposer(NGramProposer(2, 3), model)
+    assert proposer.needs_hidden and proposer.max_nodes == 5
+    chain = proposer.propose(_ctx([1, 2, 3, 4, 1, 2]), 2)
+    assert chain.tokens.tolist() == [3, 4] and not chain.is_tree and model.calls == 0
+    tree = proposer.propose(_ctx([1, 2, 3, 4, 5, 6]), 2)  # no earlier [5, 6]: the model drafts
+    assert tree.is_tree and tree.tokens.tolist() == [7, 7] and model.calls == 1
+    proposer.reset()
+    assert model.resets == 1
+
+
 # --- verification --------------------------------------------------------------------------
 
 def _logits_for(tokens: list[int]) -> torch.Tensor:
