@@ -177,6 +177,34 @@ def test_tree_costs_are_timed_per_depth():
     assert step_overhead_ms(runs, 2.0, excluded_s=0.02) == pytest.approx(1.0)  # the re-drafts are not overhead
 
 
+def test_mixed_steps_are_charged_their_mean_cost():
+    """A lookup-first proposer: three near-free lookups for every model tree. The step's drafting
+    cost is the mean of the mix (a quarter of the tree's), not its median (a lookup's)."""
+    import time as _time
+
+    from specdeploy.bench.advisor import TimedProposer
+    from specdeploy.runtime.types import Draft
+
+    class Mixed:
+        calls = 0
+
+        def reset(self):
+            pass
+
+        def propose(self, ctx, k):
+            self.calls += 1
+            if self.calls % 4:
+                return Draft(tokens=torch.arange(k))
+            _time.sleep(0.008)
+            return Draft(tokens=torch.arange(2 * k), parents=torch.arange(2 * k) - 1)
+
+    timed = TimedProposer(Mixed(), ks=(4,), every=4)
+    for _ in range(16):
+        timed.propose(None, 4)
+    draft_at, _ = timed.costs_at(4)
+    assert 1.5 < draft_at[4] < 5.0, draft_at  # ~2 ms (4 trees of 8 ms in 15 steps); the median would be ~0
+
+
 def test_sampled_advice_writes_the_policy_sampled_section():
     greedy_runs = {"ngram": {"code": geometric_stats({8: 9, 3: 1}, 8)}}
     sampled_runs = {"ngram": {"code": geometric_stats({0: 10}, 8)}}  # nothing accepted when sampling

@@ -250,6 +250,11 @@ def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_ru
     return out
 
 
+def _steady_mean(ms: Sequence[float]) -> float:
+    """Mean of timings after the first (a first call may compile kernels or fill caches)."""
+    return statistics.fmean(ms[1:] if len(ms) > 1 else ms)
+
+
 class TimedProposer:
     """A proposer wrapper recording each draft's wall time (its tokens come back to the host, so
     the time includes the device's work) and size; `tree` tells whether any draft was a tree.
@@ -290,13 +295,19 @@ class TimedProposer:
             self.extra_s += time.perf_counter() - start
         return draft
 
+    def mean_ms(self) -> float:
+        """Mean drafting ms per step (0 before any)."""
+        return _steady_mean(self.ms) if self.ms else 0.0
+
     def costs_at(self, K: int) -> tuple[dict[int, float], dict[int, float]]:
-        """({k: drafting ms}, {k: verify query length}) per k: the step's own median at K, shifted by
-        the re-drafts' difference between k and K (the step's own draft also syncs new tokens)."""
+        """({k: drafting ms}, {k: verify query length}) per k: the step's own mean at K, shifted by
+        the re-drafts' difference between k and K (the step's own draft also syncs new tokens).
+        Means, not medians: a lookup-first proposer's steps are a mix of near-free lookups and model
+        drafts, and a step's expected cost is their mean (the median is whichever kind is commoner)."""
         if not self.ms or not all(self.at_ms.values()) or K not in self.at_ms:
             return {}, {}
-        base = statistics.median(self.ms) - statistics.median(self.at_ms[K])
-        draft = {k: max(0.0, base + statistics.median(v)) for k, v in self.at_ms.items()}
+        base = self.mean_ms() - _steady_mean(self.at_ms[K])
+        draft = {k: max(0.0, base + _steady_mean(v)) for k, v in self.at_ms.items()}
         return draft, {k: 1.0 + statistics.fmean(v) for k, v in self.at_nodes.items()}
 
 
@@ -475,7 +486,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             if qi not in target:  # monotone in the query length, as measure_costs keeps it
                 below = max((ms for q0, ms in target.items() if q0 < qi), default=0.0)
                 target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
-        costs[m] = StepCosts(target, statistics.median(t.ms) if t.ms else 0.0, per_token=False,
+        costs[m] = StepCosts(target, t.mean_ms(), per_token=False,
                              verify_query=q if t.tree else None, draft_ms_at=draft_at, verify_query_at=query_at)
     for m, total in totals.items():  # what the component timings miss, from the runs' wall time
         modelled = costs[m].modelled_step_ms(Profile.from_stats(total), K)  # plain: T_target(1)
