@@ -596,7 +596,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("advise", help="measure α per task on your prompts and write policy.json (method, k or off per task)")
     p.add_argument("--prompts", help="JSONL prompts with task labels, or 'eval' / 'demo' (built-in sets)")
     p.add_argument("--prompts-per-task", type=int, default=0, help="use at most N prompts per task (0: all)")
-    p.add_argument("--methods", default="ngram,layerskip,draft", help="comma-separated methods to consider")
+    p.add_argument("--methods", default="ngram,layerskip,draft,eagle,multi",
+                   help="comma-separated methods to consider (one without a draft for the target is skipped, with a note)")
     p.add_argument("--k", default="1,2,4,8", help="k values to consider (α measured once at the largest)")
     p.add_argument("--out", default="policy.json")
     p.add_argument("--max-new-tokens", type=int, default=64)

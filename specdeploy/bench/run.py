@@ -596,8 +596,8 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("bench", help="every method and HF peers side by side: bench.json, bench.md, plots")
     p.add_argument("--prompts", default="eval", help="JSONL prompts with task labels, or 'eval' / 'demo'")
     p.add_argument("--prompts-per-task", type=int, default=0, help="at most N prompts per task (0: all)")
-    p.add_argument("--methods", default="none,ngram,layerskip,draft,medusa,eagle",
-                   help="comma-separated: none, ngram, draft, layerskip, medusa, eagle, policy")
+    p.add_argument("--methods", default="none,ngram,layerskip,draft,medusa,eagle,multi",
+                   help="comma-separated: none, ngram, draft, layerskip, medusa, eagle, multi, policy")
     p.add_argument("--k", default="1,2,4,8", help="draft lengths (comma-separated)")
     p.add_argument("--temperature", default="0", help="comma-separated temperatures (0 = greedy)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (> 1: the batched greedy engine)")
