@@ -8,8 +8,8 @@ Rows (greedy, the eval prompts of the ten task types, max_new_tokens 256 by defa
   step) for plain, ngram, layerskip and a trained draft if one is shipped, at batch 1 (per task)
   and batch 8 / 32 (aggregate, speculation always on and "auto");
 - specdeploy "loop" (`speculative_generate` + `CudaGraphRunner` + the stock proposers), and the
-  head methods (`--head-methods`: Medusa, EAGLE, lookup-first multi (n-gram chains or EAGLE trees) verified through the
-  same graphs, built by `compiled_for` as `SpecEngine.load` does on CUDA).
+  head methods (`--head-methods`: Medusa, EAGLE, lookup-first multi (n-gram chains or EAGLE
+  trees) verified through the same graphs, built by `compiled_for` as `SpecEngine.load` does on CUDA).
 `--parts lossless` reruns the fused paths (and the head methods' loop rows) in float32 and counts
 outputs differing from the same engine's plain greedy (must be 0), and batch-vs-alone differences.
 
@@ -218,11 +218,10 @@ class Bench:
                "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "per_task": per_task(prompts, stats),
                "total": _stat_row(_total(stats)), "peak_mem_bytes": _peak()}
         runner.close()
-        for p in getattr(proposer, "proposers", [proposer]):  # a lookup-first proposer's parts too
-            if hasattr(p, "runner"):
-                p.runner.close()
-            elif hasattr(p, "close"):  # GraphEagleProposer's graphs
-                p.close()
+        if hasattr(proposer, "runner"):
+            proposer.runner.close()
+        elif hasattr(proposer, "close"):  # GraphEagleProposer's graphs, also behind a lookup-first proposer
+            proposer.close()
         if plain_key in self.outputs:
             ref = self.outputs[plain_key]
             rec["mismatches_vs_plain"] = sum(o != r for o, r in zip(outs, ref))

@@ -231,7 +231,6 @@ class LookupFirstProposer:
 
     def __init__(self, lookup: Proposer, model: Proposer) -> None:
         self.lookup, self.model = lookup, model
-        self.proposers = [lookup, model]  # its parts, for callers that close runners
         self.needs_hidden = getattr(model, "needs_hidden", False)
         self.max_nodes = getattr(model, "max_nodes", 0)  # largest tree drafted
 
@@ -242,6 +241,11 @@ class LookupFirstProposer:
     def propose(self, ctx: Context, k: int) -> Draft:
         draft = self.lookup.propose(ctx, k)
         return draft if draft.k else self.model.propose(ctx, k)
+
+    def close(self) -> None:
+        """Release the model proposer's graphs, where it holds some (GraphEagleProposer)."""
+        if hasattr(self.model, "close"):
+            self.model.close()
 
 
 def build_head_proposer(spec, target, graph_max_length: int | None = None, *,

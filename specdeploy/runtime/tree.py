@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 
-
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     """parents: [m] int64 (-1 = outside the tree) -> [m, m] bool (CPU), anc[i, j] = j is i or an ancestor of i.
 
