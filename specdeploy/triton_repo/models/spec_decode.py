@@ -36,13 +36,17 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 class Counters:
-    """The spec-decode counters, one Metric per (counter, labels), made on first use."""
+    """The spec-decode counters, one Metric per (counter, labels), made on first use.
 
-    def __init__(self) -> None:
+    Making and incrementing a Metric are messages to the server, so `record` holds the
+    model's IPC lock.
+    """
+
+    def __init__(self, ipc: threading.Lock) -> None:
         self.families = {name: pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
                          for name, text in COUNTERS.items()}
         self._metrics: dict[tuple, object] = {}
-        self._lock = threading.Lock()
+        self._ipc = ipc
 
     def add(self, name: str, value: int, **labels: str) -> None:
         if value <= 0:
@@ -52,12 +56,15 @@ class Counters:
 
     def _metric(self, name: str, labels: dict):
         key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            if key not in self._metrics:
-                self._metrics[key] = self.families[name].Metric(labels=labels)
-            return self._metrics[key]
+        if key not in self._metrics:
+            self._metrics[key] = self.families[name].Metric(labels=labels)
+        return self._metrics[key]
 
     def record(self, task: str, stats: SpecStats, fallback: bool, decision: Decision) -> None:
+        with self._ipc:
+            self._record(task, stats, fallback, decision)
+
+    def _record(self, task: str, stats: SpecStats, fallback: bool, decision: Decision) -> None:
         self.add("spec_decode_num_requests", 1, task=task)
         d = decision.as_dict()
         self.add(DECISIONS, 1, task=task, method=d["method"], k=str(d["k"]), reason=d["reason"])
@@ -76,12 +83,12 @@ class TritonPythonModel:
         s = settings(args)
         self.log = logger("spec_decode")
         self.tokenizer = tokenizer_from(s)
-        self.counters = Counters()
-        # One message between this stub and the server at a time: concurrent BLS calls and
-        # response sends from several threads crash the Python backend of Triton 2.51
+        # One message between this stub and the server at a time: concurrent BLS calls,
+        # response sends and metric updates from several threads crash the Python backend of Triton 2.51
         # (SIGSEGV / boost lock_exception in libtriton_python.so; upstream server issue 8882).
         # verify and draft run one request at a time anyway, so little is lost.
         self._ipc = threading.Lock()
+        self.counters = Counters(self._ipc)
         self.decoder = SpecDecoder.from_settings(s, self._transport, lambda ids: decode(self.tokenizer, ids),
                                                  on_fallback=self._fallback)
         self.pool = ThreadPoolExecutor(max_workers=int(s.get("max_concurrency", 64)), thread_name_prefix="spec_decode")
