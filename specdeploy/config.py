@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from specdeploy.errors import SpecDeployError
 
-METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi")
-HEAD_METHODS = ("medusa", "eagle", "multi")  # proposers that read the target's hidden states
-TRAINED = ("draft", "medusa", "eagle", "multi")  # methods that load a trained artifact (`draft`: its path)
+METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi", "specinfer")
+HEAD_METHODS = ("medusa", "eagle", "multi", "specinfer")  # proposers that read the target's hidden states
+TRAINED = ("draft", "medusa", "eagle", "multi", "specinfer")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
 
 
@@ -53,12 +53,13 @@ class SpecConfig:
 
     method: str = "ngram"
     k: int = 4
-    draft: str | None = None  # path of a draft model or artifact (draft, medusa, eagle, multi); None = shipped default
+    draft: str | None = None  # path of a draft model or artifact (draft and the head methods); None = shipped default
     ngram_min: int = 1
     ngram_max: int = 4
     layerskip_layers: int | None = None  # None: a quarter of the target's layers
-    # token trees (medusa, eagle, multi): nodes per tree, 0 = a chain of k; None = the method's default
-    # (medusa: the artifact's tree, eagle and multi's EAGLE: 48). EAGLE trees are k deep, `tree_topk` wide.
+    # token trees (medusa, eagle, multi, specinfer): nodes per tree, 0 = a chain of k; None = the method's
+    # default (medusa: the artifact's tree, the EAGLE tree of eagle, multi and specinfer: 48; specinfer
+    # merges it with the n-gram chain into at most tree_size + k nodes). EAGLE trees are k deep, `tree_topk` wide.
     tree_size: int | None = None
     tree_topk: int = 8
     switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)

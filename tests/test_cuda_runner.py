@@ -227,6 +227,9 @@ def test_engine_with_compiled_runner_matches_eager_engine(smollm2, method):
     assert isinstance(proposer, GraphEagleProposer) and proposer.max_length == runner.max_length == 64
     _, proposer = compiled_for(SpecConfig(method="multi", k=3), smollm2, max_length=64)
     assert isinstance(proposer.model, GraphEagleProposer)
+    runner, proposer = compiled_for(SpecConfig(method="specinfer", k=3), smollm2, max_length=64)
+    assert isinstance(proposer.proposers[1], GraphEagleProposer) and proposer.max_nodes == 48 + 3
+    assert runner.query_buckets[-1] >= 1 + proposer.max_nodes
     _, proposer = compiled_for(SpecConfig(method="eagle", k=3, tree_size=0), smollm2, max_length=64)
     assert isinstance(proposer, EagleProposer)  # chains stay eager
 

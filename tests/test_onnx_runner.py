@@ -128,7 +128,7 @@ def test_cli_generate_with_engine(smollm2, smollm2_onnx, capsys):
 
 
 HEAD_PROMPTS = PROMPTS[:3]
-HEAD_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 4, 24), ("multi", 4, 24)]
+HEAD_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 4, 24), ("multi", 4, 24), ("specinfer", 3, 16)]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,11 @@ def test_ort_heads_greedy_equals_torch_target(smollm2, smollm2_onnx, head_refere
     """Target and head both in ORT (trees through the 4D mask + keep_path) == the torch target's greedy."""
     engine = load_onnx_engine(smollm2_onnx, SpecConfig(method=method, k=k, tree_size=tree_size), smollm2)
     assert isinstance(engine.runner, OnnxRunner) and engine.runner.output_hidden
-    head_proposer = engine.proposer.model if method == "multi" else engine.proposer  # multi: lookup first, then EAGLE
+    head_proposer = engine.proposer
+    if method == "multi":  # the lookup first, then EAGLE
+        head_proposer = head_proposer.model
+    elif method == "specinfer":  # the lookup and EAGLE, merged
+        head_proposer = head_proposer.proposers[1]
     ort_head = head_proposer.heads if method == "medusa" else head_proposer.step
     assert isinstance(ort_head, OrtMedusaHeads if method == "medusa" else OrtEagleHead)
     assert_matches_reference(engine, head_reference, HEAD_PROMPTS, MAX_NEW)

@@ -104,7 +104,7 @@ def _generate(engine: SpecEngine, ids: list[int], switch, proposer=None, k: int 
                                 switch=switch)
 
 
-@pytest.mark.parametrize("method", ["ngram", "layerskip", "draft", "medusa", "eagle", "multi"])
+@pytest.mark.parametrize("method", ["ngram", "layerskip", "draft", "medusa", "eagle", "multi", "specinfer"])
 def test_switching_on_and_off_stays_lossless(smollm2, reference, method):
     engine = SpecEngine(smollm2, SpecConfig(method=method, k=4))
     accepted = 0

@@ -3,7 +3,8 @@
 The statistical tests reuse the bigram target of test_sampling_distribution (sequence
 probabilities known in closed form) with tree-shaped drafts: children drawn WITHOUT
 replacement from a draft distribution (recursive rejection sampling with probs), top-k
-children (point masses), and lookup chains mixed with trees step by step. A chi-square test compares whole
+children (point masses), lookup chains mixed with trees step by step, and a multi-draft merge.
+A chi-square test compares whole
 3-token continuations with the exact distribution; a deliberately wrong tree rule
 (after a rejected child, keep the target distribution instead of the residual) must fail
 the same test, or the test could not catch a real bug.
@@ -19,8 +20,8 @@ import specdeploy.runtime.verify as verify_module
 from specdeploy.config import SamplingParams
 from specdeploy.runtime.loop import StopCondition, _fit, speculative_generate
 from specdeploy.runtime.proposers import NGramProposer
-from specdeploy.runtime.head_proposers import LookupFirstProposer
-from specdeploy.runtime.tree import ancestor_matrix, shape_parents, sparse_tree
+from specdeploy.runtime.head_proposers import LookupFirstProposer, MultiDraftProposer
+from specdeploy.runtime.tree import ancestor_matrix, draft_paths, merge_drafts, shape_parents, sparse_tree
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs, verify
 from table_runner import BigramRunner
@@ -106,6 +107,17 @@ def test_ancestor_matrix_and_order():
     assert anc[4].tolist() == [False, False, False, False, True]
     with pytest.raises(ValueError):
         ancestor_matrix(torch.tensor([1, -1]))
+
+
+def test_merge_shares_prefixes_and_respects_budget():
+    chain = Draft(torch.tensor([5, 6, 7]))
+    tree = Draft(torch.tensor([5, 9, 6, 8]), parents=torch.tensor([-1, -1, 0, 2]))
+    merged = merge_drafts([chain, tree], budget=10)
+    assert sorted(map(tuple, draft_paths(merged))) == [(5, 6, 7), (5, 6, 8), (9,)]
+    assert merged.k == 5  # 5, 6, 7, 9, 8: the shared prefix 5, 6 appears once
+    small = merge_drafts([chain, tree], budget=4)
+    assert small.k == 4 and (small.parents < torch.arange(4)).all()
+    assert merge_drafts([Draft.empty(), Draft.empty()], budget=4).k == 0
 
 
 def test_sparse_tree_keeps_prefixes_and_likeliest_paths():
@@ -196,6 +208,15 @@ def test_lookup_first_matches_target():
 
     counts = _sample(Counted(NGramProposer(2, 3), tree), prompt, params, N, k=3)
     assert drafted["tree"] > N / 10 and drafted["chain"] > N / 10, drafted  # both kinds of step ran
+    assert chi_square_pvalue(counts, _exact(_tables()[0], prompt, params), N) > 1e-3
+
+
+def test_multi_draft_tree_matches_target():
+    """SpecInfer's merge of a lookup chain and a top-k tree, verified as point masses."""
+    _, draft = _tables()
+    prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(MultiDraftProposer([NGramProposer(1, 3), TopTree(draft, 2, 2)], budget=6), prompt, params, N, k=3)
     assert chi_square_pvalue(counts, _exact(_tables()[0], prompt, params), N) > 1e-3
 
 

@@ -1,7 +1,7 @@
 """Greedy output with the trained drafts equals the target's own greedy `generate` (fp32, CPU).
 
 The shipped artifacts (DraftLM, Medusa heads, EAGLE head) load with no path, as
-`--method draft|medusa|eagle|multi` does; chains and token trees, with k and tree size
+`--method draft|medusa|eagle|multi|specinfer` does; chains and token trees, with k and tree size
 varied; the head methods also over the compiled runner (`compiled_for`, as on CUDA, run
 eagerly here). Prompts are few and short: one SmolLM2 forward costs ~60 ms here.
 """
@@ -45,6 +45,7 @@ CASES = [
     ("eagle", 3, 6),  # EAGLE-2 dynamic trees
     ("eagle", 6, 48),
     ("multi", 4, 16),  # the n-gram chain where the lookup matches, else an EAGLE tree
+    ("specinfer", 4, 16),  # the n-gram chain and an EAGLE tree merged into one tree
 ]
 
 
@@ -56,7 +57,7 @@ def test_greedy_equals_target_generate(smollm2, reference, method, k, tree_size)
     assert total.accepted > 0, "a trained draft should get some tokens accepted"
 
 
-COMPILED_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 5, 48), ("multi", 4, 16)]
+COMPILED_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 5, 48), ("multi", 4, 16), ("specinfer", 3, 24)]
 
 
 @pytest.mark.parametrize("method, k, tree_size", COMPILED_CASES, ids=[f"{m}-k{k}-tree{t}" for m, k, t in COMPILED_CASES])
@@ -84,7 +85,8 @@ def test_eagle_tree_accepts_more_than_its_chain(smollm2, reference):
     assert tree.task_stats.total().acceptance_length >= chain.task_stats.total().acceptance_length
 
 
-@pytest.mark.parametrize("method, tree_size", [("eagle", None), ("eagle", 0), ("medusa", None), ("multi", None)])
+@pytest.mark.parametrize("method, tree_size", [("eagle", None), ("eagle", 0), ("medusa", None), ("multi", None),
+                                                      ("specinfer", None)])
 def test_sampling_runs_with_trees_and_chains(smollm2, reference, method, tree_size):
     engine = SpecEngine(smollm2, SpecConfig(method=method, k=4, tree_size=tree_size))
     ids, _ = reference[0]

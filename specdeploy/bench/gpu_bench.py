@@ -9,7 +9,8 @@ Rows (greedy, the eval prompts of the ten task types, max_new_tokens 256 by defa
   and batch 8 / 32 (aggregate, speculation always on and "auto");
 - specdeploy "loop" (`speculative_generate` + `CudaGraphRunner` + the stock proposers), and the
   head methods (`--head-methods`: Medusa, EAGLE, lookup-first multi (n-gram chains or EAGLE
-  trees) verified through the same graphs, built by `compiled_for` as `SpecEngine.load` does on CUDA).
+  trees), specinfer (both merged into one tree)) verified through the same graphs, built by
+  `compiled_for` as `SpecEngine.load` does on CUDA).
 `--parts lossless` reruns the fused paths (and the head methods' loop rows) in float32 and counts
 outputs differing from the same engine's plain greedy (must be 0), and batch-vs-alone differences.
 

@@ -12,6 +12,8 @@ proposer drafts, 0 for chains) lets a compiled runner size its query buckets.
   through one `EagleStep` (features, tokens -> features, logits): `TorchEagleStep` here (head,
   embedding, lm_head), `OrtEagleHead` (onnx_heads.py) for the exported graph.
 - LookupFirstProposer (method multi): the n-gram lookup's chain where it matches, else the EAGLE tree.
+- MultiDraftProposer (method specinfer): SpecInfer's multi-draft tree, the n-gram chain and the
+  EAGLE tree merged into one tree verified in one pass (EAGLE drafts every step).
 
 Tree drafts are deterministic (``probs is None``): the verifier treats each candidate as
 a point mass, which is lossless whatever the candidates (EAGLE's own choice too).
@@ -27,7 +29,7 @@ from torch import nn
 from specdeploy.models.eagle import EagleHead
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
-from specdeploy.runtime.tree import best_nodes, shape_parents
+from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs
 
@@ -248,9 +250,35 @@ class LookupFirstProposer:
             self.model.close()
 
 
+class MultiDraftProposer:
+    """SpecInfer's multi-draft tree: several proposers' drafts merged into one tree, verified in one pass.
+
+    Accepts the longest prefix any of them drafted, at the price of every proposer's drafting
+    and a wider verify each step (`multi` drafts one of them per step instead).
+    """
+
+    def __init__(self, proposers: Sequence[Proposer], budget: int) -> None:
+        self.proposers, self.budget = list(proposers), budget
+        self.max_nodes = budget  # largest tree drafted
+        self.needs_hidden = any(getattr(p, "needs_hidden", False) for p in self.proposers)
+
+    def reset(self) -> None:
+        for p in self.proposers:
+            p.reset()
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
+
+    def close(self) -> None:
+        """Release its proposers' graphs, where they hold some (GraphEagleProposer)."""
+        for p in self.proposers:
+            if hasattr(p, "close"):
+                p.close()
+
+
 def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
                         medusa_heads: tuple | None = None, eagle_step: EagleStep | None = None) -> Proposer:
-    """The medusa / eagle / multi proposer a SpecConfig names, from its artifact (default: shipped).
+    """The medusa / eagle / multi / specinfer proposer a SpecConfig names, from its artifact (default: shipped).
 
     graph_max_length: EAGLE trees drafted by `GraphEagleProposer` (static cache, CUDA graphs where
     the model is on CUDA) over that many committed tokens, `spec.k` levels deep; None: eager.
@@ -282,4 +310,7 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
         eagle_proposer = EagleProposer.from_head(head, embed, lm_head, tree_size=size, topk=spec.tree_topk)
     if spec.method == "eagle":
         return eagle_proposer
-    return LookupFirstProposer(NGramProposer(spec.ngram_min, spec.ngram_max), eagle_proposer)
+    lookup = NGramProposer(spec.ngram_min, spec.ngram_max)
+    if spec.method == "specinfer":
+        return MultiDraftProposer([lookup, eagle_proposer], budget=size + spec.k)
+    return LookupFirstProposer(lookup, eagle_proposer)

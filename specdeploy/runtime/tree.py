@@ -1,4 +1,4 @@
-"""Token trees: the shapes and masks that tree drafts need (verification is in verify.py).
+"""Token trees: the shapes, masks and merges that tree drafts need (verification is in verify.py).
 
 A tree is stored flat, as in `Draft`: node i holds one token and the index of its parent
 (-1 = the pending token), parents before children. Paths are tuples of node tokens from
@@ -7,9 +7,11 @@ the pending token down. Tree *shapes* (Medusa's sparse trees) are lists of rank 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
+
+from specdeploy.runtime.types import Draft
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,74 @@ def children_of(parents: Sequence[int]) -> dict[int, list[int]]:
         out.setdefault(p, []).append(i)
         out.setdefault(i, [])
     return out
+
+
+class TreeBuilder:
+    """Builds a flat token tree (a trie) from paths, sharing common prefixes."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self._index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int) -> int:
+        """The node for `token` under `parent`, created if new."""
+        key = (parent, int(token))
+        if key not in self._index:
+            self._index[key] = len(self.tokens)
+            self.tokens.append(int(token))
+            self.parents.append(parent)
+        return self._index[key]
+
+    def add_path(self, path: Iterable[int], budget: int | None = None) -> None:
+        """Insert a path of tokens below the pending token, stopping when the tree holds `budget` nodes."""
+        node = -1
+        for token in path:
+            if budget is not None and (node, int(token)) not in self._index and len(self) >= budget:
+                return
+            node = self.add(node, token)
+
+    def draft(self) -> Draft:
+        if not self.tokens:
+            return Draft.empty()
+        return Draft(tokens=torch.tensor(self.tokens, dtype=torch.long),
+                     parents=torch.tensor(self.parents, dtype=torch.long))
+
+
+def merge_drafts(drafts: Sequence[Draft], budget: int) -> Draft:
+    """One deterministic tree holding the paths of several drafts (SpecInfer's multi-draft merge).
+
+    Drafts are inserted in order, each root-to-leaf path whole, until the tree holds
+    `budget` nodes; a path that no longer fits is cut. Draft probabilities are dropped:
+    the merged tree is verified as point masses, which stays lossless for any candidates.
+    """
+    builder = TreeBuilder()
+    for d in drafts:
+        for path in draft_paths(d):
+            builder.add_path(path, budget)
+    return builder.draft()
+
+
+def draft_paths(draft: Draft) -> list[list[int]]:
+    """Token paths from the pending token to each leaf (a chain gives one path)."""
+    if draft.k == 0:
+        return []
+    tokens = draft.tokens.tolist()
+    if draft.parents is None:
+        return [tokens]
+    parents = draft.parents.tolist()
+    kids = children_of(parents)
+    paths = []
+    for leaf in (i for i in range(len(tokens)) if not kids[i]):
+        path, node = [], leaf
+        while node >= 0:
+            path.append(tokens[node])
+            node = parents[node]
+        paths.append(path[::-1])
+    return paths
 
 
 def sparse_tree(accuracy: Sequence[Sequence[float]], size: int) -> list[tuple[int, ...]]:
