@@ -246,3 +246,49 @@ def test_cancelled_request_stops_and_releases_its_caches(smollm2):
     with pytest.raises(RequestCancelled):
         decoder.run(job, on_tokens=lambda ids: seen.append(len(ids)), cancelled=lambda: len(seen) >= 3)
     assert seen[:3] == [1, 2, 3] and len(caches["verify"]) == 0
+
+
+def test_metric_updates_hold_the_ipc_lock(monkeypatch):
+    """spec_decode's metric calls are messages to the server: made under the lock its BLS calls and
+    response sends take (unlocked, they crashed tritonserver 2.51 under concurrent requests)."""
+    import importlib
+    import sys
+    import threading
+    import types
+
+    from specdeploy.runtime.policy import Decision
+    from specdeploy.runtime.stats import SpecStats
+
+    ipc, held = threading.Lock(), []
+
+    class Metric:
+        def __init__(self, labels: dict) -> None:
+            held.append(ipc.locked())
+
+        def increment(self, value: int) -> None:
+            held.append(ipc.locked())
+
+    class MetricFamily:
+        COUNTER = "counter"
+
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            pass
+
+        def Metric(self, labels: dict) -> Metric:  # noqa: N802 - pb_utils' name
+            return Metric(labels)
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.MetricFamily, fake.TRITONSERVER_RESPONSE_COMPLETE_FINAL = MetricFamily, 1
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    names = ("specdeploy.triton_repo.models.spec_decode", "specdeploy.triton_repo.models.common")
+    saved = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    try:  # imported against the fake, then forgotten
+        spec_decode = importlib.import_module(names[0])
+        stats = SpecStats(requests=1)
+        stats.record_step(proposed=3, accepted=2)
+        spec_decode.Counters(ipc).record("qa", stats, False, Decision("qa", "ngram", 3, "default"))
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    assert len(held) > 10 and all(held), held
