@@ -8,6 +8,9 @@ and back on where it does, whatever the method: the loop never asks which propos
 """
 from __future__ import annotations
 
+from collections import deque
+from statistics import median
+
 from specdeploy.errors import SpecDeployError
 
 MODES = ("on", "off", "auto")
@@ -16,9 +19,12 @@ MODES = ("on", "off", "auto")
 class SpecSwitch:
     """Speculation "on", "off", or "auto" (a measured cost model).
 
-    auto: moving averages of the time of a spec step and of a plain step, and of the tokens a
-    spec step emits per slot (the acceptance length; a plain step emits exactly one). It runs
-    spec steps while acceptance_length / spec_time >= 1 / plain_time.
+    auto: the time of a spec step and of a plain step (each the median of its last `window`
+    steps), and the tokens a spec step emits per slot (the acceptance length; a plain step emits
+    exactly one). It runs spec steps while acceptance_length / spec_time >= 1 / plain_time.
+    Medians, not moving averages: one-off steps (a proposer catching up over the prompt at a
+    request's first draft, a CUDA graph captured the first time a shape occurs) take many times
+    a usual step, and an average seeded or hit by one of them turned speculation off where it paid.
 
     Acceptance is noisy step to step (1 to k + 1 tokens), and while speculation is off it is not
     measured at all, so the estimate must not outlive its evidence: it is a ratio of sums (over
@@ -32,13 +38,13 @@ class SpecSwitch:
     pays probing costs little; one that does resets the wait.
     """
 
-    def __init__(self, mode: str = "on", probe_every: int = 64, decay: float = 0.8, probe_len: int = 4,
+    def __init__(self, mode: str = "on", probe_every: int = 64, window: int = 9, probe_len: int = 4,
                  acceptance_decay: float = 0.95, max_wait: int = 512) -> None:
         if mode not in MODES:
             raise SpecDeployError(f"speculation switch must be one of {', '.join(MODES)}, not {mode!r}")
-        self.mode, self.probe_every, self.decay = mode, probe_every, decay
+        self.mode, self.probe_every = mode, probe_every
         self.probe_len, self.acceptance_decay, self.max_wait = probe_len, acceptance_decay, max_wait
-        self.step_s: dict[bool, float | None] = {True: None, False: None}  # seconds per step, spec / plain
+        self._times = {True: deque(maxlen=window), False: deque(maxlen=window)}  # seconds of recent steps
         self._tokens = self._weight = 0.0  # aged sums over slot-steps: tokens of spec steps, and their count
         self._steps = 0
         self._off_for = 0  # plain steps since speculation was last chosen
@@ -53,9 +59,14 @@ class SpecSwitch:
         """Tokens per slot per spec step, over the aged evidence (None before any spec step)."""
         return self._tokens / self._weight if self._weight > 0 else None
 
+    def step_s(self, spec: bool) -> float | None:
+        """Seconds per spec (or plain) step: the median of the recent ones (None before any)."""
+        times = self._times[spec]
+        return median(times) if times else None
+
     def prefers_spec(self) -> bool:
         """The cost model's choice (before probing)."""
-        t_spec, t_plain = self.step_s[True], self.step_s[False]
+        t_spec, t_plain = self.step_s(True), self.step_s(False)
         if t_spec is None or t_plain is None or self.acceptance is None:
             return True
         return self.acceptance / t_spec >= 1.0 / t_plain
@@ -68,9 +79,9 @@ class SpecSwitch:
         if self._burst > 0:
             self._burst -= max(slots, 1)
             return True
-        if self.step_s[True] is None or self.acceptance is None:
+        if self.step_s(True) is None or self.acceptance is None:
             return True  # a step still in flight holds the first evidence
-        if self.step_s[False] is None:
+        if self.step_s(False) is None:
             return False  # then plain once
         best = self.prefers_spec()
         if self._probing:  # the burst's verdict
@@ -92,13 +103,9 @@ class SpecSwitch:
         else:
             self.plain_steps += 1
         if seconds > 0:
-            self.step_s[spec] = _ema(self.step_s[spec], seconds, self.decay)
+            self._times[spec].append(seconds)
         self._tokens *= self.acceptance_decay
         self._weight *= self.acceptance_decay
         if spec and tokens_per_slot is not None and slots > 0:
             self._tokens += tokens_per_slot * slots
             self._weight += slots
-
-
-def _ema(old: float | None, new: float, decay: float) -> float:
-    return new if old is None else decay * old + (1 - decay) * new
