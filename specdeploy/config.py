@@ -58,8 +58,9 @@ class SpecConfig:
     ngram_max: int = 4
     layerskip_layers: int | None = None  # None: a quarter of the target's layers
     # token trees (medusa, eagle, multi, specinfer): nodes per tree, 0 = a chain of k; None = the method's
-    # default (medusa: the artifact's tree, the EAGLE tree of eagle, multi and specinfer: 48; specinfer
-    # merges it with the n-gram chain into at most tree_size + k nodes). EAGLE trees are k deep, `tree_topk` wide.
+    # default (medusa: the artifact's tree, the EAGLE tree of eagle, multi and specinfer: 48). specinfer
+    # merges it with the n-gram chain into at most tree_size + k nodes (2k for an EAGLE chain).
+    # EAGLE trees are k deep, `tree_topk` wide.
     tree_size: int | None = None
     tree_topk: int = 8
     switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)

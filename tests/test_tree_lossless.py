@@ -46,6 +46,7 @@ CASES = [
     ("eagle", 6, 48),
     ("multi", 4, 16),  # the n-gram chain where the lookup matches, else an EAGLE tree
     ("specinfer", 4, 16),  # the n-gram chain and an EAGLE tree merged into one tree
+    ("specinfer", 3, 0),  # the n-gram chain and an EAGLE chain merged
 ]
 
 

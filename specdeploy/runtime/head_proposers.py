@@ -312,5 +312,5 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
         return eagle_proposer
     lookup = NGramProposer(spec.ngram_min, spec.ngram_max)
     if spec.method == "specinfer":
-        return MultiDraftProposer([lookup, eagle_proposer], budget=size + spec.k)
+        return MultiDraftProposer([lookup, eagle_proposer], budget=(size or spec.k) + spec.k)  # size 0: an EAGLE chain
     return LookupFirstProposer(lookup, eagle_proposer)
