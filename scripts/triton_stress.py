@@ -53,18 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = open(args.out / "stress.log", "w")
+    with open(args.out / "stress.log", "w") as log:
+        return stress(args.out, args.rounds, log)
+
+
+def stress(out: Path, rounds: int, log) -> int:
+    """The rounds against a server over a fresh repository in `out`; 0 when every request was served right."""
 
     def say(line: str) -> None:
         print(line, flush=True)
         log.write(line + "\n")
         log.flush()
 
-    repo = write_repository(args.out / "repo", RepoSpec(spec=SpecConfig(method="layerskip", k=2)))
-    with TritonServer(repo, Ports.free(), model_control="explicit", log_path=args.out / "server.log") as server:
+    repo = write_repository(out / "repo", RepoSpec(spec=SpecConfig(method="layerskip", k=2)))
+    with TritonServer(repo, Ports.free(), model_control="explicit", log_path=out / "server.log") as server:
         clients = (SpecClient(server.grpc_url, "grpc"), SpecClient(server.http_url, "http"))
         solo = [clients[i % 2].generate(**CASES[i % len(CASES)]).text for i in range(CLIENTS)]
-        for r in range(args.rounds):
+        for r in range(rounds):
             t0 = time.perf_counter()
             try:
                 texts = [burst(clients, stream) for stream in (False, True)]
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"round {r}: {2 * CLIENTS} requests, {wrong} texts differ from solo, {time.perf_counter() - t0:.1f} s")
             if wrong:
                 return 1
-    say(f"{args.rounds} rounds: the server served every request")
+    say(f"{rounds} rounds: the server served every request")
     return 0
 
 

@@ -22,9 +22,9 @@ class SpecSwitch:
     auto: the time of a spec step and of a plain step (each the median of its last `window`
     steps), and the tokens a spec step emits per slot (the acceptance length; a plain step emits
     exactly one). It runs spec steps while acceptance_length / spec_time >= 1 / plain_time.
-    Medians, not moving averages: one-off steps (a proposer catching up over the prompt at a
-    request's first draft, a CUDA graph captured the first time a shape occurs) take many times
-    a usual step, and an average seeded or hit by one of them turned speculation off where it paid.
+    Medians, not moving averages: an average seeded or hit by one slow step stays high for many
+    steps, so one-off costs (a proposer's catch-up over the prompt at a request's first draft, a
+    CUDA graph captured the first time a shape occurs) can turn off speculation that pays.
 
     Acceptance is noisy step to step (1 to k + 1 tokens), and while speculation is off it is not
     measured at all, so the estimate must not outlive its evidence: it is a ratio of sums (over
@@ -45,6 +45,7 @@ class SpecSwitch:
         self.mode, self.probe_every = mode, probe_every
         self.probe_len, self.acceptance_decay, self.max_wait = probe_len, acceptance_decay, max_wait
         self._times = {True: deque(maxlen=window), False: deque(maxlen=window)}  # seconds of recent steps
+        self.step_s: dict[bool, float | None] = {True: None, False: None}  # their medians, spec / plain
         self._tokens = self._weight = 0.0  # aged sums over slot-steps: tokens of spec steps, and their count
         self._steps = 0
         self._off_for = 0  # plain steps since speculation was last chosen
@@ -59,14 +60,9 @@ class SpecSwitch:
         """Tokens per slot per spec step, over the aged evidence (None before any spec step)."""
         return self._tokens / self._weight if self._weight > 0 else None
 
-    def step_s(self, spec: bool) -> float | None:
-        """Seconds per spec (or plain) step: the median of the recent ones (None before any)."""
-        times = self._times[spec]
-        return median(times) if times else None
-
     def prefers_spec(self) -> bool:
         """The cost model's choice (before probing)."""
-        t_spec, t_plain = self.step_s(True), self.step_s(False)
+        t_spec, t_plain = self.step_s[True], self.step_s[False]
         if t_spec is None or t_plain is None or self.acceptance is None:
             return True
         return self.acceptance / t_spec >= 1.0 / t_plain
@@ -79,9 +75,9 @@ class SpecSwitch:
         if self._burst > 0:
             self._burst -= max(slots, 1)
             return True
-        if self.step_s(True) is None or self.acceptance is None:
+        if self.step_s[True] is None or self.acceptance is None:
             return True  # a step still in flight holds the first evidence
-        if self.step_s(False) is None:
+        if self.step_s[False] is None:
             return False  # then plain once
         best = self.prefers_spec()
         if self._probing:  # the burst's verdict
@@ -102,8 +98,9 @@ class SpecSwitch:
             self.spec_steps += 1
         else:
             self.plain_steps += 1
-        if seconds > 0:
+        if seconds > 0:  # the median once per step, where the time changes, not at every read
             self._times[spec].append(seconds)
+            self.step_s[spec] = median(self._times[spec])
         self._tokens *= self.acceptance_decay
         self._weight *= self.acceptance_decay
         if spec and tokens_per_slot is not None and slots > 0:
