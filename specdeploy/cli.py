@@ -40,6 +40,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-size", type=int, help="nodes per token tree (medusa, eagle, multi, specinfer); 0 = a chain of k "
                                                  "(default: medusa the artifact's tree, eagle 48)")
     p.add_argument("--tree-topk", type=int, default=SpecConfig.tree_topk, help="EAGLE-2 tree: nodes expanded per depth (1..64)")
+    p.add_argument("--draft-confidence", type=float, default=SpecConfig.draft_confidence,
+                   help="draft, layerskip and medusa: draft no token where the draft's probability of the path "
+                        "falls below this (0: always k tokens / the whole tree)")
     p.add_argument("--switch", choices=["on", "auto"], default="on",
                    help="auto: decode plain steps wherever a request's measured acceptance does not pay for drafting")
 
@@ -64,7 +67,8 @@ def _sampling(args: argparse.Namespace):
 def _spec(args: argparse.Namespace, method: str | None = None):
     return SpecConfig(method=method or args.method, k=args.k, draft=args.draft, ngram_min=args.ngram_min,
                       ngram_max=args.ngram_max, layerskip_layers=args.layerskip_layers,
-                      tree_size=args.tree_size, tree_topk=args.tree_topk, switch=args.switch)
+                      tree_size=args.tree_size, tree_topk=args.tree_topk, switch=args.switch,
+                      draft_confidence=args.draft_confidence)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

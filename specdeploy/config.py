@@ -13,6 +13,14 @@ METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi", "s
 HEAD_METHODS = ("medusa", "eagle", "multi", "specinfer")  # proposers that read the target's hidden states
 TRAINED = ("draft", "medusa", "eagle", "multi", "specinfer")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
+DRAFT_CONFIDENCE = 0.1  # chosen on training prompts (results/cpu/draft_confidence.md), not the eval set
+
+
+def check_confidence(value: float) -> float:
+    """A draft confidence threshold, checked: a probability in [0, 1)."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise SpecDeployError(f"draft confidence must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class SpecConfig:
     tree_size: int | None = None
     tree_topk: int = 8
     switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)
+    # draft and layerskip chains and Medusa trees stop where the draft's own probability of the path
+    # drafted so far falls below this (0: always draft k / the whole tree); see DraftModelProposer
+    draft_confidence: float = DRAFT_CONFIDENCE
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +90,7 @@ class SpecConfig:
             raise SpecDeployError(f"tree_size must be an integer in [0, 1024], got {self.tree_size!r}")
         if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 64:
             raise SpecDeployError(f"tree_topk must be an integer in [1, 64], got {self.tree_topk!r}")
+        check_confidence(self.draft_confidence)
         if self.switch not in ("on", "auto"):
             raise SpecDeployError(f"switch must be 'on' or 'auto', got {self.switch!r}")
 

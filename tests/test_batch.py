@@ -115,6 +115,9 @@ def test_switching_speculation_off_and_on_stays_lossless():
     # a full-depth draft only misses if its cache missed the tokens of plain steps
     assert all(r.stats.alpha in (None, 1.0) for r in res)
     assert eng.switch.plain_steps > 0 and eng.switch.spec_steps > 0
+    # each request counts the plain steps it took part in
+    assert 0 < sum(r.stats.switched_off for r in res) <= eng.switch.plain_steps * 3
+    assert all(r.stats.switched_off < r.stats.target_forwards for r in res)
 
 
 def test_batch_rejects_overlong_requests():

@@ -1,6 +1,8 @@
 """Unit tests of the loop's parts on tiny known runners: proposers, verification, stopping, stats."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -183,6 +185,51 @@ def test_stats_alpha_and_positions():
     total.merge(s)
     total.merge(s)
     assert total.alpha == s.alpha and total.proposed_at == [6, 6, 4, 4]
+
+
+# --- draft confidence -------------------------------------------------------------------------
+
+def _confidence_table() -> torch.Tensor:
+    """Draft table: 0 -> 1 (p 0.9), 1 -> 2 (p 0.9), 2 -> 3 (p 0.3), 3 -> 4 (p 0.9), ..."""
+    probs = {0: 0.9, 1: 0.9, 2: 0.3}
+    t = torch.zeros(V, V)
+    for a in range(V):
+        p = probs.get(a, 0.9)
+        t[a, (a + 1) % V] = math.log((V - 1) * p / (1 - p))  # softmax gives p to a + 1, the rest share 1 - p
+    return t
+
+
+@pytest.mark.parametrize("confidence, expected", [(0.0, [1, 2, 3, 4]), (0.23, [1, 2, 3]), (0.5, [1, 2]), (0.85, [1]),
+                                                  (0.95, [])])
+def test_draft_stops_where_its_path_probability_falls_below_the_confidence(confidence, expected):
+    """Path probabilities 0.9, 0.81, 0.243, 0.219: drafting stops before the first below the threshold."""
+    proposer = DraftModelProposer(BigramRunner(_confidence_table()), min_confidence=confidence)
+    assert proposer.propose(_ctx([0]), 4).tokens.tolist() == expected
+
+
+def test_draft_confidence_with_sampling_decides_before_each_sample():
+    """At T=1 the draft samples; it stops where the sampled path times the next position's top
+    probability falls below the threshold, and every token it keeps comes with its full q row."""
+    proposer = DraftModelProposer(BigramRunner(_confidence_table()), min_confidence=0.5)
+    for seed in range(20):
+        ctx = _ctx([0], SamplingParams(temperature=1.0))
+        ctx.generator = torch.Generator().manual_seed(seed)
+        d = proposer.propose(ctx, 4)
+        path, prev = 1.0, 0
+        q = sampling_probs(_confidence_table(), SamplingParams(temperature=1.0))
+        for i, tok in enumerate(d.tokens.tolist()):
+            assert path * float(q[prev].max()) >= 0.5
+            assert torch.equal(d.probs[i], q[prev])
+            path, prev = path * float(q[prev, tok]), tok
+        assert d.k == 4 or path * float(q[prev].max()) < 0.5
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2, float("nan"), True, "0.5"])
+def test_bad_draft_confidence(bad):
+    with pytest.raises(SpecDeployError, match="confidence"):
+        SpecConfig(method="draft", draft_confidence=bad)
+    with pytest.raises(SpecDeployError, match="confidence"):
+        DraftModelProposer(BigramRunner(_confidence_table()), min_confidence=bad)
 
 
 # --- config validation ------------------------------------------------------------------------

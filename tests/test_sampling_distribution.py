@@ -93,6 +93,16 @@ def test_draft_model_sampling_matches_target(params):
     assert chi_square_pvalue(counts, _exact(target, [0], params), N) > 1e-3
 
 
+@pytest.mark.parametrize("confidence", [0.3, 0.6])
+def test_draft_model_sampling_with_a_confidence_stop_matches_target(confidence):
+    """The draft stops early where its path probability is low (before sampling): still exact."""
+    target, draft = _tables()
+    params = SamplingParams(temperature=1.0)
+    proposer = DraftModelProposer(BigramRunner(draft), min_confidence=confidence)
+    counts = _sample(BigramRunner(target), proposer, [0], params, N, k=3)
+    assert chi_square_pvalue(counts, _exact(target, [0], params), N) > 1e-3
+
+
 def test_ngram_sampling_matches_target():
     target, _ = _tables()
     prompt = [0, 1, 2, 3, 0, 1, 2, 3, 0]  # lookup proposes 1, 2, 3 ... every step

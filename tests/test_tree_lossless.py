@@ -58,6 +58,22 @@ def test_greedy_equals_target_generate(smollm2, reference, method, k, tree_size)
     assert total.accepted > 0, "a trained draft should get some tokens accepted"
 
 
+CONFIDENCE_CASES = [("draft", 4, None, 0.0), ("draft", 6, None, 0.5), ("medusa", 4, None, 0.0), ("medusa", 4, None, 0.3),
+                    ("medusa", 3, 0, 0.3)]
+
+
+@pytest.mark.parametrize("method, k, tree_size, confidence", CONFIDENCE_CASES,
+                         ids=[f"{m}-k{k}-tree{t}-conf{c}" for m, k, t, c in CONFIDENCE_CASES])
+def test_greedy_with_any_draft_confidence_equals_target_generate(smollm2, reference, method, k, tree_size, confidence):
+    """The default threshold is covered above; 0 drafts everything, higher values cut more (fewer tokens proposed)."""
+    engine = SpecEngine(smollm2, SpecConfig(method=method, k=k, tree_size=tree_size, draft_confidence=confidence))
+    _check(engine, reference)
+    total = engine.task_stats.total()
+    assert total.accepted > 0
+    if confidence:  # the cut drafts well below the full depth on average
+        assert total.proposed / total.target_forwards < 0.9 * min(k, 4 if method == "medusa" else k)
+
+
 COMPILED_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 5, 48), ("multi", 4, 16), ("specinfer", 3, 24)]
 
 

@@ -74,6 +74,8 @@ evaluate() {  # labels...: each at T=0 and T=0.7, all in parallel, ending by $DE
         layerskip) job layerskip "$temp" --method layerskip --k 4 & ;;
         draft) job draft "$temp" --method draft $(art draft) --k 4 & ;;
         medusa) job medusa "$temp" --method medusa $(art medusa) --k 4 & ;;
+        draft-full) job draft-full "$temp" --method draft $(art draft) --k 4 --draft-confidence 0 & ;;  # always k tokens
+        medusa-full) job medusa-full "$temp" --method medusa $(art medusa) --k 4 --draft-confidence 0 & ;;  # the whole tree
         eagle) job eagle "$temp" --method eagle $(art eagle) --k 6 & ;;
         eagle-chain) job eagle-chain "$temp" --method eagle $(art eagle) --k 4 --tree-size 0 & ;;
         multi) job multi "$temp" --method multi $(art eagle) --k 6 & ;;

@@ -115,7 +115,7 @@ class Backend:
         if method == "ngram":
             return NGramProposer(1, 4)
         if method in ("layerskip", "draft"):
-            return DraftModelProposer(self.draft_runner(method))
+            return DraftModelProposer(self.draft_runner(method), SpecConfig.draft_confidence)
         if method in HEAD_METHODS:
             from specdeploy.runtime.head_proposers import build_head_proposer
 

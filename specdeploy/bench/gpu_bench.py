@@ -205,7 +205,7 @@ class Bench:
         elif method == "ngram":
             proposer, k = NGramProposer(1, 4), a.k
         elif method == "draft":
-            proposer, k = DraftModelProposer(CudaGraphRunner(draft, max_length=a.max_length)), a.k
+            proposer, k = DraftModelProposer(CudaGraphRunner(draft, max_length=a.max_length), SpecConfig.draft_confidence), a.k
         params = SamplingParams(max_new_tokens=a.max_new_tokens)
         stop = StopCondition(frozenset(eos), a.max_new_tokens)
         speculative_generate(runner, proposer, enc[0], SamplingParams(max_new_tokens=16), StopCondition(frozenset(eos), 16), k=k)

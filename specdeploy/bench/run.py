@@ -140,13 +140,15 @@ class Bench:
         return run
 
     # specdeploy, batch > 1
-    def fused(self, method: str, k: int, batch: int) -> None:
+    def fused(self, method: str, k: int, batch: int, switch: str = "on") -> None:
+        """switch "auto": the batch decodes plain steps where speculation does not pay (row "METHOD (auto)")."""
         from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 
-        self._describe(f"specdeploy {method} k={k} batch {batch}")
+        label = method if switch == "on" else f"{method} ({switch})"
+        self._describe(f"specdeploy {label} k={k} batch {batch}")
         draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
         eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
-                              max_length=self.backend.max_length, eos_ids=self.eos, switch="on")
+                              max_length=self.backend.max_length, eos_ids=self.eos, switch=switch)
         eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
         reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.batch_prompts, self.batch_encoded)]
         _sync(self.backend.device)
@@ -154,7 +156,7 @@ class Bench:
         res = sorted(eng.run(reqs), key=lambda r: r.index)
         _sync(self.backend.device)
         wall = time.perf_counter() - t
-        self.runs.append(Run("specdeploy", method, k, 0.0, batch, "fused", self.batch_prompts, [r.token_ids for r in res],
+        self.runs.append(Run("specdeploy", label, k, 0.0, batch, "fused", self.batch_prompts, [r.token_ids for r in res],
                              [r.stats for r in res], wall_s=wall))
         self._advance(len(self.batch_prompts))
         del eng
@@ -460,6 +462,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                 continue
             for m in (x for x in available if x in BATCH_METHODS):
                 jobs.append((f"specdeploy {m} batch {b}", len(bprompts), lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b)))
+                if m != "none":  # what a server would run: speculation switched off where it does not pay
+                    jobs.append((f"specdeploy {m} (auto) batch {b}", len(bprompts),
+                                 lambda m=m, b=b: bench.fused(m, peer_k, b, switch="auto")))
             if peers:
                 jobs.append((f"hf generate batch {b}", len(bprompts), lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
             for m in (x for x in available if x not in BATCH_METHODS):

@@ -20,12 +20,14 @@ a point mass, which is lossless whatever the candidates (EAGLE's own choice too)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from specdeploy.config import check_confidence
 from specdeploy.models.eagle import EagleHead
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
@@ -40,17 +42,23 @@ def _last_feature(ctx: Context) -> torch.Tensor | None:
 
 
 class MedusaProposer:
-    """Medusa-1: head d guesses the token d + 1 places after the pending token; candidates form a sparse tree."""
+    """Medusa-1: head d guesses the token d + 1 places after the pending token; candidates form a sparse tree.
+
+    min_confidence: a node is drafted only where the product of its heads' probabilities along
+    its path (a path's chance as the heads see it) reaches this; 0 drafts the whole tree.
+    """
 
     needs_hidden = True
 
-    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, tree: Sequence[tuple[int, ...]] | None = None) -> None:
+    def __init__(self, heads: MedusaHeads, lm_head: nn.Module, tree: Sequence[tuple[int, ...]] | None = None,
+                 min_confidence: float = 0.0) -> None:
         self.heads, self.lm_head = heads, lm_head
         # None: a chain of each head's top-1 guess
         self.tree = list(tree) if tree else None
         self.parents = shape_parents(self.tree) if self.tree else None
         self.max_rank = 1 + max((r for p in self.tree for r in p), default=0) if self.tree else 1
         self.max_nodes = len(self.tree) if self.tree else 0  # largest tree drafted (0: chains)
+        self.min_confidence = check_confidence(min_confidence)
 
     def reset(self) -> None:
         pass
@@ -62,14 +70,22 @@ class MedusaProposer:
             return Draft.empty()
         depth = min(k, self.heads.num_heads)
         logits = self.lm_head(self.heads(feature[None])[:depth, 0])  # [depth, vocab]
-        top = logits.topk(self.max_rank, dim=-1).indices.tolist()  # [depth, max_rank]
-        if self.tree is None:
-            return Draft(tokens=torch.tensor([t[0] for t in top], dtype=torch.long))
-        keep = [i for i, p in enumerate(self.tree) if len(p) <= depth]  # parents precede children
+        top_p, top = torch.softmax(logits.float(), -1).topk(self.max_rank, dim=-1)  # [depth, max_rank]
+        top = top.tolist()
+        paths = self.tree or [(0,) * (d + 1) for d in range(depth)]  # the chain: each head's top-1
+        parents = self.parents if self.tree else list(range(-1, depth - 1))
+        keep = [i for i, p in enumerate(paths) if len(p) <= depth]  # parents precede children
+        if self.min_confidence:
+            logp = top_p.log().tolist()
+            keep = [i for i in keep if sum(logp[d][r] for d, r in enumerate(paths[i])) >= math.log(self.min_confidence)]
         index = {old: new for new, old in enumerate(keep)}
-        tokens = [top[len(self.tree[i]) - 1][self.tree[i][-1]] for i in keep]
-        parents = [index.get(self.parents[i], -1) for i in keep]
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
+        tokens = [top[len(paths[i]) - 1][paths[i][-1]] for i in keep]
+        if not tokens:
+            return Draft.empty()
+        if self.tree is None:
+            return Draft(tokens=torch.tensor(tokens, dtype=torch.long))
+        parent_ids = [index.get(parents[i], -1) for i in keep]
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parent_ids, dtype=torch.long))
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (keys, values) [1, kv_heads, L, head_dim] each
@@ -296,7 +312,7 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
             heads, lm_head, tree = medusa_heads
         if spec.tree_size is not None:
             tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
-        return MedusaProposer(heads, lm_head, tree or None)
+        return MedusaProposer(heads, lm_head, tree or None, min_confidence=spec.draft_confidence)
     size = 48 if spec.tree_size is None else spec.tree_size
     head = None if eagle_step is not None else eagle.load(spec.draft, target)[0]
     if eagle_step is not None:

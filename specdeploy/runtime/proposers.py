@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from specdeploy.config import check_confidence
 from specdeploy.runtime.runner import Runner
 from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sampling_probs
@@ -60,14 +61,20 @@ class NGramProposer:
 
 
 class DraftModelProposer:
-    """Drafts k tokens autoregressively with a smaller model sharing the target's tokenizer.
+    """Drafts up to k tokens autoregressively with a smaller model sharing the target's tokenizer.
 
     The draft's KV cache holds a prefix of the committed tokens; before drafting it is
     rolled back to the longest prefix still valid, so rejected drafts never leak.
+
+    min_confidence: drafting stops before a position where the draft's path probability (the
+    product of its probabilities for the tokens drafted so far and its largest one for the next)
+    falls below this; 0 drafts all k. The decision precedes each sample, so every drafted token
+    is still a sample of its full distribution q and verification stays lossless.
     """
 
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, min_confidence: float = 0.0) -> None:
         self.runner = runner
+        self.min_confidence = check_confidence(min_confidence)
         self._cached: list[int] = []  # token ids whose KV entries the runner holds
 
     def reset(self) -> None:
@@ -85,17 +92,32 @@ class DraftModelProposer:
         feed = ids[keep:]
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        path_p = 1.0
         for _ in range(k):
             logits = self.runner.forward(torch.tensor(feed, dtype=torch.long)).logits[-1]
             self._cached.extend(feed)
             if ctx.params.greedy:
-                token = int(logits.argmax())
+                if not self.min_confidence:
+                    token = int(logits.argmax())
+                else:
+                    top_p, top = torch.softmax(logits.float(), -1).max(-1)
+                    top_p, top = torch.stack([top_p, top.float()]).tolist()  # one host sync (ids < 2^24)
+                    token = int(top)
+                    if path_p * top_p < self.min_confidence:
+                        break
+                    path_p *= top_p
             else:
                 q = sampling_probs(logits[None], ctx.params)[0]
+                if self.min_confidence:
+                    if path_p * float(q.max()) < self.min_confidence:
+                        break
                 token = int(torch.multinomial(q, 1, generator=ctx.generator))
+                path_p *= float(q[token]) if self.min_confidence else 1.0
                 probs.append(q)
             tokens.append(token)
             feed = [token]
+        if not tokens:
+            return Draft.empty()
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long), probs=torch.stack(probs) if probs else None)
 
 

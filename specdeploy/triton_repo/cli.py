@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 
+from specdeploy.config import DRAFT_CONFIDENCE
 from specdeploy.errors import SpecDeployError
 
 
@@ -21,6 +22,8 @@ def add_cli(sub) -> None:
     r.add_argument("--ngram-min", type=int, default=1)
     r.add_argument("--ngram-max", type=int, default=4)
     r.add_argument("--layerskip-layers", type=int, help="layers in the layerskip draft (default: a quarter)")
+    r.add_argument("--draft-confidence", type=float, default=DRAFT_CONFIDENCE,
+                   help="draft/layerskip: draft no token where the draft's path probability falls below this (0: always k)")
     r.add_argument("--instance-kind", default="cpu", help="cpu | gpu (where verify and draft run)")
     r.add_argument("--instance-count", type=int, default=1,
                    help="instances of every model (verify/draft: per GPU with --instance-kind gpu)")
@@ -81,7 +84,8 @@ def cmd_repo(args: argparse.Namespace) -> int:
     from specdeploy.triton_repo.writer import InstanceSpec, RepoSpec, load_policy, write_repository
 
     spec = SpecConfig(method=args.method, k=args.k, draft=args.draft, ngram_min=args.ngram_min,
-                      ngram_max=args.ngram_max, layerskip_layers=args.layerskip_layers)
+                      ngram_max=args.ngram_max, layerskip_layers=args.layerskip_layers,
+                      draft_confidence=args.draft_confidence)
     try:
         gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     except ValueError:

@@ -74,6 +74,7 @@ class SpecDecoder:
     draft_model: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
+    draft_confidence: float = 0.0
     policy: Policy | None = None  # per-task method / k / off; None: every request gets method and k
     on_fallback: Callable[[str, BaseException], None] | None = None
 
@@ -82,6 +83,7 @@ class SpecDecoder:
         return cls(method=s["method"], k=int(s["k"]), eos_ids=frozenset(s["eos_ids"]), max_length=int(s["max_length"]),
                    vocab_size=int(s["vocab_size"]), transport=transport, decode=decode, target_model=s["target_model"],
                    draft_model=s.get("draft_model"), ngram_min=int(s.get("ngram_min", 1)), ngram_max=int(s.get("ngram_max", 4)),
+                   draft_confidence=float(s.get("draft_confidence", 0.0)),
                    policy=Policy.from_dict(s["policy"]) if s.get("policy") else None, **kw)
 
     def make_job(self, prompt_ids: list[int], *, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
@@ -135,7 +137,8 @@ class SpecDecoder:
 
         proposer = FallbackProposer(
             build_proposer(decision.method if k > 0 else "none", draft_runner=draft_runner,
-                           ngram_min=self.ngram_min, ngram_max=self.ngram_max), failed)
+                           ngram_min=self.ngram_min, ngram_max=self.ngram_max,
+                           draft_confidence=self.draft_confidence), failed)
 
         def on_token(generated: list[int]) -> None:
             if cancelled is not None and cancelled():

@@ -37,7 +37,8 @@ class FallbackProposer:
             return None
 
 
-def build_proposer(method: str, *, draft_runner: TritonRunner | None = None, ngram_min: int = 1, ngram_max: int = 4) -> Proposer:
+def build_proposer(method: str, *, draft_runner: TritonRunner | None = None, ngram_min: int = 1, ngram_max: int = 4,
+                   draft_confidence: float = 0.0) -> Proposer:
     if method == "none":
         return NoProposer()
     if method == "ngram":
@@ -45,5 +46,5 @@ def build_proposer(method: str, *, draft_runner: TritonRunner | None = None, ngr
     if method in ("draft", "layerskip"):
         if draft_runner is None:
             raise ValueError(f"method {method!r} needs a draft runner")
-        return DraftModelProposer(draft_runner)
+        return DraftModelProposer(draft_runner, draft_confidence)
     raise ValueError(f"unknown method {method!r}")

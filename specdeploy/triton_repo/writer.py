@@ -250,6 +250,7 @@ def write_repository(out: str | Path, rs: RepoSpec) -> Path:
             tmp, "spec_decode", groups["light"],
             common | tok | {
                 "method": spec.method, "k": spec.k, "ngram_min": spec.ngram_min, "ngram_max": spec.ngram_max,
+                "draft_confidence": spec.draft_confidence,
                 "eos_ids": served.eos_ids, "max_length": max_length, "vocab_size": vocab,
                 "target_model": "verify", "draft_model": "draft" if served.draft else None,
                 "policy": policy, "max_concurrency": rs.max_concurrency,
