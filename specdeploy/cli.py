@@ -40,9 +40,10 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-size", type=int, help="nodes per token tree (medusa, eagle, multi, specinfer); 0 = a chain of k "
                                                  "(default: medusa the artifact's tree, eagle 48)")
     p.add_argument("--tree-topk", type=int, default=SpecConfig.tree_topk, help="EAGLE-2 tree: nodes expanded per depth (1..64)")
-    p.add_argument("--draft-confidence", type=float, default=SpecConfig.draft_confidence,
+    p.add_argument("--draft-confidence", type=float,
                    help="draft, layerskip and medusa: draft no token where the draft's probability of the path "
-                        "falls below this (0: always k tokens / the whole tree)")
+                        "falls below this (0: always k tokens / the whole tree; default: draft and layerskip 0.1, "
+                        "medusa 0.005)")
     p.add_argument("--switch", choices=["on", "auto"], default="on",
                    help="auto: decode plain steps wherever a request's measured acceptance does not pay for drafting")
 

@@ -13,7 +13,10 @@ METHODS = ("none", "ngram", "draft", "layerskip", "medusa", "eagle", "multi", "s
 HEAD_METHODS = ("medusa", "eagle", "multi", "specinfer")  # proposers that read the target's hidden states
 TRAINED = ("draft", "medusa", "eagle", "multi", "specinfer")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
-DRAFT_CONFIDENCE = 0.1  # chosen on training prompts (results/cpu/draft_confidence.md), not the eval set
+# per method, the draft confidence where none is given: chosen on training prompts, not the eval set
+# (results/cpu/draft_confidence.md); Medusa's heads guess each position without the ones before it,
+# so their path probabilities are products of marginals and fall much faster than a draft model's
+DRAFT_CONFIDENCE = {"draft": 0.1, "layerskip": 0.1, "medusa": 0.005}
 
 
 def check_confidence(value: float) -> float:
@@ -21,6 +24,11 @@ def check_confidence(value: float) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value < 1):
         raise SpecDeployError(f"draft confidence must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def draft_confidence_for(method: str, value: float | None = None) -> float:
+    """The draft confidence a method runs with: `value`, or the method's default (0: no cut)."""
+    return DRAFT_CONFIDENCE.get(method, 0.0) if value is None else check_confidence(value)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class SpecConfig:
     switch: str = "on"  # "auto": decode plain steps where this request's speculation does not pay (switch.py)
     # draft and layerskip chains and Medusa trees stop where the draft's own probability of the path
     # drafted so far falls below this (0: always draft k / the whole tree); see DraftModelProposer
-    draft_confidence: float = DRAFT_CONFIDENCE
+    draft_confidence: float | None = None  # None: the method's default (DRAFT_CONFIDENCE)
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,9 +98,15 @@ class SpecConfig:
             raise SpecDeployError(f"tree_size must be an integer in [0, 1024], got {self.tree_size!r}")
         if not isinstance(self.tree_topk, int) or not 1 <= self.tree_topk <= 64:
             raise SpecDeployError(f"tree_topk must be an integer in [1, 64], got {self.tree_topk!r}")
-        check_confidence(self.draft_confidence)
+        if self.draft_confidence is not None:
+            check_confidence(self.draft_confidence)
         if self.switch not in ("on", "auto"):
             raise SpecDeployError(f"switch must be 'on' or 'auto', got {self.switch!r}")
+
+    @property
+    def confidence(self) -> float:
+        """The draft confidence this config's proposer runs with."""
+        return draft_confidence_for(self.method, self.draft_confidence)
 
     @classmethod
     def from_vllm(cls, cfg: dict) -> "SpecConfig":

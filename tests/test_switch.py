@@ -170,6 +170,58 @@ def test_auto_switch_turns_a_losing_proposer_off_and_keeps_a_winning_one_on(smol
     assert winning.stats.switched_off == 1 and winning.stats.accepted > 0  # the one plain step it measures
 
 
+class _Bursty(NGramProposer):
+    """A lookup that matches in bursts: the true continuation on 2 steps of every 8, nothing otherwise."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table, self.calls = table, 0
+
+    def propose(self, ctx: Context, k: int) -> Draft:
+        self.calls += 1
+        if self.calls % 8 >= 2:
+            return Draft.empty()
+        out, prev = [], ctx.token_ids[-1]
+        for _ in range(k):
+            prev = int(self.table[prev].argmax())
+            out.append(prev)
+        return Draft(tokens=torch.tensor(out, dtype=torch.long))
+
+
+class _SpySwitch(SpecSwitch):
+    def __init__(self) -> None:
+        super().__init__("auto")
+        self.chosen: list[bool] = []
+        self.recorded: list[bool] = []
+
+    def choose(self, slots: int = 1) -> bool:
+        self.chosen.append(super().choose(slots))
+        return self.chosen[-1]
+
+    def record(self, spec, tokens_per_slot, seconds, slots=1) -> None:
+        self.recorded.append(spec)
+        super().record(spec, tokens_per_slot, seconds, slots)
+
+
+def test_steps_that_drafted_nothing_are_no_evidence_against_speculation():
+    """A lookup's empty draft verifies one token, as a plain step: the switch times it as one and
+    does not count it as a spec step that failed (else bursty lookups get switched off between bursts)."""
+    from table_runner import BigramRunner
+
+    order = [1, 2, 3, 4, 5, 6, 7]
+    table = torch.zeros(8, 8)
+    for a, b in zip(order, order[1:] + order[:1]):
+        table[a, b] = 5.0
+    proposer, switch = _Bursty(table), _SpySwitch()
+    gen = speculative_generate(BigramRunner(table), proposer, [1], SamplingParams(max_new_tokens=120),
+                               StopCondition(frozenset(), 120), k=4, switch=switch)
+    assert gen.token_ids == [order[(i + 1) % 7] for i in range(120)]
+    assert all(c for c, r in zip(switch.chosen, switch.recorded) if r)
+    assert sum(switch.recorded) < sum(switch.chosen)  # empty drafts were recorded as plain steps
+    assert gen.stats.switched_off == switch.chosen.count(False)  # ... but not counted as switched off
+    assert gen.stats.proposed_at[0] == sum(switch.recorded)  # every recorded spec step drafted
+
+
 def test_engine_and_policy_pass_their_switch_to_the_loop(smollm2, reference, monkeypatch):
     from specdeploy.runtime import engine as engine_module
     from specdeploy.runtime.policy import Policy

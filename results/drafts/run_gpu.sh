@@ -79,6 +79,7 @@ evaluate() {  # labels...: each at T=0 and T=0.7, all in parallel, ending by $DE
         eagle) job eagle "$temp" --method eagle $(art eagle) --k 6 & ;;
         eagle-chain) job eagle-chain "$temp" --method eagle $(art eagle) --k 4 --tree-size 0 & ;;
         multi) job multi "$temp" --method multi $(art eagle) --k 6 & ;;
+        specinfer) job specinfer "$temp" --method specinfer $(art eagle) --k 6 & ;;
       esac
     done
   done

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from specdeploy.bench.tasks import Prompt
-from specdeploy.config import HEAD_METHODS, METHODS, SpecConfig
+from specdeploy.config import HEAD_METHODS, METHODS, SpecConfig, draft_confidence_for
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.loader import LoadedModel
 from specdeploy.models.layerskip import layerskip_layers as layerskip_draft_layers
@@ -115,7 +115,7 @@ class Backend:
         if method == "ngram":
             return NGramProposer(1, 4)
         if method in ("layerskip", "draft"):
-            return DraftModelProposer(self.draft_runner(method), SpecConfig.draft_confidence)
+            return DraftModelProposer(self.draft_runner(method), draft_confidence_for(method))
         if method in HEAD_METHODS:
             from specdeploy.runtime.head_proposers import build_head_proposer
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from specdeploy.bench.tasks import TASKS, Prompt, builtin_prompts
-from specdeploy.config import HEAD_METHODS, SamplingParams, SpecConfig
+from specdeploy.config import HEAD_METHODS, SamplingParams, SpecConfig, draft_confidence_for
 from specdeploy.models.layerskip import layerskip_layers
 from specdeploy.models.tokenizers import encode_prompt
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
@@ -205,7 +205,7 @@ class Bench:
         elif method == "ngram":
             proposer, k = NGramProposer(1, 4), a.k
         elif method == "draft":
-            proposer, k = DraftModelProposer(CudaGraphRunner(draft, max_length=a.max_length), SpecConfig.draft_confidence), a.k
+            proposer, k = DraftModelProposer(CudaGraphRunner(draft, max_length=a.max_length), draft_confidence_for("draft")), a.k
         params = SamplingParams(max_new_tokens=a.max_new_tokens)
         stop = StopCondition(frozenset(eos), a.max_new_tokens)
         speculative_generate(runner, proposer, enc[0], SamplingParams(max_new_tokens=16), StopCondition(frozenset(eos), 16), k=k)

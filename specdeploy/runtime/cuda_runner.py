@@ -646,7 +646,7 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
         from specdeploy.models.layerskip import layerskip_layers
 
         n = layerskip_layers(lean.num_layers, spec.layerskip_layers)
-        return runner, DraftModelProposer(CudaGraphRunner(lean.truncated(n), max_length=runner.max_length), spec.draft_confidence)
+        return runner, DraftModelProposer(CudaGraphRunner(lean.truncated(n), max_length=runner.max_length), spec.confidence)
     if draft is None:
         from specdeploy.models import draft_lm
 
@@ -657,4 +657,4 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
         check_compatible(target.tokenizer, draft.tokenizer)
         draft_model = draft.model
     return runner, DraftModelProposer(CudaGraphRunner.from_hf(draft_model, max_length=runner.max_length),
-                                      spec.draft_confidence)
+                                      spec.confidence)

@@ -72,14 +72,14 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
     if spec.method == "ngram":
         return NGramProposer(spec.ngram_min, spec.ngram_max)
     if spec.method == "layerskip":
-        return DraftModelProposer(TorchRunner(layerskip_model(target.model, spec.layerskip_layers)), spec.draft_confidence)
+        return DraftModelProposer(TorchRunner(layerskip_model(target.model, spec.layerskip_layers)), spec.confidence)
     if spec.method == "draft":
         if draft is None:  # a trained DraftLM artifact: --draft PATH, or the shipped default
             from specdeploy.models import draft_lm
 
-            return DraftModelProposer(TorchRunner(draft_lm.load(spec.draft, target)), spec.draft_confidence)
+            return DraftModelProposer(TorchRunner(draft_lm.load(spec.draft, target)), spec.confidence)
         check_compatible(target.tokenizer, draft.tokenizer)
-        return DraftModelProposer(TorchRunner(draft.model), spec.draft_confidence)
+        return DraftModelProposer(TorchRunner(draft.model), spec.confidence)
     if spec.method in HEAD_METHODS:
         from specdeploy.runtime.head_proposers import build_head_proposer
 

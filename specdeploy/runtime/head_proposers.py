@@ -312,7 +312,7 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
             heads, lm_head, tree = medusa_heads
         if spec.tree_size is not None:
             tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
-        return MedusaProposer(heads, lm_head, tree or None, min_confidence=spec.draft_confidence)
+        return MedusaProposer(heads, lm_head, tree or None, min_confidence=spec.confidence)
     size = 48 if spec.tree_size is None else spec.tree_size
     head = None if eagle_step is not None else eagle.load(spec.draft, target)[0]
     if eagle_step is not None:

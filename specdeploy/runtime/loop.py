@@ -115,8 +115,10 @@ def speculative_generate(
             reason = stop.check(generated)
             if reason:
                 break
-        # the verdict's tokens are on the host by now: the step's device work is done
-        spec_switch.record(spec, verdict.num_accepted + 1, time.perf_counter() - step_start)
+        # the verdict's tokens are on the host by now: the step's device work is done. A step whose
+        # proposer drafted nothing (no lookup match, a draft below its confidence) verified one token
+        # like a plain step: it is no evidence against speculation, whose gains come in bursts
+        spec_switch.record(spec and draft.k > 0, verdict.num_accepted + 1, time.perf_counter() - step_start)
 
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start

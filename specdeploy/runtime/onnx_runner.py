@@ -210,5 +210,5 @@ def load_onnx_engine(engine_dir: str | Path, spec, target, draft=None):
         if ddir is not None:
             draft_hash = None if draft is None else draft.source_hash
             proposer = DraftModelProposer(load_onnx_runner(ddir, source_hash=draft_hash, tok_hash=target_tok, what="draft"),
-                                          spec.draft_confidence)
+                                          spec.confidence)
     return SpecEngine(target, spec, None if proposer is not None else draft, runner=runner, proposer=proposer)

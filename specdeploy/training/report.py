@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
         outputs.append(r.token_ids)
         record = {
             "label": args.label, "method": args.method, "k": args.k, "tree_size": args.tree_size,
-            "tree_topk": args.tree_topk, "draft_confidence": spec.draft_confidence, "draft": args.draft, "temperature": args.temperature,
+            "tree_topk": args.tree_topk, "draft_confidence": spec.confidence, "draft": args.draft, "temperature": args.temperature,
             "max_new_tokens": args.max_new_tokens, "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "dtype": str(next(engine.target.model.parameters()).dtype), "prompts_done": i + 1, "prompts_total": len(prompts),
             "seconds": round(time.perf_counter() - start, 1),
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--draft")
     r.add_argument("--tree-size", type=int)
     r.add_argument("--tree-topk", type=int, default=8)
-    r.add_argument("--draft-confidence", type=float, default=SpecConfig.draft_confidence)
+    r.add_argument("--draft-confidence", type=float, help="default: the method's")
     r.add_argument("--temperature", type=float, default=0.0)
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--limit", type=int, help="prompts per task (default: all 8)")

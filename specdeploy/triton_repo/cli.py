@@ -6,7 +6,6 @@ import signal
 import sys
 import threading
 
-from specdeploy.config import DRAFT_CONFIDENCE
 from specdeploy.errors import SpecDeployError
 
 
@@ -22,8 +21,9 @@ def add_cli(sub) -> None:
     r.add_argument("--ngram-min", type=int, default=1)
     r.add_argument("--ngram-max", type=int, default=4)
     r.add_argument("--layerskip-layers", type=int, help="layers in the layerskip draft (default: a quarter)")
-    r.add_argument("--draft-confidence", type=float, default=DRAFT_CONFIDENCE,
-                   help="draft/layerskip: draft no token where the draft's path probability falls below this (0: always k)")
+    r.add_argument("--draft-confidence", type=float,
+                   help="draft/layerskip: draft no token where the draft's path probability falls below this "
+                        "(0: always k; default 0.1)")
     r.add_argument("--instance-kind", default="cpu", help="cpu | gpu (where verify and draft run)")
     r.add_argument("--instance-count", type=int, default=1,
                    help="instances of every model (verify/draft: per GPU with --instance-kind gpu)")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from specdeploy.config import MAX_K, SamplingParams
+from specdeploy.config import MAX_K, SamplingParams, draft_confidence_for
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.loop import Generation, StopCondition, speculative_generate
 from specdeploy.runtime.policy import Decision, Policy
@@ -74,7 +74,7 @@ class SpecDecoder:
     draft_model: str | None = None
     ngram_min: int = 1
     ngram_max: int = 4
-    draft_confidence: float = 0.0
+    draft_confidence: float | None = None  # None: each method's default
     policy: Policy | None = None  # per-task method / k / off; None: every request gets method and k
     on_fallback: Callable[[str, BaseException], None] | None = None
 
@@ -83,7 +83,7 @@ class SpecDecoder:
         return cls(method=s["method"], k=int(s["k"]), eos_ids=frozenset(s["eos_ids"]), max_length=int(s["max_length"]),
                    vocab_size=int(s["vocab_size"]), transport=transport, decode=decode, target_model=s["target_model"],
                    draft_model=s.get("draft_model"), ngram_min=int(s.get("ngram_min", 1)), ngram_max=int(s.get("ngram_max", 4)),
-                   draft_confidence=float(s.get("draft_confidence", 0.0)),
+                   draft_confidence=s.get("draft_confidence"),
                    policy=Policy.from_dict(s["policy"]) if s.get("policy") else None, **kw)
 
     def make_job(self, prompt_ids: list[int], *, max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None,
@@ -138,7 +138,7 @@ class SpecDecoder:
         proposer = FallbackProposer(
             build_proposer(decision.method if k > 0 else "none", draft_runner=draft_runner,
                            ngram_min=self.ngram_min, ngram_max=self.ngram_max,
-                           draft_confidence=self.draft_confidence), failed)
+                           draft_confidence=draft_confidence_for(decision.method, self.draft_confidence)), failed)
 
         def on_token(generated: list[int]) -> None:
             if cancelled is not None and cancelled():
