@@ -120,6 +120,31 @@ def test_switching_speculation_off_and_on_stays_lossless():
     assert all(r.stats.switched_off < r.stats.target_forwards for r in res)
 
 
+def test_the_drafts_catch_up_is_timed_with_the_spec_step_that_needs_it(monkeypatch):
+    """After plain steps the draft model catches up before the next spec step; the switch must be
+    charged for it, or it sees speculation as cheaper than it is."""
+    import time
+
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    eng = BatchSpeculator(lean, method="draft", draft=lean, k=2, max_batch=2, max_length=96, eos_ids=[0])
+    eng.switch = AlternatingSwitch(1, 4)
+    times: list[tuple[bool, float]] = []
+    real_record = eng.switch.record
+    monkeypatch.setattr(eng.switch, "record", lambda spec, tok, sec, slots=1: (times.append((spec, sec)), real_record(spec, tok, sec, slots)))
+    real_catchup = eng._catchup_fn
+
+    def slow_catchup(kv):
+        fn = real_catchup(kv)
+        return lambda: (time.sleep(0.05), fn())
+
+    monkeypatch.setattr(eng, "_catchup_fn", slow_catchup)
+    eng.run([BatchRequest(p, 30) for p in _prompts(2, seed=3)])
+    after_plain = [sec for (spec, sec), (prev, _) in zip(times[1:], times) if spec and not prev]
+    assert after_plain and min(after_plain) >= 0.05
+    assert all(sec < 0.05 for spec, sec in times if not spec)
+
+
 def test_batch_rejects_overlong_requests():
     lean = LeanLlama.from_hf(tiny_llama())
     eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=1, max_length=32)

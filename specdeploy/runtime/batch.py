@@ -343,15 +343,17 @@ class BatchSpeculator:
         # longest cache among live slots, bounded for the step in flight
         longest = max(len(s.tokens) for s in live) + (self.k + 1) * (2 if self.overlap else 1)
         kv = bucket(min(self.positions, longest + max(self.k + 1, CATCHUP) + 1), self.kv_buckets)
-        if spec and self.draft is not None and self._plain_since_spec:
-            for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
-                self._catchup_fn(kv)()
-        self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
         cuda = self.device.type == "cuda"
         started: torch.cuda.Event | float = time.perf_counter()
         if cuda:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
+        # the draft's catch-up over the plain steps it missed is timed with the spec step that needs
+        # it: the switch must see what going back to speculation costs
+        if spec and self.draft is not None and self._plain_since_spec:
+            for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
+                self._catchup_fn(kv)()
+        self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
         self._step_fn(spec, kv)()
         event = None
         if cuda:
