@@ -51,6 +51,7 @@ def test_bench_json_schema(bench_dir):
     assert ngram["latency_p50_s"] > 0 and "expected_speedup" in ngram and "predicted_speedup" in ngram
     plain = next(r for r in ours if r["method"] == "none" and r["task"] == "all")
     assert plain["alpha"] is None and plain["acceptance_length"] == 1.0
+    assert "switched_off" not in plain  # plain decoding has no speculation to switch off
     hf = [r for r in rows if r["system"] == "hf"]
     assert all(r["alpha"] is None and r["acceptance_length"] is None for r in hf)
     assert set(result["costs"]) >= {"none", "ngram"}

@@ -105,7 +105,7 @@ def speculative_generate(
             target.rollback(base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
         stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
-        stats.switched_off += not spec
+        stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
