@@ -203,6 +203,30 @@ class _SpySwitch(SpecSwitch):
         super().record(spec, tokens_per_slot, seconds, slots)
 
 
+def test_an_engine_keeps_one_auto_switch_per_task_across_requests(smollm2, reference, monkeypatch):
+    """A chat answer is too short for its own first steps to settle whether speculation pays: the
+    evidence (step times, acceptance, probe schedule) carries over to the task's next request."""
+    from specdeploy.runtime import engine as engine_module
+
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(kw["switch"])
+        return real(*args, **kw)
+
+    real = engine_module.speculative_generate
+    monkeypatch.setattr(engine_module, "speculative_generate", spy)
+    engine = SpecEngine(smollm2, SpecConfig(method="ngram", k=4, switch="auto"))
+    ids, _ = reference[1]
+    params = SamplingParams(max_new_tokens=6)
+    for task in ("code", "code", "qa"):
+        engine.generate_ids(ids, params, task)
+    engine.generate_ids(ids, SamplingParams(max_new_tokens=6, temperature=0.7, seed=1), "code")
+    assert all(isinstance(sw, SpecSwitch) and sw.mode == "auto" for sw in seen)
+    assert seen[0] is seen[1] and seen[2] is not seen[0] and seen[3] is not seen[0]
+    assert seen[0].spec_steps + seen[0].plain_steps > 6  # both requests' steps recorded in the one switch
+
+
 def test_steps_that_drafted_nothing_are_no_evidence_against_speculation():
     """A lookup's empty draft verifies one token, as a plain step: the switch times it as one and
     does not count it as a spec step that failed (else bursty lookups get switched off between bursts)."""
@@ -240,7 +264,7 @@ def test_engine_and_policy_pass_their_switch_to_the_loop(smollm2, reference, mon
     SpecEngine(smollm2, SpecConfig(method="ngram")).generate_ids(ids, params)
     policy = Policy.from_dict({"default": {"method": "ngram", "k": 4}, "switch": "auto"})
     result = SpecEngine(smollm2, SpecConfig(method="ngram"), policy=policy).generate_ids(ids, params, "code")
-    assert seen == ["auto", "on", "auto"]
+    assert [getattr(sw, "mode", sw) for sw in seen] == ["auto", "on", "auto"]
     assert result.decision.as_dict()["switch"] == "auto" and policy.to_dict()["switch"] == "auto"
     with pytest.raises(Exception, match="switch"):
         Policy.from_dict({"switch": "sometimes"})

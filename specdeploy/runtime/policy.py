@@ -15,9 +15,10 @@ A policy is read from ``policy.json`` (written by ``specdeploy advise``, or by h
 ``sampled`` section: then requests with temperature > 0 follow it (its own default and tasks).
 Acceptance differs between greedy and sampled decoding (a draft's token must be drawn by the
 target's distribution, not only be its argmax), so one task may pay at one and not the other.
-``"switch": "auto"`` (default "on") lets every speculating request decode plain steps wherever
-its own measured acceptance does not pay for its measured step time (`SpecSwitch`, switch.py):
-per-task advice comes from a few prompts, and prompts of one task differ. Extra keys (the
+``"switch": "auto"`` (default "on") lets speculating requests decode plain steps wherever the
+measured acceptance does not pay for the measured step time (`SpecSwitch`, switch.py; `SpecEngine`
+keeps one per task across requests): per-task advice comes from a few prompts, and prompts of one
+task differ. Extra keys (the
 advisor's evidence: α, expected speedup, costs) are kept and ignored.
 
 Decisions are per request: `decide(task)` before it, `observe(decision, stats)` after it.

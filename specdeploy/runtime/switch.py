@@ -2,7 +2,8 @@
 
 Speculation pays while a spec step's tokens per unit of time beat a plain step's:
 acceptance_length / spec_step_time >= 1 / plain_step_time. Both sides are measured as the run
-goes (a request in `speculative_generate`, a whole batch in `BatchSpeculator`), so the switch
+goes (requests of one task in `speculative_generate`, as `SpecEngine` keeps one switch per task;
+a whole batch in `BatchSpeculator`), so the switch
 turns speculation off where it does not pay (a prompt the draft predicts badly, a large batch)
 and back on where it does, whatever the method: the loop never asks which proposer it runs.
 """
