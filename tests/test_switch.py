@@ -203,19 +203,25 @@ class _SpySwitch(SpecSwitch):
         super().record(spec, tokens_per_slot, seconds, slots)
 
 
-def test_an_engine_keeps_one_auto_switch_per_task_across_requests(smollm2, reference, monkeypatch):
-    """A chat answer is too short for its own first steps to settle whether speculation pays: the
-    evidence (step times, acceptance, probe schedule) carries over to the task's next request."""
+@pytest.fixture
+def seen(monkeypatch) -> list:
+    """The `switch` argument of every loop call an engine makes."""
     from specdeploy.runtime import engine as engine_module
 
-    seen = []
+    calls = []
+    real = engine_module.speculative_generate
 
     def spy(*args, **kw):
-        seen.append(kw["switch"])
+        calls.append(kw["switch"])
         return real(*args, **kw)
 
-    real = engine_module.speculative_generate
     monkeypatch.setattr(engine_module, "speculative_generate", spy)
+    return calls
+
+
+def test_an_engine_keeps_one_auto_switch_per_task_across_requests(smollm2, reference, seen):
+    """A chat answer is too short for its own first steps to settle whether speculation pays: the
+    evidence (step times, acceptance, probe schedule) carries over to the task's next request."""
     engine = SpecEngine(smollm2, SpecConfig(method="ngram", k=4, switch="auto"))
     ids, _ = reference[1]
     params = SamplingParams(max_new_tokens=6)
@@ -246,18 +252,9 @@ def test_steps_that_drafted_nothing_are_no_evidence_against_speculation():
     assert gen.stats.proposed_at[0] == sum(switch.recorded)  # every recorded spec step drafted
 
 
-def test_engine_and_policy_pass_their_switch_to_the_loop(smollm2, reference, monkeypatch):
-    from specdeploy.runtime import engine as engine_module
+def test_engine_and_policy_pass_their_switch_to_the_loop(smollm2, reference, seen):
     from specdeploy.runtime.policy import Policy
 
-    seen = []
-
-    def spy(*args, **kw):
-        seen.append(kw["switch"])
-        return real(*args, **kw)
-
-    real = engine_module.speculative_generate
-    monkeypatch.setattr(engine_module, "speculative_generate", spy)
     ids, _ = reference[1]
     params = SamplingParams(max_new_tokens=4)
     SpecEngine(smollm2, SpecConfig(method="ngram", switch="auto")).generate_ids(ids, params)
