@@ -14,7 +14,7 @@ HEAD_METHODS = ("medusa", "eagle", "multi", "specinfer")  # proposers that read 
 TRAINED = ("draft", "medusa", "eagle", "multi", "specinfer")  # methods that load a trained artifact (`draft`: its path)
 MAX_K = 64
 # per method, the draft confidence where none is given: chosen on training prompts, not the eval set
-# (results/cpu/draft_confidence.md); Medusa's heads guess each position without the ones before it,
+# (results/cpu/draft_confidence/README.md); Medusa's heads guess each position without the ones before it,
 # so their path probabilities are products of marginals and fall much faster than a draft model's
 DRAFT_CONFIDENCE = {"draft": 0.1, "layerskip": 0.1, "medusa": 0.005}
 
