@@ -233,7 +233,7 @@ def test_speculation_over_a_quantized_target_is_lossless(tiny, tmp_path, algo):
     plain = SpecEngine(quantized, SpecConfig(method="none"))
     params = SamplingParams(max_new_tokens=24)
     for method in ("ngram", "layerskip"):
-        spec = SpecEngine(quantized, SpecConfig(method=method, k=3))
+        spec = SpecEngine(quantized, SpecConfig(method=method, k=3, draft_confidence=0))
         proposed = 0
         for text in ("one two three one two three one two", "SELECT name FROM users WHERE id = 1;"):
             ids = plain.encode(text, raw=True)
