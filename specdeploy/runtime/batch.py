@@ -382,7 +382,7 @@ class BatchSpeculator:
                 continue
             n, proposed = res[slot][0], res[slot][1]
             s.stats.record_step(proposed, n)
-            s.stats.switched_off += not launched.spec and bool(self.k)
+            s.stats.switched_off += not launched.spec and self.switch.mode != "off"  # as in the loop
             slots += 1
             tokens += n + 1
             reason = None

@@ -70,22 +70,21 @@ class MedusaProposer:
             return Draft.empty()
         depth = min(k, self.heads.num_heads)
         logits = self.lm_head(self.heads(feature[None])[:depth, 0])  # [depth, vocab]
-        top_p, top = torch.softmax(logits.float(), -1).topk(self.max_rank, dim=-1)  # [depth, max_rank]
+        top_logp, top = torch.log_softmax(logits.float(), -1).topk(self.max_rank, dim=-1)  # [depth, max_rank]
         top = top.tolist()
         paths = self.tree or [(0,) * (d + 1) for d in range(depth)]  # the chain: each head's top-1
-        parents = self.parents if self.tree else list(range(-1, depth - 1))
         keep = [i for i, p in enumerate(paths) if len(p) <= depth]  # parents precede children
-        if self.min_confidence:
-            logp = top_p.log().tolist()
-            keep = [i for i in keep if sum(logp[d][r] for d, r in enumerate(paths[i])) >= math.log(self.min_confidence)]
-        index = {old: new for new, old in enumerate(keep)}
+        if self.min_confidence:  # a path's log-probability never exceeds its parent's: the cut keeps a tree
+            logp, floor = top_logp.tolist(), math.log(self.min_confidence)
+            keep = [i for i in keep if sum(logp[d][r] for d, r in enumerate(paths[i])) >= floor]
         tokens = [top[len(paths[i]) - 1][paths[i][-1]] for i in keep]
         if not tokens:
             return Draft.empty()
         if self.tree is None:
             return Draft(tokens=torch.tensor(tokens, dtype=torch.long))
-        parent_ids = [index.get(parents[i], -1) for i in keep]
-        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parent_ids, dtype=torch.long))
+        index = {old: new for new, old in enumerate(keep)}
+        parents = [index.get(self.parents[i], -1) for i in keep]
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
 
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (keys, values) [1, kv_heads, L, head_dim] each

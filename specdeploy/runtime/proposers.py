@@ -96,23 +96,21 @@ class DraftModelProposer:
         for _ in range(k):
             logits = self.runner.forward(torch.tensor(feed, dtype=torch.long)).logits[-1]
             self._cached.extend(feed)
-            if ctx.params.greedy:
-                if not self.min_confidence:
-                    token = int(logits.argmax())
-                else:
-                    top_p, top = torch.softmax(logits.float(), -1).max(-1)
-                    top_p, top = torch.stack([top_p, top.float()]).tolist()  # one host sync (ids < 2^24)
-                    token = int(top)
-                    if path_p * top_p < self.min_confidence:
-                        break
-                    path_p *= top_p
+            if ctx.params.greedy and not self.min_confidence:
+                token = int(logits.argmax())
+            elif ctx.params.greedy:
+                top_p, top = torch.softmax(logits.float(), -1).max(-1)
+                top_p, top = torch.stack([top_p, top.float()]).tolist()  # one host sync (ids < 2^24)
+                if path_p * top_p < self.min_confidence:
+                    break
+                token, path_p = int(top), path_p * top_p
             else:
                 q = sampling_probs(logits[None], ctx.params)[0]
-                if self.min_confidence:
-                    if path_p * float(q.max()) < self.min_confidence:
-                        break
+                if self.min_confidence and path_p * float(q.max()) < self.min_confidence:
+                    break
                 token = int(torch.multinomial(q, 1, generator=ctx.generator))
-                path_p *= float(q[token]) if self.min_confidence else 1.0
+                if self.min_confidence:  # the host sync only where the cut needs the path
+                    path_p *= float(q[token])
                 probs.append(q)
             tokens.append(token)
             feed = [token]
