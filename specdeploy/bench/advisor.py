@@ -255,9 +255,16 @@ def _steady_mean(ms: Sequence[float]) -> float:
     return statistics.fmean(ms[1:] if len(ms) > 1 else ms)
 
 
+def _done(draft):
+    """The draft, once the device work behind it is done (a draft left on the device is still being made)."""
+    if draft.tokens.is_cuda:
+        torch.cuda.synchronize(draft.tokens.device)
+    return draft
+
+
 class TimedProposer:
-    """A proposer wrapper recording each draft's wall time (its tokens come back to the host, so
-    the time includes the device's work) and size; `tree` tells whether any draft was a tree.
+    """A proposer wrapper recording each draft's wall time (up to the end of the device's work
+    behind it) and size; `tree` tells whether any draft was a tree.
 
     With `ks`, every `every`-th step also drafts the same context again at each of them, timed
     apart (`at_ms`, `at_nodes`; their total in `extra_s`); the step's own draft is returned.
@@ -281,7 +288,7 @@ class TimedProposer:
 
     def propose(self, ctx, k: int):
         t = time.perf_counter()
-        draft = self.inner.propose(ctx, k)
+        draft = _done(self.inner.propose(ctx, k))
         self.ms.append((time.perf_counter() - t) * 1e3)
         self.nodes.append(int(draft.tokens.numel()))
         self.tree = self.tree or draft.is_tree
@@ -289,7 +296,7 @@ class TimedProposer:
             start = time.perf_counter()
             for kk in self.ks:
                 t = time.perf_counter()
-                n = int(self.inner.propose(ctx, kk).tokens.numel())
+                n = int(_done(self.inner.propose(ctx, kk)).tokens.numel())
                 self.at_ms[kk].append((time.perf_counter() - t) * 1e3)
                 self.at_nodes[kk].append(n)
             self.extra_s += time.perf_counter() - start

@@ -383,8 +383,8 @@ class Bench:
             rows.append({"what": f"EAGLE draft, tree of {tree.k} nodes (top-8, depth {a.k}), {name}", "ms": ms})
         runner = CudaGraphRunner(lean, max_length=a.max_length, output_hidden=True)
         runner.forward(ids[:-1])
-        feed = torch.cat([ids[-1:], tree.tokens])
-        parents = torch.cat([torch.tensor([-1]), tree.parents + 1])
+        feed = torch.cat([ids[-1:], tree.tokens.cpu()])
+        parents = torch.cat([torch.tensor([-1]), tree.parents.cpu() + 1])
         for what, step in ((f"chain of {a.k + 1}", lambda: runner.forward(feed[: a.k + 1])),
                            (f"tree of {feed.numel()}", lambda: runner.forward(feed, tree_parents=parents))):
             ms = gpu_time_ms(lambda: (step(), runner.rollback(99)))

@@ -41,7 +41,7 @@ from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime import kernels as fused_kernels
 from specdeploy.runtime.runner import path_needs_move
-from specdeploy.runtime.tree import ancestor_matrix
+from specdeploy.runtime.tree import ancestor_matrix, check_parents
 from specdeploy.runtime.types import Step
 
 log = logging.getLogger(__name__)
@@ -503,8 +503,10 @@ class CudaGraphRunner:
         self._chain_ancestry = torch.ones(maxq, maxq, dtype=torch.bool, device=self.device).tril()  # [maxq, maxq]
         self._ancestry = self._chain_ancestry.clone()[None]  # [1, maxq, maxq] static input
         self._depth = self._offsets.clone()  # [maxq] static input: depth of each fed token below the first
+        self._parents = torch.full((maxq,), -1, dtype=torch.long, device=self.device)  # [maxq] a tree's parents
         self._tree_nodes = 0  # rows of _ancestry / _depth a tree overwrote (restored before a chain)
         self._fns: dict[tuple[int, int], CapturedFn] = {}
+        self._tree_fns: dict[int, CapturedFn] = {}  # per query bucket: _parents -> _ancestry, _depth
         self._length = 0
         if capture and self.use_graphs:
             self.capture_all()
@@ -519,7 +521,10 @@ class CudaGraphRunner:
             for kv in self.kv_buckets:
                 if kv >= q:
                     self._fn(q, kv)
+            if q > 1:
+                self._tree_fn(q)
         self._length = 0
+        self._tree_nodes = self.query_buckets[-1]  # the tree steps' warm-up wrote the ancestry: the next chain restores it
 
     @property
     def num_graphs(self) -> int:
@@ -528,6 +533,7 @@ class CudaGraphRunner:
     def close(self) -> None:
         """Drop the graphs now (their closures refer back to this runner, so only a GC pass would)."""
         self._fns.clear()
+        self._tree_fns.clear()
 
     @property
     def length(self) -> int:
@@ -560,10 +566,26 @@ class CudaGraphRunner:
             return
         if m > self.query_buckets[-1]:
             raise ValueError(f"a token tree of {m} nodes is over the largest query bucket {self.query_buckets[-1]}")
-        anc = ancestor_matrix(tree_parents)  # [m, m] bool, CPU
-        self._ancestry[0, :m, :m].copy_(anc, non_blocking=True)
-        self._depth[:m].copy_(anc.sum(-1) - 1, non_blocking=True)
-        self._tree_nodes = max(self._tree_nodes, m)
+        if tree_parents.device.type == "cpu":  # device parents come from a drafter (see ancestor_matrix)
+            check_parents(tree_parents)
+        q = bucket(m, self.query_buckets)
+        self._parents[:q].fill_(-1)  # padding rows: roots of their own, seen by no real row
+        self._parents[:m].copy_(tree_parents, non_blocking=True)
+        self._tree_fn(q)()
+        self._tree_nodes = max(self._tree_nodes, q)
+
+    def _tree_fn(self, q: int) -> CapturedFn:
+        """The ancestry and depths of the first q `_parents`, into the static buffers: one replay, not the
+        launches of every pointer-jumping round."""
+        fn = self._tree_fns.get(q)
+        if fn is None:
+            def step():
+                anc = ancestor_matrix(self._parents[:q])  # [q, q]
+                self._ancestry[0, :q, :q].copy_(anc)
+                self._depth[:q].copy_(anc.sum(-1) - 1)
+
+            fn = self._tree_fns[q] = CapturedFn(step, self.use_graphs, self._pool, self._stream)
+        return fn
 
     def _fn(self, q: int, kv: int) -> CapturedFn:
         fn = self._fns.get((q, kv))

@@ -4,18 +4,19 @@
 `topk` best nodes at each depth, keep the `tree_size` nodes of highest cumulative draft
 log-probability. The eager proposer grows its cache by concatenation and builds masks of
 growing width, so each level costs ~1 ms of Python and kernel launches on a GPU; here every
-shape is fixed and each step is captured once:
+shape is fixed and a draft is two graph replays:
 
 1. sync (per query bucket, KV bucket): the committed (feature, next token) pairs not yet in the
    head's cache, causal, padded to a query bucket as in `CudaGraphRunner`; the last real output
    is the root feature (the prediction at the pending position);
-2. root: the root's top-k tokens open the tree (level 0);
-3. level (per KV bucket, replayed depth - 1 times): the k frontier nodes of level d - 1 go
-   through the head at rotary position fed - 1 + d, written at cache slots fed + (d - 1) k + i,
-   each seeing the committed cache and its ancestors' slots; their top-k children are scored
-   and the k best become level d. The level number d is a device scalar, per-level state lives
-   in [max_depth, ...] buffers read at d - 1 and written at d, so one graph serves every level;
-4. select (per depth): the `tree_size` best nodes, renumbered parents first; one host copy.
+2. draft (per depth, KV bucket), one graph of
+   - root: the root's top-k tokens open the tree (level 0);
+   - levels d = 1 .. depth - 1: the k frontier nodes of level d - 1 go through the head at rotary
+     position fed - 1 + d, written at cache slots fed + (d - 1) k + i, each seeing the committed
+     cache and its ancestors' slots; their top-k children are scored and the k best become level
+     d. Per-level state lives in [max_depth, ...] buffers, read at d - 1 and written at d through
+     views (d is static in the graph);
+   - select: the `tree_size` best nodes, renumbered parents first, left on the device.
 
 Committed entries sit at slots [0, fed); tree entries past fed are scratch, overwritten by the
 next sync, so nothing is ever cropped. The head's decoder layer runs through
@@ -83,13 +84,18 @@ class GraphEagleProposer:
         self._tok_in = torch.zeros(maxq, dtype=torch.long, device=dev)  # [maxq] the token after each
         self._fed = torch.zeros(1, dtype=torch.long, device=dev)  # [1] first slot of this step's entries
         self._root = torch.zeros(H, device=dev, dtype=self.dtype)  # [H] predicted feature, pending position
-        # per-level frontier state, level 0 .. max_depth - 1
-        self._level = torch.ones(1, dtype=torch.long, device=dev)  # [1] d, the level a level step builds
+        # per-level frontier state, level 0 .. max_depth - 1 (level 0's ids and ancestors never change)
         self._front_feat = torch.zeros(D, k, H, device=dev, dtype=self.dtype)  # parent feature of each node
         self._front_tok = torch.zeros(D, k, dtype=torch.long, device=dev)
         self._front_score = torch.zeros(D, k, device=dev)  # cumulative draft log-probability
-        self._front_id = torch.zeros(D, k, dtype=torch.long, device=dev)  # node number
+        self._front_id = torch.arange(k, device=dev).repeat(D, 1)  # [D, k] node number
         self._front_anc = torch.zeros(D, k, S, dtype=torch.bool, device=dev)  # which scratch slots are ancestors
+        # level d's own scratch columns, (d - 1) k .. d k - 1: [D, k, S] bool, row d - 1 for level d
+        self._own = torch.zeros(D, k, S, dtype=torch.bool, device=dev)
+        for d in range(1, D):
+            self._own[d - 1, :, (d - 1) * k : d * k] = torch.eye(k, dtype=torch.bool, device=dev)
+        self._slots = torch.zeros(S, dtype=torch.long, device=dev)  # [S] cache slots of the scratch, fed + i
+        self._rope = torch.zeros(D, dtype=torch.long, device=dev)  # [D] rotary position of level d, fed - 1 + d
         # every node in creation order: parents are numbered before their children
         self._node_tok = torch.zeros(n_nodes, dtype=torch.long, device=dev)
         self._node_score = torch.zeros(n_nodes, device=dev)
@@ -107,19 +113,20 @@ class GraphEagleProposer:
         return cls(head, embed.weight, lm_head.weight, **kw)
 
     def capture_all(self) -> None:
-        """Capture every step now (at load): a level step changes state, so it must not be
-        warmed up in the middle of a draft."""
+        """Capture every step now (at load): a draft step changes state, so it must not be warmed up
+        in the middle of a request."""
         for q in self.query_buckets:
             for kv in self.kv_buckets:
                 if kv >= q:
                     self._fn("sync", q, kv)
-        self._fn("root")
-        for kv in self.kv_buckets:
-            # one-level trees have no level step, and its warm-up would index past their empty scratch
-            if self.max_depth > 1 and kv > self.scratch:
-                self._fn("level", kv)
         for depth in range(1, self.max_depth + 1):
-            self._fn("select", depth)
+            for kv in self._draft_kv_buckets(depth):
+                self._fn("draft", depth, kv)
+
+    def _draft_kv_buckets(self, depth: int) -> tuple[int, ...]:
+        """KV buckets a `depth`-deep draft can run at: one-level trees attend nothing (any one will do);
+        deeper ones read the committed pairs and the scratch behind them."""
+        return self.kv_buckets[:1] if depth == 1 else tuple(kv for kv in self.kv_buckets if kv > self.scratch)
 
     @property
     def num_graphs(self) -> int:
@@ -145,52 +152,56 @@ class GraphEagleProposer:
         return self._head(self._feat_in[:q], self._tok_in[:q], slots, slots, allowed)  # [q, H]
 
     def _root_step(self) -> None:
+        """Level 0: the root's top-k tokens; and the scratch slots and rotary positions of this draft."""
         k = self.topk
-        top = torch.log_softmax(F.linear(self._root, self.lm_head).float(), -1).topk(k)
-        self._node_tok[:k].copy_(top.indices)
-        self._node_score[:k].copy_(top.values)
-        self._front_id[0].copy_(self._offsets[:k])
-        self._front_tok[0].copy_(top.indices)
-        self._front_score[0].copy_(top.values)
+        torch.add(self._offsets[: self._slots.numel()], self._fed, out=self._slots)
+        torch.add(self._offsets[: self.max_depth], self._fed - 1, out=self._rope)
+        torch.topk(torch.log_softmax(F.linear(self._root, self.lm_head).float(), -1), k,
+                   out=(self._node_score[:k], self._node_tok[:k]))
+        self._front_tok[0].copy_(self._node_tok[:k])
+        self._front_score[0].copy_(self._node_score[:k])
         self._front_feat[0].copy_(self._root[None].expand(k, -1))
-        self._front_anc[0].zero_()
 
-    def _level_step(self, kv: int) -> None:
-        k, S = self.topk, self.scratch
-        prev, d = self._level - 1, self._level  # [1] each
-        feats = self._front_feat.index_select(0, prev)[0]  # [k, H]
-        tok = self._front_tok.index_select(0, prev)[0]  # [k]
-        score = self._front_score.index_select(0, prev)[0]  # [k]
-        ids = self._front_id.index_select(0, prev)[0]  # [k]
-        own = prev * k + self._offsets[:k]  # [k] this level's scratch columns
-        anc = self._front_anc.index_select(0, prev)[0].scatter(1, own[:, None], True)  # [k, S]: ancestors + self
+    def _level_step(self, d: int, kv: int) -> None:
+        """Level d from level d - 1's frontier. d is static (a draft graph runs every level), so the
+        per-level state is read and written through views."""
+        k = self.topk
+        feats, tok, score, ids = self._front_feat[d - 1], self._front_tok[d - 1], self._front_score[d - 1], self._front_id[d - 1]
+        anc = self._front_anc[d - 1] | self._own[d - 1]  # [k, S]: ancestors + self
         allowed = self._keys[:kv].expand(k, kv) < self._fed  # [k, kv] the committed pairs
-        allowed.scatter_(1, (self._fed + self._offsets[:S]).expand(k, S), anc[:, :S])  # and the tree's slots
-        out = self._head(feats, tok, self._fed + own, (self._fed + prev).expand(k), allowed)  # [k, H]
+        allowed.scatter_(1, self._slots.expand(k, -1), anc)  # and the tree's slots
+        own = self._slots[(d - 1) * k : d * k]  # [k] this level's cache slots
+        out = self._head(feats, tok, own, self._rope[d].expand(k), allowed)  # [k, H]
         top = torch.log_softmax(F.linear(out, self.lm_head).float(), -1).topk(k, dim=-1)  # [k, k]
-        cand = (score[:, None] + top.values).flatten()  # [k * k]
-        at = k + prev * (k * k) + self._offsets[: k * k]  # [k * k] node numbers of the children
-        self._node_tok.index_copy_(0, at, top.indices.flatten())
-        self._node_score.index_copy_(0, at, cand)
-        self._node_parent.index_copy_(0, at, ids[:, None].expand(k, k).reshape(-1))
+        at = slice(k + (d - 1) * k * k, k + d * k * k)  # node numbers of the children
+        cand = torch.add(score[:, None], top.values, out=self._node_score[at].view(k, k)).view(-1)  # [k * k]
+        self._node_tok[at].copy_(top.indices.view(-1))
+        self._node_parent[at].view(k, k).copy_(ids[:, None].expand(k, k))
         best = cand.topk(k).indices  # [k] the next frontier
-        self._front_id.index_copy_(0, d, at[best][None])
-        self._front_tok.index_copy_(0, d, top.indices.flatten()[best][None])
-        self._front_score.index_copy_(0, d, cand[best][None])
-        self._front_feat.index_copy_(0, d, out[best // k][None])
-        self._front_anc.index_copy_(0, d, anc[best // k][None])
+        rows = best // k  # [k] their parents' frontier rows
+        torch.add(best, at.start, out=self._front_id[d])
+        torch.index_select(self._node_tok[at], 0, best, out=self._front_tok[d])
+        torch.index_select(cand, 0, best, out=self._front_score[d])
+        torch.index_select(out, 0, rows, out=self._front_feat[d])
+        torch.index_select(anc, 0, rows, out=self._front_anc[d])
 
     def _select_step(self, depth: int) -> torch.Tensor:
         """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""
         n = self.topk + (depth - 1) * self.topk * self.topk
         return best_nodes(self._node_tok[:n], self._node_score[:n], self._node_parent[:n], self.tree_size)
 
+    def _draft_step(self, depth: int, kv: int) -> torch.Tensor:
+        """A whole `depth`-deep draft, one graph: root, levels, select."""
+        self._root_step()
+        for d in range(1, depth):
+            self._level_step(d, kv)
+        return self._select_step(depth)
+
     def _fn(self, kind: str, *shape: int) -> CapturedFn:
         key = (kind, *shape)
         fn = self._fns.get(key)
         if fn is None:
-            step = {"sync": self._sync_step, "root": self._root_step, "level": self._level_step,
-                    "select": self._select_step}[kind]
+            step = {"sync": self._sync_step, "draft": self._draft_step}[kind]
             fn = self._fns[key] = CapturedFn(lambda: step(*shape), self.use_graphs, self._pool, self._stream)
         return fn
 
@@ -224,10 +235,8 @@ class GraphEagleProposer:
         if k <= 0:
             return Draft.empty()
         depth = min(k, self.max_depth)
-        self._fn("root")()
-        level = self._fn("level", bucket(n_pairs + self.scratch + 1, self.kv_buckets)) if depth > 1 else None
-        for d in range(1, depth):
-            self._level.fill_(d)
-            level()
-        flat = self._fn("select", depth)().cpu()  # the one sync
+        kv = self.kv_buckets[0] if depth == 1 else bucket(n_pairs + self.scratch + 1, self.kv_buckets)
+        flat = self._fn("draft", depth, kv)()
+        # left on the device, no sync: the loop queues the verify forward behind this draft (copies: the
+        # graph's output is overwritten by the next replay)
         return Draft(tokens=flat[0].clone(), parents=flat[1].clone())

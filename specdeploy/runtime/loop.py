@@ -87,13 +87,15 @@ def speculative_generate(
         budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
         draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
         draft = _fit(draft, budget, target.max_length - target.length - 1)
-        # 2. verify: one target forward scores the pending token and every draft token (chain or tree)
+        # 2. verify: one target forward scores the pending token and every draft token (chain or tree).
+        # A draft left on the device stays there: the verify forward queues behind the drafting, and the
+        # verdict's host copy is the step's one sync
         base = target.length
-        feed = torch.cat([torch.tensor(ctx.token_ids[-1:], dtype=torch.long), draft.tokens.cpu()])
+        feed = torch.cat([_tensor_on(draft.tokens.device, ctx.token_ids[-1:]), draft.tokens])
         if draft.is_tree:
             if not getattr(target, "supports_tree", False):
                 raise SpecDeployError(f"{type(target).__name__} cannot score token trees; use a chain draft")
-            step = target.forward(feed, tree_parents=torch.cat([torch.tensor([-1]), draft.parents.cpu() + 1]))
+            step = target.forward(feed, tree_parents=torch.cat([draft.parents.new_full((1,), -1), draft.parents + 1]))
         else:
             step = target.forward(feed)
         verdict = verify(draft, step.logits, params, generator)
@@ -104,7 +106,7 @@ def speculative_generate(
         else:
             target.rollback(base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
-        stats.record_step(draft.depth if draft.is_tree else draft.k, verdict.num_accepted)
+        stats.record_step(verdict.proposed, verdict.num_accepted)
         stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
@@ -125,6 +127,13 @@ def speculative_generate(
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)
 
 
+def _tensor_on(device: torch.device, ids: list[int]) -> torch.Tensor:
+    """ids as an int64 tensor on `device`. To a GPU through pinned memory: a copy from pageable memory
+    would wait for the device to finish the drafting queued before it."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 def _append_rows(buffer: torch.Tensor | None, rows: torch.Tensor | None,
                  new: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(buffer, rows + new as a view of it): the buffer doubles when full, so appending a few rows
@@ -141,11 +150,16 @@ def _append_rows(buffer: torch.Tensor | None, rows: torch.Tensor | None,
 
 
 def _fit(draft: Draft, max_depth: int, max_nodes: int) -> Draft:
-    """Cut a draft to at most `max_depth` tokens per path and `max_nodes` tokens in all."""
+    """Cut a draft to at most `max_depth` tokens per path and `max_nodes` tokens in all.
+
+    A tree on the device is only cut by its size: reading its depth would be a host sync, and
+    a proposer asked for `max_depth` never drafts deeper."""
     if not draft.is_tree:
         if draft.k <= max_depth:
             return draft
         return Draft(draft.tokens[:max_depth], None if draft.probs is None else draft.probs[:max_depth])
+    if draft.parents.device.type != "cpu" and draft.k <= max_nodes:
+        return draft
     depths = draft.depths()
     keep = [i for i, d in enumerate(depths) if d <= max_depth][:max_nodes]
     if len(keep) == draft.k:

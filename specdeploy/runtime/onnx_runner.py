@@ -140,7 +140,7 @@ class OnnxRunner:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
         ids = tokens.detach().cpu().to(torch.long).numpy().reshape(1, m)
         # anc[i, j]: token j is token i or its ancestor (a chain: lower triangle)
-        anc = np.tril(np.ones((m, m), dtype=bool)) if tree_parents is None else ancestor_matrix(tree_parents).numpy()
+        anc = np.tril(np.ones((m, m), dtype=bool)) if tree_parents is None else ancestor_matrix(tree_parents.cpu()).numpy()
         mask = np.concatenate([np.ones((m, self._length), dtype=bool), anc], axis=1)
         mask = mask.astype(np.int64).reshape(1, 1, m, self._length + m)
         pos = (self._length - 1 + anc.sum(-1)).astype(np.int64).reshape(1, m)  # cache length + depth (root depth 0)

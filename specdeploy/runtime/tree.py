@@ -14,22 +14,31 @@ import torch
 from specdeploy.runtime.types import Draft
 
 
-def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
-    """parents: [m] int64 (-1 = outside the tree) -> [m, m] bool (CPU), anc[i, j] = j is i or an ancestor of i.
-
-    Pointer jumping: after round t each node holds its ancestors closer than 2^t and points at
-    its 2^t-th one, so a tree of depth d takes about log2(d) rounds of a few tensor ops.
-    """
-    parents = parents.detach().to("cpu", torch.long).reshape(-1)
-    m = int(parents.numel())
-    bad = (parents >= torch.arange(m)) | (parents < -1)
+def check_parents(parents: torch.Tensor) -> None:
+    """ValueError unless each node's parent comes before it (-1: the pending token). parents: [m] (CPU)."""
+    bad = (parents >= torch.arange(parents.numel())) | (parents < -1)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
         raise ValueError(f"tree node {i} has parent {int(parents[i])}: parents must come first")
+
+
+def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
+    """parents: [m] int64 (-1 = outside the tree) -> [m, m] bool on the parents' device,
+    anc[i, j] = j is i or an ancestor of i.
+
+    Pointer jumping: after round t each node holds its ancestors closer than 2^t and points at
+    its 2^t-th one, so ceil(log2 m) rounds cover any tree of m nodes, with no host sync. Parents
+    on the host are checked (parents first); parents on a GPU come from a drafter and are not,
+    since checking them would cost the sync this saves.
+    """
+    parents = parents.detach().to(torch.long).reshape(-1)
+    m, device = int(parents.numel()), parents.device
+    if device.type == "cpu":
+        check_parents(parents)
     # row m stands for "outside the tree": it has no ancestors and points at itself
-    jump = torch.cat([torch.where(parents < 0, m, parents), torch.tensor([m])])  # [m + 1]
-    anc = torch.cat([torch.eye(m, dtype=torch.bool), torch.zeros(1, m, dtype=torch.bool)])  # [m + 1, m]
-    while bool((jump[:m] < m).any()):
+    jump = torch.cat([torch.where(parents < 0, m, parents), parents.new_full((1,), m)])  # [m + 1]
+    anc = torch.eye(m + 1, m, dtype=torch.bool, device=device)  # [m + 1, m], row m empty
+    for _ in range((m - 1).bit_length()):
         anc = anc | anc[jump]
         jump = jump[jump]
     return anc[:m]

@@ -18,6 +18,14 @@ class Step:
         return cls(logits=torch.zeros(num_tokens, vocab))
 
 
+def node_depths(parents: list[int]) -> list[int]:
+    """Depth of each node of a flat tree (parents first; -1 = the pending token, depth 1 below it)."""
+    out: list[int] = []
+    for p in parents:
+        out.append(1 if p < 0 else out[p] + 1)
+    return out
+
+
 @dataclass(frozen=True)
 class Draft:
     """Draft tokens proposed for the positions after the pending token: a chain or a token tree.
@@ -49,10 +57,7 @@ class Draft:
         """Depth of each node (1 = a child of the pending token)."""
         if self.parents is None:
             return list(range(1, self.k + 1))
-        out: list[int] = []
-        for p in self.parents.tolist():
-            out.append(1 if p < 0 else out[p] + 1)
-        return out
+        return node_depths(self.parents.tolist())
 
     @property
     def depth(self) -> int:
@@ -71,11 +76,13 @@ class Verdict:
     num_accepted: int  # leading draft tokens kept (nodes on the accepted path of a tree)
     next_token: int  # recovered token (after a rejection) or bonus token (all accepted)
     path: tuple[int, ...] | None = None  # tree drafts: accepted node indices, root to leaf
+    path_tokens: tuple[int, ...] = ()  # tree drafts: the tokens of those nodes
+    proposed: int = 0  # draft tokens one step could accept: a chain's length, a tree's depth
 
     def emitted(self, draft: Draft) -> list[int]:
         """Tokens this step commits, in order."""
         if self.path is not None:
-            return [int(draft.tokens[i]) for i in self.path] + [self.next_token]
+            return [*self.path_tokens, self.next_token]
         return draft.tokens[: self.num_accepted].tolist() + [self.next_token]
 
 

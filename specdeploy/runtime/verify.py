@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from specdeploy.config import SamplingParams
-from specdeploy.runtime.types import Draft, Verdict
+from specdeploy.runtime.types import Draft, Verdict, node_depths
 
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -66,8 +66,9 @@ def verify(
         target_tokens = target_logits.argmax(-1)  # [k + 1]
         mismatch = (target_tokens[:k] != tokens).to(torch.int8)
         # index of the first mismatch, or k when the whole draft matched
-        n = int(torch.cat([mismatch, mismatch.new_ones(1)]).argmax())
-        return Verdict(num_accepted=n, next_token=int(target_tokens[n]))
+        n = torch.cat([mismatch, mismatch.new_ones(1)]).argmax()
+        n, next_token = torch.stack([n, target_tokens[n]]).tolist()  # the one host sync
+        return Verdict(num_accepted=n, next_token=next_token, proposed=k)
 
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
     if draft.probs is None:
@@ -87,7 +88,7 @@ def verify(
         if float(dist.sum()) <= 0.0:  # only reachable through rounding when p == q
             dist = target_probs[n]
     next_token = int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
-    return Verdict(num_accepted=n, next_token=next_token)
+    return Verdict(num_accepted=n, next_token=next_token, proposed=k)
 
 
 def verify_tree(
@@ -99,17 +100,28 @@ def verify_tree(
     """The accepted root-to-leaf path of a token tree and the token that follows it."""
     from specdeploy.runtime.tree import children_of
 
-    tokens = draft.tokens.tolist()
-    kids = children_of(draft.parents.tolist())
+    k = draft.k
+    if params.greedy:  # the target's choices and the tree (which may still be on the device) in one host copy
+        device = target_logits.device
+        host = torch.cat([target_logits.argmax(-1), draft.tokens.to(device), draft.parents.to(device)]).tolist()
+        target_tokens, tokens, parents = host[: k + 1], host[k + 1 : 2 * k + 1], host[2 * k + 1 :]
+    else:
+        tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
+    kids = children_of(parents)
+    depth = max(node_depths(parents), default=0)
     path: list[int] = []
+
+    def verdict(next_token: int) -> Verdict:
+        return Verdict(num_accepted=len(path), next_token=next_token, path=tuple(path),
+                       path_tokens=tuple(tokens[i] for i in path), proposed=depth)
+
     node = -1
     if params.greedy:
-        target_tokens = target_logits.argmax(-1).tolist()  # [k + 1]
         while True:
             want = target_tokens[node + 1]
             node = next((c for c in kids[node] if tokens[c] == want), None)
             if node is None:
-                return Verdict(num_accepted=len(path), next_token=want, path=tuple(path))
+                return verdict(want)
             path.append(node)
 
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
@@ -140,7 +152,6 @@ def verify_tree(
                     draft_probs = draft_probs / draft_probs.sum()
             probs = probs / probs.sum()
         if accepted is None:
-            next_token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
-            return Verdict(num_accepted=len(path), next_token=next_token, path=tuple(path))
+            return verdict(int(torch.multinomial(probs / probs.sum(), 1, generator=generator)))
         path.append(accepted)
         node = accepted
