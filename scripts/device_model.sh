@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the device machine: put SmolLM2's GGUF (carried in three parts, see README "GPU runs")
+# On the device machine: put SmolLM2's GGUF (carried in parts, see README "GPU runs")
 # together under /tmp/smollm2 and install the gguf wheel. The parts gguf.part-aa, -ab, ... travel in
 # back-to-back calls (each within ~30 s of the last, while the machine is warm), one .carry/pN
 # folder per call, small enough that part + working tree stay under 64 MiB; the last call adds .whl.
