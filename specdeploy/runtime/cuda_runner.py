@@ -40,7 +40,7 @@ from torch import nn
 from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime import kernels as fused_kernels
-from specdeploy.runtime.runner import path_needs_move
+from specdeploy.runtime.runner import ids_on, path_needs_move
 from specdeploy.runtime.tree import ancestor_matrix, check_parents
 from specdeploy.runtime.types import Step
 
@@ -552,7 +552,7 @@ class CudaGraphRunner:
         all >= keep) moved down behind them; drop the rest. One gather over every layer."""
         n = len(path)
         if path_needs_move(keep, path, self._length):
-            self.cache.move(keep, torch.tensor(path, dtype=torch.long).to(self.device, non_blocking=True))
+            self.cache.move(keep, ids_on(self.device, path))
         self._length = keep + n
 
     def _set_tree(self, tree_parents: torch.Tensor | None, m: int) -> None:

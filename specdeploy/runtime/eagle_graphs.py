@@ -34,6 +34,7 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, LeanLlama, LlamaDims, bucket,
                                             fuse_layer, graphs_default, kv_buckets_for, rope_tables)
+from specdeploy.runtime.runner import ids_on
 from specdeploy.runtime.tree import best_nodes
 from specdeploy.runtime.types import Context, Draft
 
@@ -214,7 +215,7 @@ class GraphEagleProposer:
             c = min(maxq, n_pairs - start)
             q = bucket(c, self.query_buckets)
             self._feat_in[:c].copy_(ctx.target_hidden[start : start + c])  # padding keeps old (finite) rows
-            self._tok_in[:c].copy_(torch.tensor(ctx.token_ids[start + 1 : start + c + 1]), non_blocking=True)
+            self._tok_in[:c].copy_(ids_on(self.device, ctx.token_ids[start + 1 : start + c + 1]))
             self._fed.fill_(start)
             out = self._fn("sync", q, bucket(start + q, self.kv_buckets))()
             self._root.copy_(out[c - 1])

@@ -10,7 +10,7 @@ import torch
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.proposers import Proposer
-from specdeploy.runtime.runner import Runner
+from specdeploy.runtime.runner import Runner, ids_on
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
 from specdeploy.runtime.types import Context, Draft
@@ -91,7 +91,7 @@ def speculative_generate(
         # A draft left on the device stays there: the verify forward queues behind the drafting, and the
         # verdict's host copy is the step's one sync
         base = target.length
-        feed = torch.cat([_tensor_on(draft.tokens.device, ctx.token_ids[-1:]), draft.tokens])
+        feed = torch.cat([ids_on(draft.tokens.device, ctx.token_ids[-1:]), draft.tokens])
         if draft.is_tree:
             if not getattr(target, "supports_tree", False):
                 raise SpecDeployError(f"{type(target).__name__} cannot score token trees; use a chain draft")
@@ -102,7 +102,7 @@ def speculative_generate(
         # 3. roll back the KV entries of rejected draft tokens (a tree keeps its accepted branch)
         if draft.is_tree:
             target.keep_path(base + 1, [base + 1 + i for i in verdict.path])
-            rows = [0] + [1 + i for i in verdict.path]
+            rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         else:
             target.rollback(base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
@@ -125,13 +125,6 @@ def speculative_generate(
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)
-
-
-def _tensor_on(device: torch.device, ids: list[int]) -> torch.Tensor:
-    """ids as an int64 tensor on `device`. To a GPU through pinned memory: a copy from pageable memory
-    would wait for the device to finish the drafting queued before it."""
-    t = torch.tensor(ids, dtype=torch.long)
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _append_rows(buffer: torch.Tensor | None, rows: torch.Tensor | None,

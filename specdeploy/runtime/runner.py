@@ -40,6 +40,13 @@ class Runner(Protocol):
         """Drop cache entries past the first `keep`."""
 
 
+def ids_on(device: torch.device | str, ids: list[int]) -> torch.Tensor:
+    """ids as an int64 tensor on `device`. To a GPU through pinned memory and without waiting: a copy
+    from pageable memory (`torch.tensor(ids, device=...)`) waits for the work queued before it."""
+    t = torch.tensor(ids, dtype=torch.long)
+    return t if torch.device(device).type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 def path_needs_move(keep: int, path: list[int], length: int) -> bool:
     """Check a `keep_path(keep, path)` request against a cache of `length` entries (ValueError if
     it asks for entries out of range); False when the path already sits right behind `keep`."""

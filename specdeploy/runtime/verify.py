@@ -107,7 +107,6 @@ def verify_tree(
         target_tokens, tokens, parents = host[: k + 1], host[k + 1 : 2 * k + 1], host[2 * k + 1 :]
     else:
         tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
-    kids = children_of(parents)
     depth = max(node_depths(parents), default=0)
     path: list[int] = []
 
@@ -117,12 +116,17 @@ def verify_tree(
 
     node = -1
     if params.greedy:
+        child = {}  # (parent, token) -> the first such node: the one a greedy walk takes
+        for i in range(k - 1, -1, -1):
+            child[parents[i], tokens[i]] = i
         while True:
             want = target_tokens[node + 1]
-            node = next((c for c in kids[node] if tokens[c] == want), None)
+            node = child.get((node, want))
             if node is None:
                 return verdict(want)
             path.append(node)
+
+    kids = children_of(parents)
 
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
     device = target_probs.device
