@@ -236,6 +236,31 @@ def test_policy_decides_method_and_k_per_task(smollm2, tmp_path):
         load_policy(path, spec)
 
 
+def test_auto_switch_is_kept_per_task_across_requests(smollm2, monkeypatch):
+    """With the policy's auto switch, the requests of one task share one SpecSwitch (its evidence
+    carries over, as in SpecEngine); other tasks, k and temperatures get their own; outputs stay greedy."""
+    from specdeploy.runtime.policy import Policy
+    from specdeploy.runtime.switch import SpecSwitch
+    from specdeploy.triton_repo import decoder as decoder_module
+
+    seen = []
+    real = decoder_module.speculative_generate
+    monkeypatch.setattr(decoder_module, "speculative_generate", lambda *a, **kw: seen.append(kw["switch"]) or real(*a, **kw))
+    decoder = _decoder(smollm2, "ngram", LocalTransport({"verify": SequenceCaches(smollm2.model)}))
+    decoder.policy = Policy.from_dict({"default": {"method": "ngram", "k": 4}, "switch": "auto"})
+    ids = encode_prompt(smollm2.tokenizer, PROMPTS[1])
+    ref = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
+    steps = []
+    for task, k in (("code", None), ("code", None), ("qa", None), ("code", 2)):
+        gen = decoder.run(decoder.make_job(ids, max_tokens=8, task=task, k=k)).generation
+        assert gen.token_ids == ref
+        steps.append(gen.stats.target_forwards)
+    assert all(isinstance(sw, SpecSwitch) and sw.mode == "auto" for sw in seen[:3])
+    assert seen[0] is seen[1] and seen[2] is not seen[0]
+    assert seen[3] == "on"  # a request's own num_draft_tokens runs with the repository's switch
+    assert seen[0].spec_steps + seen[0].plain_steps == steps[0] + steps[1]  # both requests' steps in the one switch
+
+
 def test_cancelled_request_stops_and_releases_its_caches(smollm2):
     from specdeploy.triton_repo.decoder import RequestCancelled
 

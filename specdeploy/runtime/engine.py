@@ -20,7 +20,7 @@ from specdeploy.runtime.policy import Decision, Policy
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer, Proposer
 from specdeploy.runtime.runner import Runner, TorchRunner
 from specdeploy.runtime.stats import SpecStats, TaskStats
-from specdeploy.runtime.switch import SpecSwitch
+from specdeploy.runtime.switch import SwitchBook
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,7 +115,7 @@ class SpecEngine:
         self.runner = runner or TorchRunner(target.model, output_hidden=needs_hidden)
         self.plain_runner = plain_runner or self.runner
         self.task_stats = TaskStats()
-        self._switches: dict[tuple, SpecSwitch] = {}  # auto switches, per (task, proposer, k, greedy)
+        self.switches = SwitchBook()  # auto switches, per (task, proposer, k, greedy)
         self.eos_ids = frozenset(target.stop_ids())
 
     @classmethod
@@ -153,11 +153,8 @@ class SpecEngine:
         else:
             proposer, k, switch = self._proposer_for(decision.method), decision.k, decision.switch
         runner = self.runner if getattr(proposer, "needs_hidden", False) else self.plain_runner
-        if switch == "auto" and k > 0:
-            # one switch per task and configuration, kept across requests: a chat answer is too short for
-            # a request's own first steps to settle whether speculation pays, or for a probe to come back
-            key = (task, proposer, k, params.greedy)
-            switch = self._switches.setdefault(key, SpecSwitch("auto"))
+        if k > 0:
+            switch = self.switches.get(switch, (task, proposer, k, params.greedy))
         gen = speculative_generate(runner, proposer, prompt_ids, params, stop, k=k, switch=switch)
         if decision is not None:
             self.policy.observe(decision, gen.stats)

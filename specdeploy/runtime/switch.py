@@ -2,14 +2,16 @@
 
 Speculation pays while a spec step's tokens per unit of time beat a plain step's:
 acceptance_length / spec_step_time >= 1 / plain_step_time. Both sides are measured as the run
-goes (requests of one task in `speculative_generate`, as `SpecEngine` keeps one switch per task;
-a whole batch in `BatchSpeculator`), so the switch
+goes (requests of one task in `speculative_generate`, as `SpecEngine` and Triton's `SpecDecoder`
+keep one switch per task in a `SwitchBook`; a whole batch in `BatchSpeculator`), so the switch
 turns speculation off where it does not pay (a prompt the draft predicts badly, a large batch)
 and back on where it does, whatever the method: the loop never asks which proposer it runs.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
+from collections.abc import Hashable
 from statistics import median
 
 from specdeploy.errors import SpecDeployError
@@ -55,6 +57,7 @@ class SpecSwitch:
         self._probing = False  # a burst ran and its verdict is pending
         self.spec_steps = 0
         self.plain_steps = 0
+        self._lock = threading.Lock()  # requests of one task may share a switch from several threads
 
     @property
     def acceptance(self) -> float | None:
@@ -70,6 +73,10 @@ class SpecSwitch:
 
     def choose(self, slots: int = 1) -> bool:
         """Speculate in the next step (of `slots` active slots)?"""
+        with self._lock:
+            return self._choose(slots)
+
+    def _choose(self, slots: int) -> bool:
         self._steps += 1
         if self.mode != "auto":
             return self.mode == "on"
@@ -95,6 +102,10 @@ class SpecSwitch:
 
     def record(self, spec: bool, tokens_per_slot: float | None, seconds: float, slots: int = 1) -> None:
         """One finished step: its mode, tokens emitted per active slot, its time, its active slots."""
+        with self._lock:
+            self._record(spec, tokens_per_slot, seconds, slots)
+
+    def _record(self, spec: bool, tokens_per_slot: float | None, seconds: float, slots: int) -> None:
         if spec:
             self.spec_steps += 1
         else:
@@ -107,3 +118,19 @@ class SpecSwitch:
         if spec and tokens_per_slot is not None and slots > 0:
             self._tokens += tokens_per_slot * slots
             self._weight += slots
+
+
+class SwitchBook:
+    """One auto `SpecSwitch` per key (task, proposer or method, k, greedy), kept across requests: a
+    chat answer is too short for its own first steps to settle whether speculation pays, or for a
+    probe to come back. Other modes ("on", "off") pass through as they are."""
+
+    def __init__(self) -> None:
+        self._switches: dict[Hashable, SpecSwitch] = {}
+        self._lock = threading.Lock()
+
+    def get(self, mode: str, key: Hashable) -> str | SpecSwitch:
+        if mode != "auto":
+            return mode
+        with self._lock:
+            return self._switches.setdefault(key, SpecSwitch("auto"))

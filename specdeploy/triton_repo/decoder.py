@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from specdeploy.config import MAX_K, SamplingParams, draft_confidence_for
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.loop import Generation, StopCondition, speculative_generate
 from specdeploy.runtime.policy import Decision, Policy
+from specdeploy.runtime.switch import SwitchBook
 from specdeploy.triton_repo.proposer import FallbackProposer, build_proposer
 from specdeploy.triton_repo.runner import Transport, TritonRunner
 
@@ -77,6 +78,7 @@ class SpecDecoder:
     draft_confidence: float | None = None  # None: each method's default
     policy: Policy | None = None  # per-task method / k / off; None: every request gets method and k
     on_fallback: Callable[[str, BaseException], None] | None = None
+    switches: SwitchBook = field(default_factory=SwitchBook)  # auto switches, per (task, method, k, greedy)
 
     @classmethod
     def from_settings(cls, s: dict, transport: Transport, decode: Callable[[list[int]], str], **kw) -> "SpecDecoder":
@@ -148,7 +150,9 @@ class SpecDecoder:
 
         stop = StreamingStop(self.eos_ids, job.params.max_new_tokens, job.params.stop, self.decode, on_token=on_token)
         try:
-            gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k, switch=decision.switch)
+            switch = self.switches.get(decision.switch, (job.task, decision.method, k, job.params.greedy)) if k > 0 \
+                else decision.switch
+            gen = speculative_generate(target, proposer, job.prompt_ids, job.params, stop, k=k, switch=switch)
         finally:
             for runner in (target, draft_runner):
                 if runner is not None:
