@@ -79,7 +79,7 @@ def _wrong_verify(draft, target_logits, params, generator=None) -> Verdict:
     if params.greedy or v.num_accepted == draft.k:
         return v
     probs = sampling_probs(target_logits, params)[v.num_accepted]
-    return Verdict(v.num_accepted, int(torch.multinomial(probs, 1, generator=generator)))
+    return Verdict(v.num_accepted, int(torch.multinomial(probs, 1, generator=generator)), proposed=v.proposed)
 
 
 N = 2000
