@@ -228,7 +228,7 @@ def test_wrong_tree_rule_is_caught(monkeypatch):
         v = real(draft, target_logits, params, generator)
         if v.num_accepted == 0:  # recover from the target itself, ignoring the rejections
             probs = sampling_probs(target_logits, params)[0]
-            return type(v)(0, int(torch.multinomial(probs, 1, generator=generator)), ())
+            return type(v)(0, int(torch.multinomial(probs, 1, generator=generator)), v.proposed, path=())
         return v
 
     monkeypatch.setattr(verify_module, "verify_tree", wrong)

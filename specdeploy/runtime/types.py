@@ -75,9 +75,9 @@ class Verdict:
 
     num_accepted: int  # leading draft tokens kept (nodes on the accepted path of a tree)
     next_token: int  # recovered token (after a rejection) or bonus token (all accepted)
+    proposed: int  # draft tokens one step could accept: a chain's length, a tree's depth (no default: stats rely on it)
     path: tuple[int, ...] | None = None  # tree drafts: accepted node indices, root to leaf
     path_tokens: tuple[int, ...] = ()  # tree drafts: the tokens of those nodes
-    proposed: int = 0  # draft tokens one step could accept: a chain's length, a tree's depth
 
     def emitted(self, draft: Draft) -> list[int]:
         """Tokens this step commits, in order."""
