@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdeploy.config import SamplingParams
@@ -150,3 +151,59 @@ def test_qkv_rope_refuses_strided_index_tensors():
     with pytest.raises(ValueError, match="contiguous"):
         kernels.qkv_rope(torch.zeros(2, 128, device=DEV), w.attn_norm, 1e-5, w.wqkv, lean.rope_cos, lean.rope_sin, pos,
                          cache.kv[0], torch.arange(2, device=DEV), pos, 4, 2, 1)
+
+
+@pytest.mark.parametrize("rows, vocab, hidden, k", [(1, 1000, 64, 8), (8, 777, 96, 8), (3, 300, 32, 5)])
+def test_logits_topk_matches_log_softmax_topk(rows, vocab, hidden, k):
+    """The fused LM head + log-softmax + top-k of EAGLE drafting, with and without the rows' scores."""
+    from specdeploy.runtime import kernels
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, hidden, generator=g).to(DEV), torch.randn(vocab, hidden, generator=g).to(DEV)
+    score = torch.randn(rows, generator=g).to(DEV)
+    ref = torch.log_softmax(F.linear(x, w).float(), -1).topk(k)
+    values, indices = kernels.logits_topk(x, w, k, bias=score)
+    assert torch.equal(indices, ref.indices)
+    torch.testing.assert_close(values, score[:, None] + ref.values, atol=1e-4, rtol=1e-5)
+    out = (torch.empty(rows * k, device=DEV), torch.empty(rows * k, dtype=torch.long, device=DEV))
+    kernels.logits_topk(x, w, k, out=out)
+    assert torch.equal(out[1].view(rows, k), ref.indices)
+    torch.testing.assert_close(out[0].view(rows, k), ref.values, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.logits_topk(x, w, k, out=(out[0][:-1], out[1][:-1]))
+
+
+def test_logits_topk_breaks_ties_to_the_lowest_index():
+    from specdeploy.runtime import kernels
+
+    w = torch.zeros(300, 32, device=DEV)
+    w[[250, 5, 200, 17]] = 1.0  # four equal best logits, in three vocabulary slices
+    values, indices = kernels.logits_topk(torch.ones(1, 32, device=DEV), w, 6)
+    assert indices.tolist() == [[5, 17, 200, 250, 0, 1]]
+    assert values[0, :4].tolist() == [values[0, 0].item()] * 4
+
+
+def test_fused_graph_eagle_drafts_the_torch_trees(monkeypatch):
+    """GraphEagleProposer over the fused kernels (the CUDA path: fused layer, `logits_topk`) drafts the
+    trees of its torch path."""
+    from specdeploy.models import eagle
+    from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+    from specdeploy.runtime.types import Context
+
+    model = small_llama(layers=2, seed=3)
+    torch.manual_seed(4)
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to(DEV).eval()
+    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    kw = dict(tree_size=10, topk=3, max_depth=3, max_length=64, query_buckets=(1, 4, 16), use_graphs=False)
+    proposers = {}
+    for kernels in ("torch", "fused"):
+        monkeypatch.setenv("SPECDEPLOY_KERNELS", kernels)
+        proposers[kernels] = GraphEagleProposer.from_head(head, embed, lm_head, **kw)
+    assert proposers["fused"].lean.kernels == "fused" and proposers["torch"].lean.kernels == "torch"
+    ids = torch.randint(1, 96, (26,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids], device=DEV)).last_hidden_state[0]
+    for n, k in ((20, 3), (23, 2), (26, 3)):
+        ctx = Context(token_ids=ids[:n], prompt_len=20, params=SamplingParams(), target_hidden=hidden[: n - 1])
+        a, b = (p.propose(ctx, k) for p in proposers.values())
+        assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), (n, k)

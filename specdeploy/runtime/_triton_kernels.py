@@ -194,3 +194,61 @@ def attn_combine_kernel(part_o_ptr, part_ml_ptr, out_ptr, m, HKV, G, splits,
     tok = r * m + j % m
     tl.store(out_ptr + tok[:, None] * (HKV * G * HD) + (kvh * G + j // m)[:, None] * HD + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=j_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def logits_topk_partial_kernel(x_ptr, w_ptr, part_val_ptr, part_idx_ptr, part_ml_ptr, M, V, K,
+                               TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                               BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_V slice of the vocabulary: logits x @ w[slice]ᵀ (rounded to the model dtype, as a
+    linear layer's output), their max and sum of exp (for the log-softmax), and their TOPK best."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    blk = tl.program_id(1)
+    nb = tl.num_programs(1)
+    offs = tl.arange(0, BLOCK_V)
+    cols = blk * BLOCK_V + offs
+    row_ok, col_ok = rows < M, cols < V
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < K), other=0.0)
+        acc = _dot(x, tl.trans(w), acc, IEEE)
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    part = rows * nb + blk  # [BLOCK_M] this slice's entry of each row
+    tl.store(part_ml_ptr + part * 2, mx, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, tl.sum(tl.exp(logits - mx[:, None]), axis=1), mask=row_ok)
+    for t in tl.static_range(TOPK):  # the best, then the best of the rest: ties go to the lowest index
+        best = tl.argmax(logits, axis=1, tie_break_left=True)
+        tl.store(part_val_ptr + part * TOPK + t, tl.max(logits, axis=1), mask=row_ok)
+        tl.store(part_idx_ptr + part * TOPK + t, blk * BLOCK_V + best, mask=row_ok)
+        logits = tl.where(offs[None, :] == best[:, None], float("-inf"), logits)
+
+
+@triton.jit
+def logits_topk_combine_kernel(part_val_ptr, part_idx_ptr, part_ml_ptr, bias_ptr, val_ptr, idx_ptr, NB,
+                               TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_NB: tl.constexpr):
+    """One row: log-softmax normaliser over the slices, and the TOPK best of the slices' candidates
+    (stored slice by slice in vocabulary order, so ties still go to the lowest index), plus the
+    row's bias."""
+    row = tl.program_id(0)
+    b = tl.arange(0, BLOCK_NB)
+    b_ok = b < NB
+    mx = tl.load(part_ml_ptr + (row * NB + b) * 2, mask=b_ok, other=float("-inf"))
+    se = tl.load(part_ml_ptr + (row * NB + b) * 2 + 1, mask=b_ok, other=0.0)
+    top = tl.max(mx, axis=0)
+    lse = top + tl.log(tl.sum(se * tl.exp(mx - top), axis=0))
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + row)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < NB * TOPK
+    vals = tl.load(part_val_ptr + row * NB * TOPK + c, mask=c_ok, other=float("-inf"))
+    for t in tl.static_range(TOPK):
+        best = tl.argmax(vals, axis=0, tie_break_left=True)
+        tl.store(val_ptr + row * TOPK + t, bias + (tl.max(vals, axis=0) - lse))
+        tl.store(idx_ptr + row * TOPK + t, tl.load(part_idx_ptr + row * NB * TOPK + best).to(tl.int64))
+        vals = tl.where(c == best, float("-inf"), vals)

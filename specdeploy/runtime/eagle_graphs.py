@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.eagle import EagleHead
+from specdeploy.runtime import kernels as fused_kernels
 from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, LeanLlama, LlamaDims, bucket,
                                             fuse_layer, graphs_default, kv_buckets_for, rope_tables)
 from specdeploy.runtime.runner import ids_on
@@ -96,7 +97,8 @@ class GraphEagleProposer:
         for d in range(1, D):
             self._own[d - 1, :, (d - 1) * k : d * k] = torch.eye(k, dtype=torch.bool, device=dev)
         self._slots = torch.zeros(S, dtype=torch.long, device=dev)  # [S] cache slots of the scratch, fed + i
-        self._rope = torch.zeros(D, dtype=torch.long, device=dev)  # [D] rotary position of level d, fed - 1 + d
+        self._rope = torch.zeros(D, k, dtype=torch.long, device=dev)  # [D, k] rotary position of level d, fed - 1 + d
+        self._levels = torch.arange(D, device=dev)[:, None].repeat(1, k)  # [D, k] d
         # every node in creation order: parents are numbered before their children
         self._node_tok = torch.zeros(n_nodes, dtype=torch.long, device=dev)
         self._node_score = torch.zeros(n_nodes, device=dev)
@@ -156,9 +158,8 @@ class GraphEagleProposer:
         """Level 0: the root's top-k tokens; and the scratch slots and rotary positions of this draft."""
         k = self.topk
         torch.add(self._offsets[: self._slots.numel()], self._fed, out=self._slots)
-        torch.add(self._offsets[: self.max_depth], self._fed - 1, out=self._rope)
-        torch.topk(torch.log_softmax(F.linear(self._root, self.lm_head).float(), -1), k,
-                   out=(self._node_score[:k], self._node_tok[:k]))
+        torch.add(self._levels, self._fed - 1, out=self._rope)
+        self._top(self._root[None], None, (self._node_score[:k], self._node_tok[:k]))
         self._front_tok[0].copy_(self._node_tok[:k])
         self._front_score[0].copy_(self._node_score[:k])
         self._front_feat[0].copy_(self._root[None].expand(k, -1))
@@ -172,11 +173,10 @@ class GraphEagleProposer:
         allowed = self._keys[:kv].expand(k, kv) < self._fed  # [k, kv] the committed pairs
         allowed.scatter_(1, self._slots.expand(k, -1), anc)  # and the tree's slots
         own = self._slots[(d - 1) * k : d * k]  # [k] this level's cache slots
-        out = self._head(feats, tok, own, self._rope[d].expand(k), allowed)  # [k, H]
-        top = torch.log_softmax(F.linear(out, self.lm_head).float(), -1).topk(k, dim=-1)  # [k, k]
+        out = self._head(feats, tok, own, self._rope[d], allowed)  # [k, H]
         at = slice(k + (d - 1) * k * k, k + d * k * k)  # node numbers of the children
-        cand = torch.add(score[:, None], top.values, out=self._node_score[at].view(k, k)).view(-1)  # [k * k]
-        self._node_tok[at].copy_(top.indices.view(-1))
+        self._top(out, score, (self._node_score[at], self._node_tok[at]))  # each node's k best children
+        cand = self._node_score[at]  # [k * k] their cumulative scores
         self._node_parent[at].view(k, k).copy_(ids[:, None].expand(k, k))
         best = cand.topk(k).indices  # [k] the next frontier
         rows = best // k  # [k] their parents' frontier rows
@@ -185,6 +185,17 @@ class GraphEagleProposer:
         torch.index_select(cand, 0, best, out=self._front_score[d])
         torch.index_select(out, 0, rows, out=self._front_feat[d])
         torch.index_select(anc, 0, rows, out=self._front_anc[d])
+
+    def _top(self, h: torch.Tensor, score: torch.Tensor | None, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The `topk` best next tokens of each row of h [n, H] by draft log-probability (+ the row's
+        cumulative `score` [n]) into out = (scores, tokens), [n * topk] each, row by row."""
+        if self.lean.kernels == "fused":
+            fused_kernels.logits_topk(h, self.lm_head, self.topk, bias=score, out=out)
+            return
+        top = torch.log_softmax(F.linear(h, self.lm_head).float(), -1).topk(self.topk, dim=-1)  # [n, topk]
+        values = top.values if score is None else score[:, None] + top.values
+        out[0].copy_(values.view(-1))
+        out[1].copy_(top.indices.view(-1))
 
     def _select_step(self, depth: int) -> torch.Tensor:
         """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""

@@ -164,3 +164,41 @@ def gate_up(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w_gate_up: torch.
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def logits_topk(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of log_softmax(x @ wᵀ) per row, plus bias: x [M, K], w [V, K], bias [M] float32 ->
+    (values [M, k] float32, indices [M, k] int64), best first, ties to the lowest index; into `out`
+    (contiguous, M * k elements each) if given.
+
+    Two launches, where `torch.log_softmax(F.linear(x, w).float(), -1).topk(k)` takes a dozen (the
+    multi-block top-k alone is most of them): each program scores one BLOCK_V slice of the
+    vocabulary and keeps its k best and its softmax partials; one program per row merges them.
+    Logits are rounded to the model dtype before the softmax, as a linear layer's output is."""
+    x = x.contiguous()
+    M, K = x.shape
+    V = w.shape[0]
+    nb = _cdiv(V, LOGITS_BLOCK_V)
+    part_val = torch.empty(M, nb, k, device=x.device, dtype=torch.float32)
+    part_idx = torch.empty(M, nb, k, device=x.device, dtype=torch.int32)
+    part_ml = torch.empty(M, nb, 2, device=x.device, dtype=torch.float32)
+    kern = _kernels()
+    kern.logits_topk_partial_kernel[(_cdiv(M, BLOCK_M), nb)](
+        x, w, part_val, part_idx, part_ml, M, V, K,
+        TOPK=k, BLOCK_M=BLOCK_M, BLOCK_V=LOGITS_BLOCK_V, BLOCK_K=64, IEEE=_ieee(x.dtype), num_warps=4, num_stages=3)
+    values, indices = out if out is not None else (torch.empty(M, k, device=x.device, dtype=torch.float32),
+                                                   torch.empty(M, k, device=x.device, dtype=torch.long))
+    if not (values.is_contiguous() and indices.is_contiguous() and values.numel() == indices.numel() == M * k):
+        raise ValueError("logits_topk: out must be two contiguous tensors of M * k elements")
+    kern.logits_topk_combine_kernel[(M,)](
+        part_val, part_idx, part_ml, bias if bias is not None else part_ml, values, indices, nb,
+        TOPK=k, HAS_BIAS=bias is not None, BLOCK_C=_pow2(nb * k), BLOCK_NB=_pow2(nb), num_warps=8)
+    return values, indices
+
+
+LOGITS_BLOCK_V = 128  # vocabulary entries per program of `logits_topk`
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

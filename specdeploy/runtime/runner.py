@@ -12,6 +12,7 @@ tree in one pass, token i attending to the cache and to its ancestors only, at p
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -43,8 +44,48 @@ class Runner(Protocol):
 def ids_on(device: torch.device | str, ids: list[int]) -> torch.Tensor:
     """ids as an int64 tensor on `device`. To a GPU through pinned memory and without waiting: a copy
     from pageable memory (`torch.tensor(ids, device=...)`) waits for the work queued before it."""
-    t = torch.tensor(ids, dtype=torch.long)
-    return t if torch.device(device).type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor(ids, dtype=torch.long)
+    if len(ids) > _PinnedRing.width:
+        return torch.tensor(ids, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+    rings = _rings.__dict__.setdefault("by_device", {})
+    ring = rings.get(device) or rings.setdefault(device, _PinnedRing(device))
+    return ring.copy(ids)
+
+
+class _PinnedRing:
+    """Pinned rows reused in turn for `ids_on`: pinning a fresh tensor per call (`torch.tensor` +
+    `pin_memory` + `.to`) took 64 µs a call under cProfile on the GPU machine, several calls a decoding
+    step (results/gpu/step_profile/after_323d993).
+    A row is written again only after the copy that read it has run (its event)."""
+
+    slots, width = 64, 256
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.rows = torch.empty(self.slots, self.width, dtype=torch.long).pin_memory()
+        self.view = self.rows.numpy()
+        self.events: list[torch.cuda.Event | None] = [None] * self.slots
+        self.next = 0
+
+    def copy(self, ids: list[int]) -> torch.Tensor:
+        i, n = self.next, len(ids)
+        self.next = (i + 1) % self.slots
+        event = self.events[i]
+        if event is None:
+            event = self.events[i] = torch.cuda.Event()
+        else:
+            event.synchronize()  # long done in practice: the ring holds many steps' copies
+        self.view[i, :n] = ids
+        out = self.rows[i, :n].to(self.device, non_blocking=True)
+        # the copy's stream: the current one of the copy's device (`current_stream(device)` costs ~10 µs)
+        event.record(None if torch.cuda.current_device() == self.index else torch.cuda.current_stream(self.device))
+        return out
+
+
+_rings = threading.local()  # a ring per thread and device: Triton serves requests from several threads
 
 
 def path_needs_move(keep: int, path: list[int], length: int) -> bool:
