@@ -220,7 +220,8 @@ def test_multi_draft_tree_matches_target():
     assert chi_square_pvalue(counts, _exact(_tables()[0], prompt, params), N) > 1e-3
 
 
-def test_wrong_tree_rule_is_caught(monkeypatch):
+@pytest.mark.parametrize("point_masses", [False, True], ids=["sampled-children", "top-k-children"])
+def test_wrong_tree_rule_is_caught(monkeypatch, point_masses):
     """After a rejected child, keeping the full target distribution (no residual) is biased."""
     real = verify_module.verify_tree
 
@@ -234,5 +235,6 @@ def test_wrong_tree_rule_is_caught(monkeypatch):
     monkeypatch.setattr(verify_module, "verify_tree", wrong)
     _, draft = _tables()
     params = SamplingParams(temperature=1.0)
-    counts = _sample(SampledTree(draft, width=2, depth=2), [0], params, N, k=2)
+    tree = TopTree(draft, width=2, depth=2) if point_masses else SampledTree(draft, width=2, depth=2)
+    counts = _sample(tree, [0], params, N, k=2)
     assert chi_square_pvalue(counts, _exact(_tables()[0], [0], params), N) < 1e-6

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -60,8 +61,10 @@ def speculative_generate(
     catches up on the skipped tokens at its next draft); "off" is plain decoding. A `SpecSwitch`
     is used as given (tests drive it).
 
-    Invariant: the target's KV cache holds every committed token but the last one
-    (the pending token), which is fed first in the next step.
+    Invariant: once the last step's rollback is applied, the target's KV cache holds every
+    committed token but the last one (the pending token), which is fed first in the next step.
+    The rollback is applied after the next draft is queued, so that on a GPU the drafting
+    starts as soon as the verdict is on the host and the rollback's host work overlaps it.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -79,14 +82,18 @@ def speculative_generate(
 
     hidden_buffer = None  # storage behind ctx.target_hidden once it grows
     reason = None
+    rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
     while reason is None:
         step_start = time.perf_counter()
         spec = spec_switch.choose()
         # 1. draft, never past max_new_tokens or the context window
-        budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - 1, target.max_length - target.length - 1)
+        room = target.max_length - len(ctx.token_ids)  # cache positions left after the pending token
+        budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - 1, room)
         draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
-        draft = _fit(draft, budget, target.max_length - target.length - 1)
+        draft = _fit(draft, budget, room)
+        if rollback is not None:
+            rollback()
         # 2. verify: one target forward scores the pending token and every draft token (chain or tree).
         # A draft left on the device stays there: the verify forward queues behind the drafting, and the
         # verdict's host copy is the step's one sync
@@ -99,12 +106,12 @@ def speculative_generate(
         else:
             step = target.forward(feed)
         verdict = verify(draft, step.logits, params, generator)
-        # 3. roll back the KV entries of rejected draft tokens (a tree keeps its accepted branch)
+        # 3. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
         if draft.is_tree:
-            target.keep_path(base + 1, [base + 1 + i for i in verdict.path])
+            rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
             rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         else:
-            target.rollback(base + 1 + verdict.num_accepted)
+            rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
         stats.record_step(verdict.proposed, verdict.num_accepted)
         stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
@@ -122,6 +129,7 @@ def speculative_generate(
         # like a plain step: it is no evidence against speculation, whose gains come in bursts
         spec_switch.record(spec and draft.k > 0, verdict.num_accepted + 1, time.perf_counter() - step_start)
 
+    rollback()  # the runner ends with the committed tokens cached
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)

@@ -80,14 +80,13 @@ def verify(
     q_tok = draft_probs[rows, tokens]  # [k]
     u = torch.rand(k, generator=generator, device=target_probs.device)
     rejected = (u * q_tok >= p_tok).to(torch.int8)  # accept iff u < p/q
-    n = int(torch.cat([rejected, rejected.new_ones(1)]).argmax())
-    if n == k:
-        dist = target_probs[k]
-    else:
-        dist = (target_probs[n] - draft_probs[n]).clamp_min(0.0)
-        if float(dist.sum()) <= 0.0:  # only reachable through rounding when p == q
-            dist = target_probs[n]
-    next_token = int(torch.multinomial(dist / dist.sum(), 1, generator=generator))
+    n = torch.cat([rejected, rejected.new_ones(1)]).argmax()
+    # the token after each possible n, drawn before n is known, so that one host copy ends the step:
+    # the residual norm(max(0, p - q)) after a rejection, p itself after the whole draft
+    dist = torch.cat([(target_probs[:k] - draft_probs).clamp_min(0.0), target_probs[k:]])
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0.0, dist, target_probs)  # p == q up to rounding: keep p
+    after = torch.multinomial(dist, 1, generator=generator)[:, 0]  # [k + 1]
+    n, next_token = torch.stack([n, after[n]]).tolist()  # the one host sync
     return Verdict(num_accepted=n, next_token=next_token, proposed=k)
 
 
@@ -105,6 +104,8 @@ def verify_tree(
         device = target_logits.device
         host = torch.cat([target_logits.argmax(-1), draft.tokens.to(device), draft.parents.to(device)]).tolist()
         target_tokens, tokens, parents = host[: k + 1], host[k + 1 : 2 * k + 1], host[2 * k + 1 :]
+    elif draft.probs is None:
+        return _verify_point_tree(draft, sampling_probs(target_logits, params), generator)
     else:
         tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
     depth = max(node_depths(parents), default=0)
@@ -137,25 +138,60 @@ def verify_tree(
         for c in kids[node]:
             tok = tokens[c]
             u = float(torch.rand(1, generator=generator, device=device))
-            if draft.probs is None:  # point mass at tok
-                if u < float(probs[tok]):
-                    accepted = c
-                    break
-                probs[tok] = 0.0
-            else:
-                if draft_probs is None:
-                    draft_probs = draft.probs[c].to(probs).clone()
-                if u * float(draft_probs[tok]) < float(probs[tok]):
-                    accepted = c
-                    break
-                residual = (probs - draft_probs).clamp_min(0.0)
-                if float(residual.sum()) > 0.0:  # else p == q up to rounding: keep p
-                    probs = residual
-                draft_probs[tok] = 0.0
-                if float(draft_probs.sum()) > 0.0:
-                    draft_probs = draft_probs / draft_probs.sum()
+            if draft_probs is None:
+                draft_probs = draft.probs[c].to(probs).clone()
+            if u * float(draft_probs[tok]) < float(probs[tok]):
+                accepted = c
+                break
+            residual = (probs - draft_probs).clamp_min(0.0)
+            if float(residual.sum()) > 0.0:  # else p == q up to rounding: keep p
+                probs = residual
+            draft_probs[tok] = 0.0
+            if float(draft_probs.sum()) > 0.0:
+                draft_probs = draft_probs / draft_probs.sum()
             probs = probs / probs.sum()
         if accepted is None:
             return verdict(int(torch.multinomial(probs / probs.sum(), 1, generator=generator)))
+        path.append(accepted)
+        node = accepted
+
+
+def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
+    """Sampled verification of a deterministic tree (point-mass children) with one host copy.
+
+    At a node whose tried children left mass `removed`, child c (token t, not tried yet) is accepted
+    with probability p(t) / (1 - removed): p renormalised without the tried tokens. The recovered
+    token at a node where every child failed comes from p without all its children's tokens, which
+    is known before the walk: it is drawn on the device for every node, with the uniforms of every
+    child, so that the walk needs the host copy of those draws and the children's probabilities only.
+    """
+    from specdeploy.runtime.tree import children_of
+
+    k, device = draft.k, target_probs.device
+    tokens, parents = draft.tokens.to(device), draft.parents.to(device)
+    p_child = target_probs[parents + 1, tokens]  # [k] each node's token under its parent's distribution
+    u = torch.rand(k, generator=generator, device=device)
+    left = target_probs.index_put((parents + 1, tokens), torch.zeros_like(p_child))  # [k + 1, vocab]
+    left = torch.where(left.sum(-1, keepdim=True) > 0.0, left, target_probs)  # children hold all the mass: never drawn
+    recovered = torch.multinomial(left, 1, generator=generator)[:, 0]  # [k + 1]
+    host = torch.cat([x.double() for x in (tokens, parents, recovered, p_child, u)]).tolist()  # the one sync
+    toks, pars = [int(x) for x in host[:k]], [int(x) for x in host[k : 2 * k]]
+    rec, pc, us = host[2 * k : 3 * k + 1], host[3 * k + 1 : 4 * k + 1], host[4 * k + 1 :]
+    kids = children_of(pars)
+    path: list[int] = []
+    node = -1
+    while True:
+        removed, tried, accepted = 0.0, set(), None
+        for c in kids[node]:
+            if toks[c] in tried:  # a repeated token was zeroed with its first try
+                continue
+            if pc[c] > 0.0 and us[c] * (1.0 - removed) < pc[c]:  # u < p(t) / (1 - removed)
+                accepted = c
+                break
+            removed += pc[c]
+            tried.add(toks[c])
+        if accepted is None:
+            return Verdict(num_accepted=len(path), next_token=int(rec[node + 1]), path=tuple(path),
+                           path_tokens=tuple(toks[i] for i in path), proposed=max(node_depths(pars), default=0))
         path.append(accepted)
         node = accepted
