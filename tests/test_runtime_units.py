@@ -12,7 +12,7 @@ from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import sampling_probs, verify
+from specdeploy.runtime.verify import sample, sampling_probs, verify
 from table_runner import BigramRunner
 
 V = 8
@@ -107,6 +107,18 @@ def test_sampling_probs_top_k_top_p():
     assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0, 0]]))
     p = sampling_probs(logits, SamplingParams(temperature=1.0, top_p=0.81))
     assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0]]) / 0.95)
+
+
+def test_sample_draws_each_row_in_proportion_to_its_weights():
+    """Unnormalised rows; a zero weight is never drawn; the rows draw independently."""
+    w = torch.tensor([[0.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(w, g) for _ in range(8000)])  # [8000, 2]
+    first, second = torch.bincount(draws[:, 0], minlength=4), torch.bincount(draws[:, 1], minlength=4)
+    assert first[0] == first[3] == second[1] == second[2] == 0
+    assert abs(first[2] / 8000 - 0.75) < 0.02 and abs(second[0] / 8000 - 0.5) < 0.02
+    assert abs(float((draws[:, 0] == 2).float().mean() * (draws[:, 1] == 0).float().mean())
+               - float(((draws[:, 0] == 2) & (draws[:, 1] == 0)).float().mean())) < 0.02
 
 
 def test_sampling_rejects_impossible_draft_tokens():

@@ -33,7 +33,7 @@ from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import sampling_probs
+from specdeploy.runtime.verify import sample, sampling_probs
 
 
 def _last_feature(ctx: Context) -> torch.Tensor | None:
@@ -188,7 +188,7 @@ class EagleProposer:
                 token = logits.argmax()[None]
             else:
                 q = sampling_probs(logits[None], ctx.params)[0]
-                token = torch.multinomial(q, 1, generator=ctx.generator)
+                token = sample(q, ctx.generator)[None]
                 probs.append(q)
             tokens.append(token)
             if i == k - 1:

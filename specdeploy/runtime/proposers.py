@@ -14,7 +14,7 @@ import torch
 from specdeploy.config import check_confidence
 from specdeploy.runtime.runner import Runner
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import sampling_probs
+from specdeploy.runtime.verify import sample, sampling_probs
 
 
 @runtime_checkable
@@ -108,7 +108,7 @@ class DraftModelProposer:
                 q = sampling_probs(logits[None], ctx.params)[0]
                 if self.min_confidence and path_p * float(q.max()) < self.min_confidence:
                     break
-                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+                token = int(sample(q, ctx.generator))
                 if self.min_confidence:  # the host sync only where the cut needs the path
                     path_p *= float(q[token])
                 probs.append(q)
