@@ -54,8 +54,8 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of weights [..., n] (>= 0, every row with mass), drawn with probability
     proportional to its weight: the exponential race argmax(w / E), E ~ Exp(1) i.i.d. This is what
-    `torch.multinomial(w, 1)` computes, without its validity checks, each a host sync (two per call:
-    a third of a sampled step's verify time on an H200, results/gpu/verify_micro.json)."""
+    `torch.multinomial(w, 1)` computes, without the validity checks it reads back to the host (two
+    `.item()` calls in PyTorch's source): a sampled verify then ends in the one sync of its verdict."""
     race = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
     # E = 0 has probability 2^-24 per float32 draw; w / 0 would be inf (or nan where w = 0, which argmax takes)
     return (weights / race.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(-1)
@@ -118,13 +118,7 @@ def verify_tree(
         return _verify_point_tree(draft, sampling_probs(target_logits, params), generator)
     else:
         tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
-    depth = max(node_depths(parents), default=0)
     path: list[int] = []
-
-    def verdict(next_token: int) -> Verdict:
-        return Verdict(num_accepted=len(path), next_token=next_token, path=tuple(path),
-                       path_tokens=tuple(tokens[i] for i in path), proposed=depth)
-
     node = -1
     if params.greedy:
         child = {}  # (parent, token) -> the first such node: the one a greedy walk takes
@@ -134,7 +128,7 @@ def verify_tree(
             want = target_tokens[node + 1]
             node = child.get((node, want))
             if node is None:
-                return verdict(want)
+                return _tree_verdict(path, tokens, parents, want)
             path.append(node)
 
     kids = children_of(parents)
@@ -161,7 +155,7 @@ def verify_tree(
                 draft_probs = draft_probs / draft_probs.sum()
             probs = probs / probs.sum()
         if accepted is None:
-            return verdict(int(sample(probs, generator)))
+            return _tree_verdict(path, tokens, parents, int(sample(probs, generator)))
         path.append(accepted)
         node = accepted
 
@@ -201,7 +195,12 @@ def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torc
             removed += pc[c]
             tried.add(toks[c])
         if accepted is None:
-            return Verdict(num_accepted=len(path), next_token=int(rec[node + 1]), path=tuple(path),
-                           path_tokens=tuple(toks[i] for i in path), proposed=max(node_depths(pars), default=0))
+            return _tree_verdict(path, toks, pars, int(rec[node + 1]))
         path.append(accepted)
         node = accepted
+
+
+def _tree_verdict(path: list[int], tokens: list[int], parents: list[int], next_token: int) -> Verdict:
+    """A tree's verdict: the accepted path, its tokens, the token after it; proposed = the tree's depth."""
+    return Verdict(num_accepted=len(path), next_token=next_token, path=tuple(path),
+                   path_tokens=tuple(tokens[i] for i in path), proposed=max(node_depths(parents), default=0))
