@@ -5,11 +5,12 @@ n-gram lookup and with the shipped EAGLE head (k-deep tree) and counts how many 
 greedy output accepts from each (greedy acceptance is a property of the context, not of the
 device). Walking each continuation step by step under a rule (n-gram always, EAGLE always, the
 old merged tree, lookup-first) and charging every step the per-step costs a GPU bench measured
-(`--costs`: the step costs the bench's advisor measured for its policy, bench.json's
-policy.costs: drafting + verify at the step's query length + the method's per-step overhead) gives a modelled speedup over plain decoding. The model's EAGLE
+(`--costs`: bench.json's policy.costs, the parts the advisor timed until it timed whole steps:
+drafting + verify at the step's query length + the method's per-step overhead; benches up to
+results/bench_history/088f6b3 have them) gives a modelled speedup over plain decoding. The model's EAGLE
 column can be checked against the same bench's measured EAGLE row.
 
-    python scripts/lookup_first_model.py --costs results/bench/bench.json --out results/cpu/lookup_first_model
+    python scripts/lookup_first_model.py --costs results/bench_history/088f6b3/bench.json --out results/cpu/lookup_first_model
 """
 from __future__ import annotations
 

@@ -5,10 +5,9 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
-from specdeploy.bench.advisor import (Profile, StepCosts, expected_speedup, fit_alpha, geometric_length,
-                                      predicted_speedup, recommend, step_overhead_ms)
+from specdeploy.bench.advisor import (Profile, StepCosts, StepTimes, expected_speedup, fit_alpha, geometric_length,
+                                      predicted_speedup, recommend, step_ms)
 from specdeploy.cli import main
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
@@ -83,47 +82,44 @@ def test_short_drafts_count_only_the_tokens_drafted():
     assert prof.alpha(4) == pytest.approx(1.0)
 
 
-def test_tree_verify_cost_is_the_measured_tree_length():
-    """A 48-node tree at depth 4 verifies 49 tokens, not 5: the prediction charges the measured length."""
-    prof = Profile.from_stats(HALF)
-    costs = {1: 10.0, 5: 12.0, 49: 40.0}
-    chain = StepCosts(costs, draft_ms=2.0, per_token=False)
-    tree = StepCosts(costs, draft_ms=2.0, per_token=False, verify_query=49.0)
-    assert predicted_speedup(prof, 4, chain) == pytest.approx(prof.acceptance_length(4) / (0.2 + 1.2))
-    assert predicted_speedup(prof, 4, tree) == pytest.approx(prof.acceptance_length(4) / (0.2 + 4.0))
-    assert tree.as_dict()["verify_query"] == 49.0
-
-
-def test_timed_proposer_records_time_size_and_trees():
-    from specdeploy.bench.advisor import TimedProposer
-    from specdeploy.runtime.types import Draft
-
-    class Tree:
-        def reset(self):
-            pass
-
-        def propose(self, ctx, k):
-            return Draft(tokens=torch.tensor([5, 6, 7]), parents=torch.tensor([-1, 0, 0]))
-
-    timed = TimedProposer(Tree())
-    assert timed.propose(None, 4).is_tree and timed.nodes == [3] and timed.tree and len(timed.ms) == 1
+def times_of(ms_by_k: dict[int, float], tasks=("code", "creative_writing"), plain_ms: float = 3.0) -> dict[str, StepTimes]:
+    """Step times of one method (ms per step at each k, the same for every task) and of plain decoding."""
+    K = max(ms_by_k)
+    return {"none": StepTimes({t: plain_ms for t in tasks}, {0: 1.0}),
+            "layerskip": StepTimes({t: ms_by_k[K] for t in tasks}, {k: v / ms_by_k[K] for k, v in ms_by_k.items()})}
 
 
 def test_recommend_picks_k_and_turns_tasks_off():
     low = geometric_stats({0: 10}, 8)  # nothing accepted
     high = geometric_stats({8: 9, 3: 1}, 8)
     measured = {"layerskip": {"code": high, "creative_writing": low}}
-    gpu = {"layerskip": StepCosts({q: 3.0 for q in (1, 2, 3, 5, 9)}, draft_ms=0.3)}  # verify as cheap as one token
+    gpu = times_of({k: 3.0 + 0.3 * k for k in (1, 2, 4, 8)})  # a draft forward costs a tenth of a plain step
     advice = recommend(measured, gpu, [1, 2, 4, 8])
     assert advice.choice("code")[:2] == ("layerskip", 8)
+    best = advice.best("code")
+    assert best.expected_speedup == pytest.approx(Profile.from_stats(high).acceptance_length(8) * 3.0 / 5.4)
     assert advice.choice("creative_writing")[:2] == ("none", 0)
-    # where verifying k + 1 tokens costs k + 1 times one token (a slow CPU), nothing pays
-    cpu = {"layerskip": StepCosts({1: 60.0, 9: 540.0}, draft_ms=15.0)}
+    # where a step at k costs k + 1 plain steps (a slow CPU verifying k + 1 tokens), nothing pays
+    cpu = times_of({k: 3.0 * (k + 1) + 0.3 * k for k in (1, 2, 4, 8)})
     assert recommend(measured, cpu, [1, 2, 4, 8]).choice("code")[:2] == ("none", 0)
     policy = advice.policy()
     assert policy.rule("code").k == 8 and policy.rule("creative_writing").off
     d = policy.to_dict()
     assert d["tasks"]["creative_writing"]["k"] == "off" and d["tasks"]["code"]["expected_speedup"] > 1
+    assert d["step_times"]["layerskip"]["ratio_to_K"]["1"] == pytest.approx(3.3 / 5.4, abs=1e-4)
+
+
+def test_step_times_are_per_task_at_K_scaled_per_k():
+    """A task whose steps cost more (longer prompts, costlier drafts) is charged its own step time."""
+    t = StepTimes({"code": 2.0, "qa": 4.0}, {1: 0.5, 4: 1.0})
+    assert t.ms("code", 4) == 2.0 and t.ms("qa", 1) == 2.0
+    runs = [SpecStats(target_forwards=10, wall_s=0.05), SpecStats(target_forwards=30, wall_s=0.05)]
+    assert step_ms(runs) == pytest.approx(2.5) and step_ms([SpecStats()]) is None
+    prof = geometric_stats({1: 10}, 1)  # acceptance length 2 at k = 1
+    times = {"none": StepTimes({"code": 1.0, "qa": 1.0}, {0: 1.0}), "ngram": t}
+    advice = recommend({"ngram": {"code": prof, "qa": prof}}, times, [1, 4])
+    assert advice.best("code").expected_speedup == pytest.approx(2.0 / 1.0)  # k=1: 2 tokens in 1 ms
+    assert advice.best("qa").expected_speedup == pytest.approx(1.0)  # k=1: 2 tokens in 2 ms
 
 
 def test_what_if_cli(capsys):
@@ -133,84 +129,13 @@ def test_what_if_cli(capsys):
     assert main(["advise", "--what-if", "--alpha", "0.6", "--k", "4"]) == 2  # needs --cost-ratio
 
 
-def test_step_overhead_is_measured_and_enters_the_prediction():
-    prof = Profile(steps=10, reach=(0.5,), drafted=(1.0,))  # acceptance length 1.5 at k=1
-    cost = StepCosts({1: 2.0, 2: 2.0}, draft_ms=0.0, per_token=False)
-    assert predicted_speedup(prof, 1, cost) == pytest.approx(1.5)
-    slow = dataclasses.replace(cost, overhead_ms=1.0)  # 1 ms of host work a step the timings missed
-    assert predicted_speedup(prof, 1, slow) == pytest.approx(1.5 * 2 / 3)
-    assert predicted_speedup(prof, 1, slow, plain_overhead_ms=1.0) == pytest.approx(1.5)  # plain pays it too
-    runs = SpecStats(target_forwards=10, wall_s=0.05)  # 5 ms a step measured, 2 modelled
-    assert step_overhead_ms(runs, 2.0) == pytest.approx(3.0)
-    assert step_overhead_ms(runs, 9.0) == 0.0 and step_overhead_ms(SpecStats(), 2.0) == 0.0
-
-
-def test_tree_costs_are_timed_per_depth():
-    """Every few steps the tree proposer drafts the same context again at each k, timed apart: a
-    shallow tree is charged its own drafting and verify length, not those of the deepest one."""
-    import time as _time
-
-    from specdeploy.bench.advisor import TimedProposer
-    from specdeploy.runtime.types import Draft
-
-    class Tree:  # drafting time and size grow with the depth
-        def reset(self):
-            pass
-
-        def propose(self, ctx, k):
-            _time.sleep(0.002 * k)
-            return Draft(tokens=torch.arange(3 * k), parents=torch.arange(3 * k) - 1)
-
-    timed = TimedProposer(Tree(), ks=(1, 4), every=2)
-    for _ in range(4):
-        assert timed.propose(None, 4).tokens.numel() == 12
-    assert len(timed.ms) == 4 and [len(v) for v in timed.at_ms.values()] == [2, 2] and timed.extra_s > 0.015
-    draft_at, query_at = timed.costs_at(4)
-    assert query_at == {1: 4.0, 4: 13.0} and draft_at[1] < draft_at[4] / 2
-    prof = Profile(steps=10, reach=(0.5, 0.5, 0.5, 0.5), drafted=(1.0,) * 4)
-    cost = StepCosts({1: 2.0, 4: 2.0, 13: 3.0}, draft_ms=draft_at[4], per_token=False, verify_query=13.0,
-                     draft_ms_at=draft_at, verify_query_at=query_at)
-    assert predicted_speedup(prof, 1, cost) == pytest.approx(1.5 * 2.0 / (draft_at[1] + 2.0))
-    assert predicted_speedup(prof, 4, cost) == pytest.approx(3.0 * 2.0 / (draft_at[4] + 3.0))
-    assert cost.as_dict()["verify_query_at"] == {"1": 4.0, "4": 13.0}
-    runs = SpecStats(target_forwards=10, wall_s=0.05)
-    assert step_overhead_ms(runs, 2.0, excluded_s=0.02) == pytest.approx(1.0)  # the re-drafts are not overhead
-
-
-def test_mixed_steps_are_charged_their_mean_cost():
-    """A lookup-first proposer: three near-free lookups for every model tree. The step's drafting
-    cost is the mean of the mix (a quarter of the tree's), not its median (a lookup's)."""
-    import time as _time
-
-    from specdeploy.bench.advisor import TimedProposer
-    from specdeploy.runtime.types import Draft
-
-    class Mixed:
-        calls = 0
-
-        def reset(self):
-            pass
-
-        def propose(self, ctx, k):
-            self.calls += 1
-            if self.calls % 4:
-                return Draft(tokens=torch.arange(k))
-            _time.sleep(0.008)
-            return Draft(tokens=torch.arange(2 * k), parents=torch.arange(2 * k) - 1)
-
-    timed = TimedProposer(Mixed(), ks=(4,), every=4)
-    for _ in range(16):
-        timed.propose(None, 4)
-    draft_at, _ = timed.costs_at(4)
-    assert 1.5 < draft_at[4] < 5.0, draft_at  # ~2 ms (4 trees of 8 ms in 15 steps); the median would be ~0
-
-
 def test_sampled_advice_writes_the_policy_sampled_section():
     greedy_runs = {"ngram": {"code": geometric_stats({8: 9, 3: 1}, 8)}}
     sampled_runs = {"ngram": {"code": geometric_stats({0: 10}, 8)}}  # nothing accepted when sampling
-    costs = {"ngram": StepCosts({q: 3.0 for q in (1, 2, 3, 5, 9)}, draft_ms=0.1, per_token=False)}
-    greedy = recommend(greedy_runs, costs, [1, 2, 4, 8])
-    sampled = dataclasses.replace(recommend(sampled_runs, costs, [1, 2, 4, 8]), temperature=0.7)
+    times = times_of({k: 3.1 for k in (1, 2, 4, 8)}, tasks=("code",))
+    times["ngram"] = times.pop("layerskip")
+    greedy = recommend(greedy_runs, times, [1, 2, 4, 8])
+    sampled = dataclasses.replace(recommend(sampled_runs, times, [1, 2, 4, 8]), temperature=0.7)
     policy = greedy.policy(sampled=sampled)
     assert policy.decide("code").k == 8 and policy.decide("code", 0.7).off
     d = policy.to_dict()
@@ -225,3 +150,46 @@ def test_advise_refuses_bad_temperatures_before_loading(tmp_path, capsys):
                      "--out", str(tmp_path / "p.json")]) == 2, bad
         assert "temperature" in capsys.readouterr().err, bad
     assert not (tmp_path / "p.json").exists()
+
+
+def test_advise_times_every_k_on_the_timing_prompts():
+    """advise() runs each method at K on every prompt and at every other k on one prompt per task;
+    a step's measured time at k (not a model of its parts) prices that k."""
+    from types import SimpleNamespace
+
+    from specdeploy.bench.advisor import advise, timing_prompts
+    from specdeploy.bench.tasks import Prompt
+    from specdeploy.config import SamplingParams
+
+    step_ms_of = {("none", 0): 1.0, **{("tree", k): 1.2 + 0.2 * k for k in (1, 2, 4)}}
+    calls = []
+
+    class Engine:
+        def __init__(self, method, k):
+            self.method, self.k = method, k
+
+        def generate_ids(self, ids, params, task):
+            calls.append((self.method, self.k, task))
+            s, steps = SpecStats(requests=1), 10
+            for _ in range(steps):
+                s.record_step(self.k, self.k if task == "code" else 0)  # code: every draft token accepted
+            s.emitted = steps * (1 + (self.k if task == "code" else 0))
+            s.wall_s = steps * step_ms_of[(self.method, self.k)] / 1e3
+            return SimpleNamespace(stats=s)
+
+    class Backend:
+        def engine(self, method, k):
+            if method == "medusa":
+                raise SpecDeployError("no medusa artifact")
+            return Engine(method, k)
+
+    prompts = [Prompt(t, f"{t} {i}") for t in ("code", "qa") for i in range(3)]
+    assert timing_prompts(prompts) == [0, 3]
+    advice = advise(Backend(), prompts, [[1, 2]] * 6, ["medusa", "tree"], [1, 2, 4],
+                    SamplingParams(temperature=0.0, max_new_tokens=16), min_speedup=1.1)
+    assert advice.notes == ["medusa: skipped (no medusa artifact)"]
+    timed = [c for c in calls if c[2] != "warmup"]
+    assert sum(c[:2] == ("tree", 4) for c in timed) == 6 and sum(c[:2] == ("tree", 1) for c in timed) == 2
+    assert advice.times["tree"].ratio == pytest.approx({1: 1.4 / 2.0, 2: 1.6 / 2.0, 4: 1.0})
+    assert advice.choice("code")[:2] == ("tree", 4) and advice.best("code").expected_speedup == pytest.approx(5 / 2.0)
+    assert advice.choice("qa")[:2] == ("none", 0)  # nothing accepted: every k is slower than plain

@@ -2,23 +2,26 @@
 
 It measures, on this machine and the user's prompts,
 
-1. step costs: the target's verify step at query length 1 and k + 1 (forward + argmax + host
-   copy, what a decoding step pays), one draft-model token, one n-gram lookup; for the head
-   methods (medusa, eagle, multi), their drafting time per step and their trees' mean verify
-   length at each k: the runs of 2 draft at K, and every few steps the same context is drafted
-   again at each k, timed apart (a depth-8 EAGLE tree costs twice a depth-2 one);
-2. acceptance per task, from ONE run per method at the largest k (K), and one plain run;
-3. each method's per-step overhead: the wall time per step of its runs in 2 minus what 1 accounts
-   for (the loop's host work: acceptance, tree bookkeeping, cache compaction, hidden-state
-   appends). Without it the advisor sent code to Medusa expecting 1.45x and measured 0.90x
-   (results/bench at commit fc7fe4f): a tree step's host work is about 1 ms on an H100
-   (results/gpu/README.md).
+1. acceptance per task, from ONE run per method at the largest k (K) over every prompt, and one
+   plain run: their wall time per decoding step (prefill included, as users feel it) is each
+   method's step time per task at K;
+2. the step time at every other k, relative to K: each method runs again at k on one prompt per
+   task (the timing prompts), and the ratio of its milliseconds per step there to those of the same
+   prompts in the run at K scales the step time at K.
 
-Predicting any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding steps whose
-first i + 1 draft tokens were all accepted (`SpecStats.accepted_at[i] / target_forwards`) and
-``drafted[i]`` = fraction of steps whose draft had at least i + 1 tokens. A draft of k tokens
-is the first k tokens of the draft of K tokens (draft models and n-gram lookup both extend
-their draft token by token), so at k:
+Step times are measured whole, not assembled from timed parts. The parts (drafting synced on
+its own, verify at the query length, a per-step overhead) mispriced the methods in opposite
+directions on an H200: on code they put an EAGLE k=4 step at 2.16 plain steps (the bench measured
+1.79) and a lookup-first multi k=8 step at 1.71 (measured 2.05), so the advised policy ran 1.65x
+over the tasks where eagle k=4 alone ran 1.76x (results/bench_history/ee55983: log.txt's advisor
+tables against bench.json). Syncing after each draft, which timing it apart needs, also stops the
+GPU drafting while the host works: a likely part of EAGLE's overcharge.
+
+Predicting acceptance at any k <= K from the run at K. Let ``reach[i]`` = fraction of decoding
+steps whose first i + 1 draft tokens were all accepted (`SpecStats.accepted_at[i] /
+target_forwards`) and ``drafted[i]`` = fraction of steps whose draft had at least i + 1 tokens.
+A draft of k tokens is the first k tokens of the draft of K tokens (draft models and n-gram
+lookup both extend their draft token by token), so at k:
 
     acceptance length  L(k) = 1 + sum(reach[:k])           (tokens per target forward)
     α(k)                    = sum(reach[:k]) / sum(drafted[:k])
@@ -26,24 +29,18 @@ their draft token by token), so at k:
 
 (assumption: the mix of contexts the steps see does not depend on k; exact for greedy output,
 which is the same for every k). With i.i.d. acceptance of rate α, reach[i] = α^(i+1) and
-L(k) = (1 − α^(k+1)) / (1 − α).
+L(k) = (1 − α^(k+1)) / (1 − α). A token tree cut at depth k (Medusa) is the depth-k tree; an
+EAGLE-2 depth-k tree holds at least the depth-<=k nodes of the depth-K tree of the same size,
+so L(k) from the run at K is exact for Medusa and a lower bound for EAGLE (greedy).
 
-Expected speedup over plain decoding (same runner): tokens per step over time per step, in
-units of a plain step,
+Expected speedup over plain decoding of a task: tokens per step over time per step, in units of
+a plain step, S(k) = L(k) · t_plain / t_method(k).
 
-    S(k) = L(k) · (T_target(1) + o_plain) / (draft cost of a step + T_target(q(k)) + o_method)
-
-with o the per-step overheads of 3 (0 when not measured, as in the textbook formula below).
-
-A draft model pays k forwards a step: draft cost / T_target(1) = k·c, c = T_draft(1) /
-T_target(1); an n-gram lookup pays c once a step. With T_target(k + 1) = T_target(1) (verify
-as cheap as one token, memory-bound hardware) and i.i.d. acceptance this is the textbook
-(1 − α^(k+1)) / ((1 − α)(1 + k·c)); on a CPU the verify step of k + 1 tokens costs more than
-one token, which the measured ratio v(k) = T_target(k + 1) / T_target(1) accounts for.
-
-A token tree cut at depth k (Medusa) is the depth-k tree; an EAGLE-2 depth-k tree holds at
-least the depth-<=k nodes of the depth-K tree of the same size, so L(k) from the run at K is
-exact for Medusa and a lower bound for EAGLE (greedy).
+The textbook formula, for "what if" questions and the bench's check against measurement: a
+draft model pays k forwards a step, c = T_draft(1) / T_target(1), and with T_target(k + 1) =
+T_target(1) (verify as cheap as one token) and i.i.d. acceptance S = (1 − α^(k+1)) / ((1 −
+α)(1 + k·c)); v(k) = T_target(k + 1) / T_target(1) generalises it where verifying k + 1 tokens
+costs more (a CPU), and an n-gram lookup pays c once a step (`StepCosts`, `predicted_speedup`).
 
 Recommendation per task: the (method, k) of highest S; "off" when even that is below
 `min_speedup` (1.0 by default). Acceptance depends on the temperature, so the advice is per
@@ -126,19 +123,12 @@ class Profile:
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Measured milliseconds: the target's verify step by query length, and one draft unit."""
+    """Measured milliseconds of the textbook model's parts: the target's verify step by query
+    length, and one draft unit (a draft-model forward, or an n-gram lookup)."""
 
     target_ms: dict[int, float]  # {query length: ms}, 1 included
-    draft_ms: float = 0.0  # one draft-model forward (per_token) or one lookup / head draft (per step)
-    per_token: bool = True
-    # token trees (medusa, eagle, multi): the mean verify length measured in the runs at K, used
-    # for every k (a shallower tree verifies fewer nodes: conservative), as the depth-based q(k)
-    # of a tree would count one node per depth
-    verify_query: float | None = None
-    overhead_ms: float = 0.0  # per-step wall time the parts above miss, measured in the runs at K
-    # token trees: drafting ms and mean verify length per depth k, where timed (else draft_ms, verify_query)
-    draft_ms_at: dict[int, float] = field(default_factory=dict)
-    verify_query_at: dict[int, float] = field(default_factory=dict)
+    draft_ms: float = 0.0
+    per_token: bool = True  # a draft model pays draft_ms per drafted token, a lookup once a step
 
     def target(self, q: float) -> float:
         """Linear interpolation between measured query lengths (clamped at the ends)."""
@@ -155,51 +145,23 @@ class StepCosts:
         """Cost ratio: draft unit / target step at query length 1."""
         return self.draft_ms / self.target_ms[1]
 
-    def query(self, profile: "Profile", k: int) -> float:
-        """The verify step's query length at k: the tree's measured one at k (or at K), or the profile's."""
-        if k in self.verify_query_at:
-            return self.verify_query_at[k]
-        return self.verify_query if self.verify_query is not None else profile.query_length(k)
-
-    def verify_ratio(self, q: float) -> float:
-        return self.target(q) / self.target_ms[1]
-
     def as_dict(self) -> dict:
-        out = {"target_ms": {str(q): round(t, 4) for q, t in sorted(self.target_ms.items())},
-               "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
-        if self.verify_query is not None:
-            out["verify_query"] = round(self.verify_query, 2)
-        if self.draft_ms_at:
-            out["draft_ms_at"] = {str(k): round(v, 4) for k, v in sorted(self.draft_ms_at.items())}
-            out["verify_query_at"] = {str(k): round(v, 2) for k, v in sorted(self.verify_query_at.items())}
-        if self.overhead_ms:
-            out["overhead_ms"] = round(self.overhead_ms, 4)
-        return out
+        return {"target_ms": {str(q): round(t, 4) for q, t in sorted(self.target_ms.items())},
+                "draft_ms": round(self.draft_ms, 4), "per_token": self.per_token, "c": round(self.c, 4)}
 
     def modelled_step_ms(self, profile: "Profile", k: int) -> float:
-        """Drafting + verify of one step at k, from the component timings (no overhead)."""
-        draft = self.draft_ms * sum(profile.drafted[:k]) if self.per_token else self.draft_ms_at.get(k, self.draft_ms)
-        return draft + self.target(self.query(profile, k))
+        """Drafting + verify of one step at k."""
+        draft = self.draft_ms * sum(profile.drafted[:k]) if self.per_token else self.draft_ms
+        return draft + self.target(profile.query_length(k))
 
 
-def predicted_speedup(profile: Profile, k: int, costs: StepCosts, plain_overhead_ms: float = 0.0) -> float:
-    """S(k) from a measured acceptance profile (k <= profile.max_k) and measured costs (module docstring);
-    `plain_overhead_ms`: plain decoding's own per-step overhead."""
+def predicted_speedup(profile: Profile, k: int, costs: StepCosts) -> float:
+    """The textbook model's S(k) from a measured acceptance profile (k <= profile.max_k) and measured parts."""
     if k == 0:
         return 1.0
     if k > profile.max_k:
         raise SpecDeployError(f"cannot predict k={k} from a run at k={profile.max_k}")
-    plain = costs.target_ms[1] + plain_overhead_ms
-    return profile.acceptance_length(k) * plain / (costs.modelled_step_ms(profile, k) + costs.overhead_ms)
-
-
-def step_overhead_ms(stats: SpecStats, modelled_ms: float, excluded_s: float = 0.0) -> float:
-    """Wall milliseconds per step of measured runs beyond the modelled step time (never negative).
-    The runs' wall time includes their prefills, a small share over a generation of many steps;
-    `excluded_s`: time inside it that was not decoding (TimedProposer's extra drafts)."""
-    if not stats.target_forwards:
-        return 0.0
-    return max(0.0, 1e3 * (stats.wall_s - excluded_s) / stats.target_forwards - modelled_ms)
+    return profile.acceptance_length(k) * costs.target_ms[1] / costs.modelled_step_ms(profile, k)
 
 
 # ---- measuring costs -----------------------------------------------------------------------
@@ -250,72 +212,26 @@ def measure_costs(target_runner, ks: Sequence[int], context: list[int], draft_ru
     return out
 
 
-def _steady_mean(ms: Sequence[float]) -> float:
-    """Mean of timings after the first (a first call may compile kernels or fill caches)."""
-    return statistics.fmean(ms[1:] if len(ms) > 1 else ms)
+def step_ms(stats: Sequence[SpecStats]) -> float | None:
+    """Wall milliseconds per decoding step over some requests (None before any step)."""
+    steps = sum(s.target_forwards for s in stats)
+    return 1e3 * sum(s.wall_s for s in stats) / steps if steps else None
 
 
-def _done(draft):
-    """The draft, once the device work behind it is done (a draft left on the device is still being made)."""
-    if draft.tokens.is_cuda:
-        torch.cuda.synchronize(draft.tokens.device)
-    return draft
+@dataclass(frozen=True)
+class StepTimes:
+    """A method's measured wall milliseconds per decoding step: per task in the run at K, and at
+    every k relative to K (the same timing prompts run at k and at K)."""
 
+    at_K: dict[str, float]  # task -> ms per step
+    ratio: dict[int, float]  # k -> ms per step at k / at K; K -> 1
 
-class TimedProposer:
-    """A proposer wrapper recording each draft's wall time (up to the end of the device's work
-    behind it) and size; `tree` tells whether any draft was a tree.
+    def ms(self, task: str, k: int) -> float:
+        return self.at_K[task] * self.ratio[k]
 
-    With `ks`, every `every`-th step also drafts the same context again at each of them, timed
-    apart (`at_ms`, `at_nodes`; their total in `extra_s`); the step's own draft is returned.
-    Re-drafting one context is harmless for the head proposers: their state only follows the
-    committed tokens, which the first call of a step has already synced.
-    """
-
-    def __init__(self, inner, ks: Sequence[int] = (), every: int = 4) -> None:
-        self.inner = inner
-        self.needs_hidden = getattr(inner, "needs_hidden", False)
-        self.ks, self.every = tuple(ks), every
-        self.ms: list[float] = []
-        self.nodes: list[int] = []
-        self.at_ms: dict[int, list[float]] = {k: [] for k in self.ks}
-        self.at_nodes: dict[int, list[int]] = {k: [] for k in self.ks}
-        self.extra_s = 0.0
-        self.tree = False
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def propose(self, ctx, k: int):
-        t = time.perf_counter()
-        draft = _done(self.inner.propose(ctx, k))
-        self.ms.append((time.perf_counter() - t) * 1e3)
-        self.nodes.append(int(draft.tokens.numel()))
-        self.tree = self.tree or draft.is_tree
-        if self.ks and len(self.ms) % self.every == 0:
-            start = time.perf_counter()
-            for kk in self.ks:
-                t = time.perf_counter()
-                n = int(_done(self.inner.propose(ctx, kk)).tokens.numel())
-                self.at_ms[kk].append((time.perf_counter() - t) * 1e3)
-                self.at_nodes[kk].append(n)
-            self.extra_s += time.perf_counter() - start
-        return draft
-
-    def mean_ms(self) -> float:
-        """Mean drafting ms per step (0 before any)."""
-        return _steady_mean(self.ms) if self.ms else 0.0
-
-    def costs_at(self, K: int) -> tuple[dict[int, float], dict[int, float]]:
-        """({k: drafting ms}, {k: verify query length}) per k: the step's own mean at K, shifted by
-        the re-drafts' difference between k and K (the step's own draft also syncs new tokens).
-        Means, not medians: a lookup-first proposer's steps are a mix of near-free lookups and model
-        drafts, and a step's expected cost is their mean (the median is whichever kind is commoner)."""
-        if not self.ms or not all(self.at_ms.values()) or K not in self.at_ms:
-            return {}, {}
-        base = self.mean_ms() - _steady_mean(self.at_ms[K])
-        draft = {k: max(0.0, base + _steady_mean(v)) for k, v in self.at_ms.items()}
-        return draft, {k: 1.0 + statistics.fmean(v) for k, v in self.at_nodes.items()}
+    def as_dict(self) -> dict:
+        return {"ms_per_step_at_K": {t: round(v, 4) for t, v in self.at_K.items()},
+                "ratio_to_K": {str(k): round(v, 4) for k, v in sorted(self.ratio.items())}}
 
 
 # ---- recommendations -----------------------------------------------------------------------
@@ -326,20 +242,19 @@ class Option:
     k: int
     alpha: float | None  # α(k), predicted from the run at K
     acceptance_length: float  # L(k)
-    c: float
-    verify_ratio: float
+    step_ms: float  # a step at k
+    plain_ms: float  # a plain step
     expected_speedup: float
 
 
 @dataclass
 class Advice:
     options: list[Option]  # every (task, method, k) considered
-    costs: dict[str, StepCosts]
+    times: dict[str, StepTimes]  # "none" (plain decoding) and each method
     measured: dict[str, dict[str, SpecStats]]  # method -> task -> stats of the run at K
     min_speedup: float = 1.0
     notes: list[str] = field(default_factory=list)
-    temperature: float = 0.0  # the sampling temperature the acceptance was measured at
-    step_costs: dict[str, StepCosts] = field(default_factory=dict)  # measure_costs's timings, before the runs
+    temperature: float = 0.0  # the sampling temperature the acceptance and times were measured at
 
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(o.task for o in self.options))
@@ -362,20 +277,18 @@ class Advice:
 
         tasks, default, extra = self._rules()
         ks = sorted({o.k for o in self.options})
-        extra.update({"costs": {m: c.as_dict() for m, c in self.costs.items()}, "min_speedup": self.min_speedup,
-                      "temperature": self.temperature,
-                      "advisor": "specdeploy advise: speedup predicted from acceptance per position and measured step costs"})
+        extra.update({"advisor": "specdeploy advise: speedup predicted from acceptance per position and measured step times",
+                      "min_speedup": self.min_speedup})
         rules = None
         if sampled is not None:
             s_tasks, s_default, s_extra = sampled._rules()
-            s_extra.update({"temperature": sampled.temperature, "costs": {m: c.as_dict() for m, c in sampled.costs.items()}})
             rules, extra["sampled"] = (s_tasks, s_default), s_extra
         # the switch guards each request: per-task advice comes from a few prompts, and prompts of one task differ
         return Policy(tasks, default, Adaptation(enabled=adaptive, min_k=min(ks), max_k=max(ks)), extra, rules,
                       switch="auto")
 
     def _rules(self):
-        """(tasks, default, {"tasks": evidence}) of this advice."""
+        """(tasks, default, {"tasks": evidence, "temperature", "step_times"}) of this advice."""
         from specdeploy.runtime.policy import TaskRule
 
         tasks, evidence = {}, {}
@@ -384,21 +297,23 @@ class Advice:
             tasks[t] = TaskRule(method, k)
             evidence[t] = {"expected_speedup": None if b is None else round(b.expected_speedup if k else 1.0, 3),
                            "best_option": None if b is None else {"method": b.method, "k": b.k, "expected_speedup": round(b.expected_speedup, 3),
-                                                                  "alpha": _r(b.alpha), "acceptance_length": round(b.acceptance_length, 3)}}
+                                                                  "alpha": _r(b.alpha), "acceptance_length": round(b.acceptance_length, 3),
+                                                                  "step_ms": round(b.step_ms, 4), "plain_ms": round(b.plain_ms, 4)}}
         # default for unseen tasks: the (method, k) with the best mean expected speedup over tasks
         pool: dict[tuple[str, int], list[float]] = {}
         for o in self.options:
             pool.setdefault((o.method, o.k), []).append(o.expected_speedup)
         (dm, dk), scores = max(pool.items(), key=lambda kv: statistics.mean(kv[1]), default=(("none", 0), [1.0]))
         default = TaskRule(dm, dk) if statistics.mean(scores) >= self.min_speedup else TaskRule("none", 0)
-        return tasks, default, {"tasks": evidence}
+        return tasks, default, {"tasks": evidence, "temperature": self.temperature,
+                                "step_times": {m: t.as_dict() for m, t in self.times.items()}}
 
     def table(self, title: str = "advisor: expected speedup per task (best k per method)"):
         from rich.table import Table
 
         table = Table(title=title)
-        for col in ("task", "method", "α at K", "acc. len at K", "c", "best k", "v(k)", "overhead ms", "expected speedup",
-                    "decision"):
+        for col in ("task", "method", "α at K", "acc. len at K", "best k", "acc. len at k", "ms/step at k",
+                    "plain ms/step", "expected speedup", "decision"):
             table.add_column(col, justify="left" if col in ("task", "method", "decision") else "right")
         for t in self.tasks():
             method, k, _ = self.choice(t)
@@ -409,35 +324,32 @@ class Advice:
                 at_k = max(opts, key=lambda o: o.k)
                 chosen = method == m and k == top.k
                 decision = ("→ " + (f"{m} k={k}" if k else "off")) if (chosen or (k == 0 and i == 0)) else ""
-                table.add_row(t if i == 0 else "", m, _f(at_k.alpha), f"{at_k.acceptance_length:.2f}", f"{top.c:.3f}",
-                              str(top.k), f"{top.verify_ratio:.2f}", f"{self.costs[m].overhead_ms:.2f}",
-                              f"{top.expected_speedup:.2f}x", decision,
-                              end_section=i == len(methods) - 1)
+                table.add_row(t if i == 0 else "", m, _f(at_k.alpha), f"{at_k.acceptance_length:.2f}", str(top.k),
+                              f"{top.acceptance_length:.2f}", f"{top.step_ms:.3f}", f"{top.plain_ms:.3f}",
+                              f"{top.expected_speedup:.2f}x", decision, end_section=i == len(methods) - 1)
         return table
 
 
-def recommend(measured: dict[str, dict[str, SpecStats]], costs: dict[str, StepCosts], ks: Sequence[int],
+def recommend(measured: dict[str, dict[str, SpecStats]], times: dict[str, StepTimes], ks: Sequence[int],
               min_speedup: float = 1.0) -> Advice:
-    """Options for every task × method × k from the runs at K = max(ks), and the advice built on them.
-    A measured "none" is the baseline (its overhead enters every prediction), not an option."""
+    """Options for every task × method × k from the runs at K = max(ks) and the measured step
+    times ("none": plain decoding, the baseline, not an option), and the advice built on them."""
     options = []
-    plain_overhead = costs["none"].overhead_ms if "none" in costs else 0.0
+    plain = times["none"]
     for method, by_task in measured.items():
         if method == "none":
             continue
-        cost = costs[method]
         for task, stats in by_task.items():
             prof = Profile.from_stats(stats)
             for k in sorted(ks):
-                if k > prof.max_k and prof.max_k > 0:
-                    continue
-                if prof.max_k == 0:  # nothing was ever drafted: no gain, only cost
-                    options.append(Option(task, method, k, None, 1.0, cost.c, 1.0, 1.0 / (1.0 + (k * cost.c if cost.per_token else cost.c))))
-                    continue
-                options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), cost.c,
-                                      cost.verify_ratio(cost.query(prof, k)),
-                                      predicted_speedup(prof, k, cost, plain_overhead)))
-    return Advice(options, costs, measured, min_speedup)
+                if k > prof.max_k > 0 or k not in times[method].ratio:
+                    continue  # cannot predict a deeper draft than was run (max_k 0: nothing drafted, L = 1)
+                t, p = times[method].ms(task, k), plain.ms(task, 0)
+                if t <= 0 or p <= 0:
+                    continue  # no decoding step timed (every request ended at its first token)
+                options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), t, p,
+                                      prof.acceptance_length(k) * p / t))
+    return Advice(options, times, measured, min_speedup)
 
 
 def _r(x: float | None) -> float | None:
@@ -449,16 +361,22 @@ def _f(x: float | None) -> str:
 
 
 # ---- running it ----------------------------------------------------------------------------
+def timing_prompts(prompts) -> list[int]:
+    """Indices of the first prompt of each task: the prompts every method runs again at each k."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p.task, i)
+    return list(first.values())
+
+
 def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], ks: Sequence[int], params,
-           min_speedup: float = 1.0, progress=None, reps: int | None = None,
-           step_costs: dict[str, StepCosts] | None = None) -> Advice:
-    """Measure costs and acceptance on `backend` (see bench.backend.Backend) and recommend per task.
-    `step_costs`: `measure_costs`'s timings from an earlier call (they do not depend on the
-    temperature), measured here when None; the advice keeps them as `step_costs`."""
+           min_speedup: float = 1.0, progress=None) -> Advice:
+    """Measure acceptance and step times on `backend` (see bench.backend.Backend) and recommend per task."""
     from specdeploy.runtime.stats import TaskStats
 
     K = max(ks)
-    notes, measured, totals, engines = [], {}, {}, {"none": backend.engine("none", 0)}  # plain: the baseline's overhead
+    notes: list[str] = []
+    engines = {"none": backend.engine("none", 0)}  # plain decoding: the baseline's step time
     for m in methods:
         if m == "none":
             continue
@@ -468,40 +386,35 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             notes.append(f"{m}: skipped ({e})")
     if len(engines) == 1:
         raise SpecDeployError("no method to advise on: " + "; ".join(notes))
-    reps = reps or (20 if backend.device.startswith("cuda") else 3)
-    context = max(encoded, key=len)
-    if step_costs is None:
-        draft_runners = {m: backend.draft_runner(m) for m in engines if m in DRAFT_MODEL_METHODS}
-        step_costs = measure_costs(backend.runner(), ks, context, {m: r for m, r in draft_runners.items() if r is not None},
-                                   ngram=engines["ngram"].proposer if "ngram" in engines else None, reps=reps)
-    costs = dict(step_costs)
-    timed = {m: TimedProposer(e.proposer, ks) for m, e in engines.items() if m not in costs}  # medusa / eagle / multi
-    for m, engine in engines.items():
-        if m in timed:
-            engine.proposer = timed[m]
-        stats = TaskStats()
-        for p, ids in zip(prompts, encoded):
-            stats.add(p.task, engine.generate_ids(ids, params, p.task).stats)
+    timing = timing_prompts(prompts)
+    warmup = dataclasses.replace(params, max_new_tokens=4)
+
+    def run(engine, idx: Sequence[int]) -> list[SpecStats]:
+        engine.generate_ids(encoded[idx[0]], warmup, "warmup")  # first-call allocations and graph captures
+        out = []
+        for i in idx:
+            out.append(engine.generate_ids(encoded[i], params, prompts[i].task).stats)
             if progress:
                 progress()
-        measured[m], totals[m] = stats.by_task, stats.total()
-    for m, t in timed.items():  # their drafting and tree verify cost, as measured in those runs
-        q = 1.0 + statistics.fmean(t.nodes) if t.nodes else 1.0
-        draft_at, query_at = t.costs_at(K) if t.tree else ({}, {})
-        target = dict(costs["none"].target_ms)
-        for qi in sorted({max(1, round(x)) for x in (q, *query_at.values())}):
-            if qi not in target:  # monotone in the query length, as measure_costs keeps it
-                below = max((ms for q0, ms in target.items() if q0 < qi), default=0.0)
-                target[qi] = max(runner_step_ms(backend.runner(True), context, qi, reps), below)
-        costs[m] = StepCosts(target, t.mean_ms(), per_token=False,
-                             verify_query=q if t.tree else None, draft_ms_at=draft_at, verify_query_at=query_at)
-    for m, total in totals.items():  # what the component timings miss, from the runs' wall time
-        modelled = costs[m].modelled_step_ms(Profile.from_stats(total), K)  # plain: T_target(1)
-        extra = timed[m].extra_s if m in timed else 0.0
-        costs[m] = dataclasses.replace(costs[m], overhead_ms=step_overhead_ms(total, modelled, extra))
-    advice = recommend(measured, costs, ks, min_speedup)
+        return out
+
+    measured, times = {}, {}
+    for m, engine in engines.items():
+        stats = run(engine, range(len(prompts)))
+        by_task = TaskStats()
+        for p, s in zip(prompts, stats):
+            by_task.add(p.task, s)
+        measured[m] = by_task.by_task
+        ratio = {K if m != "none" else 0: 1.0}
+        base = step_ms([stats[i] for i in timing])
+        for k in (k for k in sorted(set(ks)) if k != K and m != "none"):
+            ms = step_ms(run(backend.engine(m, k), timing))
+            if ms is not None and base:
+                ratio[k] = ms / base
+        times[m] = StepTimes({t: step_ms([s]) or 0.0 for t, s in measured[m].items()}, ratio)
+    advice = recommend(measured, times, ks, min_speedup)
     advice.notes.extend(notes)
-    advice.temperature, advice.step_costs = params.temperature, step_costs
+    advice.temperature = params.temperature
     return advice
 
 
@@ -513,10 +426,9 @@ def advise_temperatures(backend, prompts, encoded: list[list[int]], methods: Seq
     from specdeploy.config import SamplingParams
 
     advices: list[Advice] = []
-    for t in check_temperatures(temperatures):  # the step timings once: they do not depend on t
+    for t in check_temperatures(temperatures):  # step times too: a sampled verify costs more than a greedy one
         params = SamplingParams(temperature=t, max_new_tokens=max_new_tokens, seed=0 if t > 0 else None)
-        advices.append(advise(backend, prompts, encoded, methods, ks, params, min_speedup, progress,
-                              step_costs=advices[0].step_costs if advices else None))
+        advices.append(advise(backend, prompts, encoded, methods, ks, params, min_speedup, progress))
     sampled = advices[1] if len(advices) == 2 else None
     return advices[0].policy(adaptive=adaptive, sampled=sampled), advices
 
@@ -571,17 +483,14 @@ def cmd_advise(args: argparse.Namespace) -> int:
                            max_new_tokens=args.max_new_tokens, max_k=max(ks))
     encoded = encode_all(backend, prompts, args.max_new_tokens)
     with progress_bar() as bar:
-        runs = len({"none", *methods}) * len(set(temps))  # plain decoding runs too: the baseline's overhead
-        task = bar.add_task("advise: measuring α at k=%d" % max(ks), total=runs * len(prompts))
+        spec = len(set(methods) - {"none"})  # each at K on every prompt, at every other k on the timing prompts
+        per_t = (spec + 1) * len(prompts) + spec * (len(set(ks)) - 1) * len(timing_prompts(prompts))
+        task = bar.add_task("advise: measuring α at k=%d and step times" % max(ks), total=per_t * len(set(temps)))
         policy, advices = advise_temperatures(backend, prompts, encoded, methods, ks, temps, args.max_new_tokens,
                                               args.min_speedup, args.adaptive, lambda: bar.advance(task))
     for advice in advices:
         for n in advice.notes:
             console.print(f"[yellow]note:[/] {n}")
-        costs = "; ".join(f"{m}: {c.draft_ms:.3f} ms (c={c.c:.3f})" for m, c in advice.costs.items() if m != "none")
-        costs += f"; plain decoding's per-step overhead: {advice.costs['none'].overhead_ms:.2f} ms"
-        tm = advice.costs["none"].target_ms
-        console.print("target verify step: " + ", ".join(f"q={q}: {t:.2f} ms" for q, t in sorted(tm.items())) + f"; draft: {costs}")
         console.print(advice.table(f"advisor at temperature {advice.temperature:g}: expected speedup per task (best k per method)"))
     policy.save(args.out)
     console.print(f"wrote {args.out} (default for other tasks: {policy.default.as_dict()}"

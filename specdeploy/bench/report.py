@@ -217,9 +217,17 @@ def _policy(result: dict) -> list[str]:
     if not pol:
         return []
     out = ["## The advisor's policy used by the `policy` rows", "",
-           f"advised on: {pol.get('advised_on', 'a given policy file')}; default for other tasks: {pol['default']}", ""]
-    body = [[t, r["method"], str(r["k"]), _x(r.get("expected_speedup"))] for t, r in pol["tasks"].items()]
-    return out + _table(["task", "method", "k", "expected speedup"], body)
+           f"advised on: {pol.get('advised_on', 'a given policy file')}; default for other tasks: {pol['default']}. "
+           "Measured: the policy row's speedup over its paired plain pass on the bench's prompts.", ""]
+    sections = [(pol.get("temperature", 0.0), pol)] + ([(pol["sampled"].get("temperature"), pol["sampled"])] if pol.get("sampled") else [])
+    body = []
+    for temp, sec in sections:
+        for t, r in sec["tasks"].items():
+            row = next((x for x in result["rows"] if x["method"] == "policy" and x["task"] == t and x["batch"] == 1
+                        and (temp is None or x["temperature"] == temp)), None)
+            body.append([t, "-" if temp is None else f"{temp:g}", r["method"], str(r["k"]), _x(r.get("expected_speedup")),
+                         _x(row["speedup_vs_plain"]) if row else "-"])
+    return out + _table(["task", "T", "method", "k", "expected speedup", "measured"], body)
 
 
 def _all_rows(result: dict) -> list[str]:
