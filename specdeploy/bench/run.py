@@ -547,7 +547,7 @@ def _policy_run(bench: "Bench", backend: Backend, box: dict, available: list[str
 
 
 def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], console):
-    """--policy FILE, or the advisor's policy measured on held-out prompts (the ones after the bench's)."""
+    """--policy FILE, or the advisor's policy measured on held-out prompts (every prompt of a task after the bench's)."""
     from specdeploy.bench import advisor
     from specdeploy.runtime.policy import Policy
 
@@ -556,7 +556,7 @@ def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], con
     if not methods:
         raise SpecDeployError("method 'policy' needs at least one speculative method to advise on")
     try:
-        held = select_prompts(args.prompts, args.prompts_per_task or 0, skip=args.prompts_per_task) if args.prompts_per_task else []
+        held = select_prompts(args.prompts, 0, skip=args.prompts_per_task) if args.prompts_per_task else []  # all the rest
     except SpecDeployError:
         held = []
     note = "held-out prompts"
