@@ -1,6 +1,6 @@
 """Greedy speculative output equals the target's own greedy `generate`, token for token (fp32, CPU).
 
-Every method and k in {1, 2, 4, 8}, on 20+ prompts of varied tasks; some end on EOS,
+Every chain method, k in {1, 2, 4, 8} across them, on 20+ prompts of varied tasks; some end on EOS,
 some are cut by max_new_tokens (the reference set is checked to contain both).
 """
 from __future__ import annotations
@@ -67,17 +67,18 @@ def _check(engine: SpecEngine, reference) -> None:
     assert_matches_reference(engine, reference, PROMPTS, MAX_NEW)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
-@pytest.mark.parametrize("method", ["ngram", "layerskip"])
+# k in {1, 2, 4, 8} across the methods: the loop's budget and rollback do not depend on the
+# proposer, and ngram, layerskip and draft differ in where the draft comes from, not in k
+@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 8), ("layerskip", 2), ("layerskip", 8)])
 def test_greedy_equals_target_generate(smollm2, reference, method, k):
     # a 2-layer layerskip draft keeps CI fast; the default depth is covered by the CLI tests
     _check(SpecEngine(smollm2, SpecConfig(method=method, k=k, layerskip_layers=2)), reference)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4, 8])
-def test_greedy_draft_model_equals_target_generate(smollm2, reference, draft_dir, k):
+def test_greedy_draft_model_equals_target_generate(smollm2, reference, draft_dir):
+    """A draft model loaded from its own directory (as a user's HF checkpoint is)."""
     draft = load_model(draft_dir, dtype=torch.float32)
-    _check(SpecEngine(smollm2, SpecConfig(method="draft", k=k), draft=draft), reference)
+    _check(SpecEngine(smollm2, SpecConfig(method="draft", k=4), draft=draft), reference)
 
 
 def test_plain_decoding_equals_target_generate(smollm2, reference):
