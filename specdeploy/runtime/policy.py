@@ -39,10 +39,10 @@ Online adaptation (``"adaptive": {"enabled": true}``), per task, from the reques
 With ``"switch": "auto"``, a task whose request the switch decoded mostly plain (at least
 ``SWITCH_OFF_SHARE`` of its steps) is routed to plain decoding from its next request, and probed
 every ``probe_every``-th request like an adaptively turned-off task (a probe the switch keeps on
-turns it back on). A step switched off inside a speculating request costs more than a plain one
-(the runner returns hidden states, the switch times every step): on an H200 the policy ran
-translation at T=0.7 at 0.92x of plain with 91% of its steps switched off
-(results/bench_history/d6c8652).
+turns it back on). A request whose switch stays off still runs the speculating engine (a runner
+that returns hidden states, the bursts that probe, the switch's bookkeeping): on an H200 the
+policy ran translation at T=0.7 at 0.92x of plain with 91% of its steps switched off
+(results/bench, commit b8df729).
 
 Every decision is a `Decision` (task, method, k, reason, sampled); `summary()` counts them per
 task (sampled requests under "TASK (sampled)" when the policy has a sampled section).
