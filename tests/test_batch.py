@@ -136,13 +136,13 @@ def test_the_drafts_catch_up_is_timed_with_the_spec_step_that_needs_it(monkeypat
 
     def slow_catchup(kv):
         fn = real_catchup(kv)
-        return lambda: (time.sleep(0.05), fn())
+        return lambda: (time.sleep(0.2), fn())  # far above a tiny model's plain step, even on a loaded CPU
 
     monkeypatch.setattr(eng, "_catchup_fn", slow_catchup)
     eng.run([BatchRequest(p, 30) for p in _prompts(2, seed=3)])
     after_plain = [sec for (spec, sec), (prev, _) in zip(times[1:], times) if spec and not prev]
-    assert after_plain and min(after_plain) >= 0.05
-    assert all(sec < 0.05 for spec, sec in times if not spec)
+    assert after_plain and min(after_plain) >= 0.2
+    assert all(sec < 0.2 for spec, sec in times if not spec)
 
 
 def test_batch_rejects_overlong_requests():

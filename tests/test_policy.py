@@ -81,33 +81,6 @@ def test_policy_task_marked_off_is_probed_when_adaptive():
     assert [p.decide("chat").k for _ in range(4)] == [0, 4, 0, 4]
 
 
-def test_a_task_the_switch_keeps_off_is_routed_to_plain_decoding():
-    """switch "auto": a request whose steps the switch mostly decoded plain turns its task off (plain
-    decoding, no draft) from the next request; every probe_every-th request probes, and a probe the
-    switch keeps speculating turns the task back on. Other tasks, and "switch": "on", are untouched."""
-    p = Policy({"code": TaskRule("ngram", 4), "qa": TaskRule("ngram", 4)}, adaptive=Adaptation(probe_every=3),
-               switch="auto")
-    d = p.decide("code")
-    assert (d.k, d.switch) == (4, "auto")
-    mostly_off = stats_of(4, [0] * 10)
-    mostly_off.switched_off = 8
-    p.observe(d, mostly_off)
-    p.observe(p.decide("qa"), stats_of(4, [0] * 10))  # speculated throughout (switched_off 0): stays on
-    decisions = [p.decide("code") for _ in range(3)]
-    assert [(d.k, d.reason) for d in decisions] == [(0, "off"), (0, "off"), (4, "probe")] and p.decide("qa").k == 4
-    p.observe(decisions[-1], mostly_off)  # the probe's switch stayed off: the task stays off
-    decisions = [p.decide("code") for _ in range(3)]
-    assert [d.k for d in decisions] == [0, 0, 4]
-    paying = stats_of(4, [3] * 10)
-    paying.switched_off = 2
-    p.observe(decisions[-1], paying)
-    assert (p.decide("code").k, p.decide("code").reason) == (4, "adapted")
-    assert p.summary()["code"]["changes"] == ["off (switch)", "on"]
-    static = Policy({"code": TaskRule("ngram", 4)}, adaptive=Adaptation(probe_every=3))  # switch "on"
-    static.observe(static.decide("code"), mostly_off)
-    assert static.decide("code").k == 4
-
-
 @pytest.fixture(scope="module")
 def engines(smollm2):
     plain = SpecEngine(smollm2, SpecConfig(method="none"))

@@ -36,14 +36,6 @@ Online adaptation (``"adaptive": {"enabled": true}``), per task, from the reques
   turns it back on if that probe's α reaches ``off_below``. A task the policy file marks
   off is probed the same way when adaptation is on.
 
-With ``"switch": "auto"``, a task whose request the switch decoded mostly plain (at least
-``SWITCH_OFF_SHARE`` of its steps) is routed to plain decoding from its next request, and probed
-every ``probe_every``-th request like an adaptively turned-off task (a probe the switch keeps on
-turns it back on). A request whose switch stays off still runs the speculating engine (a runner
-that returns hidden states, the bursts that probe, the switch's bookkeeping): on an H200 the
-policy ran translation at T=0.7 at 0.92x of plain with 91% of its steps switched off
-(results/bench, commit b8df729).
-
 Every decision is a `Decision` (task, method, k, reason, sampled); `summary()` counts them per
 task (sampled requests under "TASK (sampled)" when the policy has a sampled section).
 """
@@ -61,7 +53,6 @@ from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
 
 OFF = "off"
-SWITCH_OFF_SHARE = 0.8  # "switch": "auto": a request this share of whose steps were decoded plain turns its task off
 
 
 @dataclass(frozen=True)
@@ -272,7 +263,7 @@ class Policy:
         rules = self.section(sampled)
         rule = rules.rule(task)
         static = "policy" if task in rules.tasks else "default"
-        if not self.adaptive.enabled and (rule.off or self.switch != "auto"):
+        if not self.adaptive.enabled:
             if rule.off:
                 return Decision(task, "none", 0, static, sampled)
             return Decision(task, rule.method, rule.k, static, sampled)
@@ -282,8 +273,6 @@ class Policy:
             if s.method != "none" and s.since_off % self.adaptive.probe_every == 0:
                 return Decision(task, s.method, s.k, "probe", sampled)
             return Decision(task, "none", 0, "off", sampled)
-        if not self.adaptive.enabled:
-            return Decision(task, rule.method, rule.k, "adapted" if s.changes else static, sampled)
         return Decision(task, s.method, s.k, "adapted" if s.changes else static, sampled)
 
     def _state_of(self, task: str, sampled: bool) -> _TaskState:
@@ -300,26 +289,11 @@ class Policy:
 
     def observe(self, decision: Decision, stats: SpecStats) -> None:
         """Update the running acceptance of the decision's task from one request's stats."""
-        if decision.off or not stats.target_forwards:
+        if not self.adaptive.enabled or decision.off or stats.proposed == 0:
             return
         a = self.adaptive
-        auto = self.switch == "auto"
-        if not (a.enabled or auto):
-            return
         with self._lock:
             s = self._state_of(decision.task, decision.sampled)
-            if auto and stats.switched_off >= SWITCH_OFF_SHARE * stats.target_forwards:
-                # the switch found that speculation does not pay for this task: plain from its next request
-                if not s.off:
-                    s.changes.append("off (switch)")
-                s.off, s.since_off = True, 0
-                return
-            if decision.reason == "probe" and not a.enabled:  # a probe the switch kept speculating
-                s.off = False
-                s.changes.append("on")
-                return
-            if not a.enabled or stats.proposed == 0:
-                return
             alpha = stats.accepted / stats.proposed
             k = decision.k
             # acceptance at the last position: drafts that reached position k, and were accepted up to it
