@@ -398,6 +398,15 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
                 progress()
         return out
 
+    def ratios(m: str, base: float | None) -> dict[int, float]:
+        """{k: ms per step of `m` at k / `base`} on the timing prompts, for every k but K."""
+        out = {}
+        for k in sorted(set(ks) - {K}):
+            ms = step_ms(run(backend.engine(m, k), timing))
+            if ms is not None and base:
+                out[k] = ms / base
+        return out
+
     measured, times = {}, {}
     for m, engine in engines.items():
         stats = run(engine, range(len(prompts)))
@@ -405,12 +414,8 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         for p, s in zip(prompts, stats):
             by_task.add(p.task, s)
         measured[m] = by_task.by_task
-        ratio = {K if m != "none" else 0: 1.0}
-        base = step_ms([stats[i] for i in timing])
-        for k in (k for k in sorted(set(ks)) if k != K and m != "none"):
-            ms = step_ms(run(backend.engine(m, k), timing))
-            if ms is not None and base:
-                ratio[k] = ms / base
+        # plain decoding has one step time (k = 0); a method's other k are timed on the timing prompts
+        ratio = {0: 1.0} if m == "none" else {K: 1.0, **ratios(m, step_ms([stats[i] for i in timing]))}
         times[m] = StepTimes({t: step_ms([s]) or 0.0 for t, s in measured[m].items()}, ratio)
     advice = recommend(measured, times, ks, min_speedup)
     advice.notes.extend(notes)
