@@ -160,6 +160,38 @@ def test_greedy_tree_no_match_emits_target_token():
     assert v.path == () and v.emitted(d) == [8]
 
 
+def _greedy_walk(tokens: list[int], parents: list[int], target: list[int]) -> tuple[list[int], int]:
+    """The greedy rule, walked on the host: from the pending token, the first child that is its argmax."""
+    path, node = [], -1
+    while True:
+        nxt = next((i for i, (t, p) in enumerate(zip(tokens, parents)) if p == node and t == target[node + 1]), None)
+        if nxt is None:
+            return path, target[node + 1]
+        path.append(nxt)
+        node = nxt
+
+
+def test_greedy_tree_on_device_equals_the_walk():
+    """Random trees (repeated sibling tokens included) and targets: the verdict decided with masks
+    (`accept_greedy`) is the host walk's, and its rows/after are what a drafter syncs from."""
+    from specdeploy.runtime.verify import accept_greedy
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        k = int(torch.randint(1, 14, (1,), generator=g))
+        parents = [int(torch.randint(-1, i, (1,), generator=g)) for i in range(k)]
+        tokens = torch.randint(0, 3, (k,), generator=g)  # a tiny vocab: many matches and repeats
+        target = torch.randint(0, 3, (k + 1,), generator=g)
+        d = Draft(tokens, parents=torch.tensor(parents))
+        acc = accept_greedy(d, torch.nn.functional.one_hot(target, 3).float(), max_depth=k)
+        v = acc.verdict()
+        path, nxt = _greedy_walk(tokens.tolist(), parents, target.tolist())
+        assert (list(v.path), v.next_token) == (path, nxt), trial
+        assert v.proposed == d.depth and v.emitted(d) == tokens[path].tolist() + [nxt]
+        n = len(path)
+        assert acc.rows[: n + 1].tolist() == [0] + [1 + i for i in path] and acc.after[: n + 1].tolist() == v.emitted(d)
+
+
 def test_greedy_tree_loop_equals_plain_decoding():
     target, draft = _tables()
     runner = TreeBigramRunner(target)
