@@ -19,7 +19,7 @@ import json
 import pstats
 import time
 from collections import defaultdict
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +28,6 @@ from specdeploy.bench.tasks import builtin_prompts
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.loader import load_model
 from specdeploy.runtime import loop as loop_module
-from specdeploy.runtime import verify as verify_module
 from specdeploy.runtime.cuda_runner import compiled_for
 from specdeploy.runtime.engine import SpecEngine
 
@@ -72,15 +71,11 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int) -> dict:
     timer = PhaseTimer()
     steps = tokens = 0
     wall = 0.0
-    wraps = [(engine.proposer, "propose", "propose"), (engine.proposer, "draft_ahead", "propose"),
-             (engine.runner, "forward", "forward"), (engine.runner, "keep_path", "keep"), (engine.runner, "rollback", "keep"),
-             (loop_module, "verify", "verify"), (loop_module, "accept_greedy", "verify"),
-             (getattr(verify_module, "GreedyAccept", None), "verdict", "verify")]
-    # hasattr: the script also profiles older commits' code (no draft_ahead, no accept_greedy)
-    with ExitStack() as stack:
-        for obj, attr, phase in wraps:
-            if hasattr(obj, attr):
-                stack.enter_context(patched(obj, attr, timer.wrap(phase, getattr(obj, attr))))
+    with patched(engine.proposer, "propose", timer.wrap("propose", engine.proposer.propose)), \
+            patched(engine.runner, "forward", timer.wrap("forward", engine.runner.forward)), \
+            patched(engine.runner, "keep_path", timer.wrap("keep", engine.runner.keep_path)), \
+            patched(engine.runner, "rollback", timer.wrap("keep", engine.runner.rollback)), \
+            patched(loop_module, "verify", timer.wrap("verify", loop_module.verify)):
         for ids in enc:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()

@@ -24,7 +24,6 @@ from specdeploy.bench.tasks import builtin_prompts
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.loader import load_model
 from specdeploy.runtime import loop as loop_module
-from specdeploy.runtime import verify as verify_module
 from specdeploy.runtime.cuda_runner import compiled_for
 from specdeploy.runtime.engine import SpecEngine
 
@@ -84,10 +83,8 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path 
     enc = [engine.encode(p.prompt) for p in prompts]
     for ids in enc[:2]:
         engine.generate_ids(ids, params)
-    wraps = [(engine.proposer, "propose"), (engine.proposer, "draft_ahead"), (engine.runner, "forward"),
-             (engine.runner, "keep_path"), (engine.runner, "rollback"), (loop_module, "accept_greedy"),
-             (loop_module, "verify"), (verify_module.GreedyAccept if hasattr(verify_module, "GreedyAccept") else None, "verdict")]
-    # hasattr: the script also traces older commits' code (no draft_ahead, no accept_greedy)
+    wraps = [(engine.proposer, "propose"), (engine.runner, "forward"), (engine.runner, "keep_path"),
+             (engine.runner, "rollback"), (loop_module, "verify")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in wraps if hasattr(obj, name)]
     for obj, name, fn in saved:
         setattr(obj, name, labelled(name, fn))

@@ -38,7 +38,6 @@ from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, L
 from specdeploy.runtime.runner import ids_on
 from specdeploy.runtime.tree import best_nodes
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import GreedyAccept
 
 
 class GraphEagleProposer:
@@ -109,7 +108,6 @@ class GraphEagleProposer:
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._fns: dict[tuple, CapturedFn] = {}
         self._fed_host = 0  # committed pairs in the cache
-        self._ahead: tuple[int, GreedyAccept, int, Draft] | None = None  # (pairs before, verdict, depth, draft)
         if capture and self.use_graphs:
             self.capture_all()
 
@@ -142,7 +140,6 @@ class GraphEagleProposer:
 
     def reset(self) -> None:
         self._fed_host = 0
-        self._ahead = None
 
     # ---- the captured steps -------------------------------------------------------------
     def _head(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, rope_pos: torch.Tensor,
@@ -237,44 +234,9 @@ class GraphEagleProposer:
         self._fed_host = n_pairs
         self._fed.fill_(n_pairs)
 
-    def _settle(self) -> tuple[Draft | None, int]:
-        """Count the pairs a draft ahead synced (its verdict is on the host by now); its draft and depth."""
-        if self._ahead is None:
-            return None, 0
-        start, accept, depth, draft = self._ahead
-        self._ahead = None
-        self._fed_host = start + accept.committed()
-        return draft, depth
-
-    @torch.inference_mode()
-    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: GreedyAccept, k: int) -> None:
-        """Start the next step's draft from this step's greedy verdict while it is still on the device:
-        sync the committed pairs (padded to the verdict's largest size, the real count read on the
-        device) and draft; `propose` returns that draft when it is asked for the same depth after the
-        loop committed the verdict's tokens. ctx holds the tokens before this step's."""
-        self._settle()
-        start, m = len(ctx.token_ids) - 1, accept.depth + 1  # the committed rows come first
-        depth = min(k, self.max_depth)
-        if (hidden is None or depth <= 0 or start != self._fed_host or start + m > self.max_length
-                or m > self.query_buckets[-1]):
-            return
-        q = bucket(m, self.query_buckets)
-        torch.index_select(hidden, 0, accept.rows[:m], out=self._feat_in[:m])
-        self._tok_in[:m].copy_(accept.after[:m])
-        self._fed.fill_(start)
-        out = self._fn("sync", q, bucket(start + q, self.kv_buckets))()
-        torch.index_select(out, 0, accept.count - 1, out=self._root[None])
-        self._fed.add_(accept.count)
-        kv = self.kv_buckets[0] if depth == 1 else bucket(start + m + self.scratch + 1, self.kv_buckets)
-        flat = self._fn("draft", depth, kv)()
-        self._ahead = (start, accept, depth, Draft(tokens=flat[0].clone(), parents=flat[1].clone()))
-
     @torch.inference_mode()
     def propose(self, ctx: Context, k: int) -> Draft:
-        ahead, ahead_depth = self._settle()
         n_pairs = len(ctx.token_ids) - 1
-        if ahead is not None and n_pairs == self._fed_host and min(k, self.max_depth) == ahead_depth:
-            return ahead
         hidden = ctx.target_hidden
         if n_pairs <= 0 or hidden is None or hidden.shape[0] < n_pairs:
             return Draft.empty()

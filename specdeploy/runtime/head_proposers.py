@@ -284,12 +284,6 @@ class MultiDraftProposer:
     def propose(self, ctx: Context, k: int) -> Draft:
         return merge_drafts([p.propose(ctx, k) for p in self.proposers], self.budget)
 
-    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept, k: int) -> None:
-        """Its proposers that draft from a greedy verdict on the device start now (see `speculative_generate`)."""
-        for p in self.proposers:
-            if hasattr(p, "draft_ahead"):
-                p.draft_ahead(ctx, hidden, accept, k)
-
     def close(self) -> None:
         """Release its proposers' graphs, where they hold some (GraphEagleProposer)."""
         for p in self.proposers:

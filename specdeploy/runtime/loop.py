@@ -15,7 +15,7 @@ from specdeploy.runtime.runner import Runner, ids_on
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import accept_greedy, verify
+from specdeploy.runtime.verify import verify
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,6 @@ def speculative_generate(
     committed token but the last one (the pending token), which is fed first in the next step.
     The rollback is applied after the next draft is queued, so that on a GPU the drafting
     starts as soon as the verdict is on the host and the rollback's host work overlaps it.
-    Greedy verdicts are decided on the device; a proposer with `draft_ahead` (EAGLE trees over CUDA
-    graphs) starts the next draft from them before their host copy is read, so the GPU drafts while
-    the host takes in the step.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -87,7 +84,6 @@ def speculative_generate(
     reason = None
     rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
-    draft_ahead = getattr(proposer, "draft_ahead", None) if ctx.params.greedy else None
     while reason is None:
         step_start = time.perf_counter()
         spec = spec_switch.choose()
@@ -109,20 +105,11 @@ def speculative_generate(
             step = target.forward(feed, tree_parents=torch.cat([draft.parents.new_full((1,), -1), draft.parents + 1]))
         else:
             step = target.forward(feed)
-        if params.greedy:
-            accept = accept_greedy(draft, step.logits, budget)
-            # a proposer that drafts from the device's verdict starts the next draft now, so the GPU drafts
-            # while the host takes in this step (a wasted draft if the next step decodes plain: still lossless)
-            if draft_ahead is not None and (spec_switch.mode == "on" or spec_switch.mode == "auto" and spec_switch.prefers_spec()):
-                draft_ahead(ctx, step.hidden, accept, min(k, stop.max_new_tokens - len(generated) - 2, room - 1))
-            verdict = accept.verdict()
-        else:
-            accept, verdict = None, verify(draft, step.logits, params, generator)
+        verdict = verify(draft, step.logits, params, generator)
         # 3. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
         if draft.is_tree:
             rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
-            rows = accept.rows[: 1 + verdict.num_accepted] if accept is not None else (
-                ids_on(target.device, [0] + [1 + i for i in verdict.path]))
+            rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         else:
             rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix

@@ -49,32 +49,13 @@ def ids_on(device: torch.device | str, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long)
     if len(ids) > _PinnedRing.width:
         return torch.tensor(ids, dtype=torch.long).pin_memory().to(device, non_blocking=True)
-    return _ring(device, "to_device").copy(ids)
-
-
-def to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host copy of the int64 vector t, queued without waiting, and the event that marks it done
-    (None off CUDA: the copy is t itself). From a GPU into pinned rows reused in turn, so that work
-    queued after it does not delay it and no pinned memory is allocated per call."""
-    if t.device.type == "cpu":
-        return t, None
-    if t.numel() > _PinnedRing.width:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-    return _ring(t.device, "to_host").fetch(t)
-
-
-def _ring(device: torch.device, direction: str) -> "_PinnedRing":
     rings = _rings.__dict__.setdefault("by_device", {})
-    key = (device, direction)
-    return rings.get(key) or rings.setdefault(key, _PinnedRing(device))
+    ring = rings.get(device) or rings.setdefault(device, _PinnedRing(device))
+    return ring.copy(ids)
 
 
 class _PinnedRing:
-    """Pinned rows reused in turn for `ids_on` and `to_host`: pinning a fresh tensor per call (`torch.tensor` +
+    """Pinned rows reused in turn for `ids_on`: pinning a fresh tensor per call (`torch.tensor` +
     `pin_memory` + `.to`) took 64 µs a call under cProfile on the GPU machine, several calls a decoding
     step (results/gpu/step_profile/after_323d993).
     A row is written again only after the copy that read it has run (its event)."""
@@ -89,35 +70,19 @@ class _PinnedRing:
         self.events: list[torch.cuda.Event | None] = [None] * self.slots
         self.next = 0
 
-    def _slot(self) -> tuple[int, torch.cuda.Event]:
-        i = self.next
+    def copy(self, ids: list[int]) -> torch.Tensor:
+        i, n = self.next, len(ids)
         self.next = (i + 1) % self.slots
         event = self.events[i]
         if event is None:
             event = self.events[i] = torch.cuda.Event()
         else:
             event.synchronize()  # long done in practice: the ring holds many steps' copies
-        return i, event
-
-    def _record(self, event: torch.cuda.Event) -> None:
+        self.view[i, :n] = ids
+        out = self.rows[i, :n].to(self.device, non_blocking=True)
         # the copy's stream: the current one of the copy's device (`current_stream(device)` costs ~10 µs)
         event.record(None if torch.cuda.current_device() == self.index else torch.cuda.current_stream(self.device))
-
-    def copy(self, ids: list[int]) -> torch.Tensor:
-        """ids to the device."""
-        i, event = self._slot()
-        self.view[i, : len(ids)] = ids
-        out = self.rows[i, : len(ids)].to(self.device, non_blocking=True)
-        self._record(event)
         return out
-
-    def fetch(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """The int64 vector t to the host: (its row, read once the event is done)."""
-        i, event = self._slot()
-        host = self.rows[i, : t.numel()]
-        host.copy_(t, non_blocking=True)
-        self._record(event)
-        return host, event
 
 
 _rings = threading.local()  # a ring per thread and device: Triton serves requests from several threads

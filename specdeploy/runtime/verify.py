@@ -28,12 +28,9 @@ bonus token is drawn from target_probs at the leaf.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from specdeploy.config import SamplingParams
-from specdeploy.runtime.runner import to_host
 from specdeploy.runtime.types import Draft, Verdict, node_depths
 
 
@@ -71,12 +68,18 @@ def verify(
     generator: torch.Generator | None = None,
 ) -> Verdict:
     """Decide how many draft tokens to keep and which token follows them."""
-    if params.greedy:
-        return accept_greedy(draft, target_logits).verdict()
     if draft.is_tree:
         return verify_tree(draft, target_logits, params, generator)
     k = draft.k
     tokens = draft.tokens.to(target_logits.device)
+    if params.greedy:
+        target_tokens = target_logits.argmax(-1)  # [k + 1]
+        mismatch = (target_tokens[:k] != tokens).to(torch.int8)
+        # index of the first mismatch, or k when the whole draft matched
+        n = torch.cat([mismatch, mismatch.new_ones(1)]).argmax()
+        n, next_token = torch.stack([n, target_tokens[n]]).tolist()  # the one host sync
+        return Verdict(num_accepted=n, next_token=next_token, proposed=k)
+
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
     if draft.probs is None:
         draft_probs = torch.zeros_like(target_probs[:k]).scatter_(-1, tokens[:, None], 1.0)
@@ -103,16 +106,33 @@ def verify_tree(
     params: SamplingParams,
     generator: torch.Generator | None = None,
 ) -> Verdict:
-    """The accepted root-to-leaf path of a sampled token tree and the token that follows it
-    (greedy trees: `accept_greedy`)."""
+    """The accepted root-to-leaf path of a token tree and the token that follows it."""
     from specdeploy.runtime.tree import children_of
 
-    if draft.probs is None:
+    k = draft.k
+    if params.greedy:  # the target's choices and the tree (which may still be on the device) in one host copy
+        device = target_logits.device
+        host = torch.cat([target_logits.argmax(-1), draft.tokens.to(device), draft.parents.to(device)]).tolist()
+        target_tokens, tokens, parents = host[: k + 1], host[k + 1 : 2 * k + 1], host[2 * k + 1 :]
+    elif draft.probs is None:
         return _verify_point_tree(draft, sampling_probs(target_logits, params), generator)
-    tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
+    else:
+        tokens, parents = draft.tokens.tolist(), draft.parents.tolist()
     path: list[int] = []
     node = -1
+    if params.greedy:
+        child = {}  # (parent, token) -> the first such node: the one a greedy walk takes
+        for i in range(k - 1, -1, -1):
+            child[parents[i], tokens[i]] = i
+        while True:
+            want = target_tokens[node + 1]
+            node = child.get((node, want))
+            if node is None:
+                return _tree_verdict(path, tokens, parents, want)
+            path.append(node)
+
     kids = children_of(parents)
+
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
     device = target_probs.device
     while True:
@@ -138,92 +158,6 @@ def verify_tree(
             return _tree_verdict(path, tokens, parents, int(sample(probs, generator)))
         path.append(accepted)
         node = accepted
-
-
-@dataclass(frozen=True)
-class GreedyAccept:
-    """A greedy verdict still on the target's device, its host copy under way.
-
-    rows [k + 1]: the rows of the verify step committed, in order (row 0 is the pending token,
-    row i + 1 draft node i), the first `count` of them valid; after [k + 1]: the token that
-    follows each committed row (the accepted draft tokens, then the target's next token).
-    A proposer can start its next draft from these before the host has the verdict
-    (`GraphEagleProposer.draft_ahead`); `verdict()` waits for the host copy only.
-    """
-
-    rows: torch.Tensor  # [k + 1] int64
-    after: torch.Tensor  # [k + 1] int64
-    count: torch.Tensor  # [1] int64: accepted draft tokens + 1
-    depth: int  # the most draft tokens the step could accept (count <= depth + 1), known on the host
-    is_tree: bool
-    _host: torch.Tensor  # [3 + 2 (k + 1)] int64: count, proposed, 0, rows, after (pinned on a GPU)
-    _ready: torch.cuda.Event | None
-
-    def committed(self) -> int:
-        """`count` on the host (waits for the host copy)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        return int(self._host[0])
-
-    def verdict(self) -> Verdict:
-        """The host's Verdict (the step's one sync)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        host = self._host.tolist()
-        count, proposed, m = host[0], host[1], (len(host) - 3) // 2
-        rows, after = host[3 : 3 + m], host[3 + m :]
-        n = count - 1
-        if not self.is_tree:
-            return Verdict(num_accepted=n, next_token=after[n], proposed=proposed)
-        return Verdict(num_accepted=n, next_token=after[n], proposed=proposed, path=tuple(r - 1 for r in rows[1:count]),
-                       path_tokens=tuple(after[:n]))
-
-
-def accept_greedy(draft: Draft, target_logits: torch.Tensor, max_depth: int | None = None) -> GreedyAccept:
-    """Greedy verification on the device: the longest draft prefix (chain) or root-to-leaf path
-    (tree) that equals the target's argmax, then the target's argmax after it. Its host copy is
-    queued at once, so work queued after this call does not delay the verdict. max_depth: a bound
-    on a tree's depth known to the caller (the depth it asked the proposer for), else its size.
-
-    A tree node is on the greedy path when it and every ancestor is the first child of its parent
-    whose token is the parent's argmax: the host walk's rule (siblings tried in index order), as
-    masks over the ancestry, so no host round trip decides it.
-    """
-    device = target_logits.device
-    target_tokens = target_logits.argmax(-1)  # [k + 1]
-    k = draft.k
-    tokens = draft.tokens.to(device)
-    # no indexing by a 0-dim tensor below: it reads the index back to the host (a sync)
-    if not draft.is_tree or k == 0:
-        mismatch = (target_tokens[:k] != tokens).to(torch.int8)
-        n = torch.cat([mismatch, mismatch.new_ones(1)]).argmax().view(1)  # the first mismatch, or k
-        rows = torch.arange(k + 1, device=device)
-        nxt = target_tokens.index_select(0, n)
-        after = torch.cat([tokens, nxt]).scatter(0, n, nxt)
-        depth = torch.full((1,), k, dtype=torch.long, device=device)
-    else:
-        from specdeploy.runtime.tree import ancestor_matrix
-
-        parents = draft.parents.to(device)
-        idx = torch.arange(k, device=device)
-        match = tokens == target_tokens[parents + 1]  # [k] node i is its parent's argmax
-        # a later sibling with the same token is never taken: the walk stops at the first
-        same = (parents[None, :] == parents[:, None]) & match[None, :] & (idx[None, :] < idx[:, None])
-        match &= ~same.any(-1)
-        anc = ancestor_matrix(parents)  # [k, k]
-        on_path = ~(anc & ~match[None, :]).any(-1)  # [k] it and all its ancestors match
-        n = on_path.sum().view(1)
-        # path nodes first, in index order (parents come before children): row 1 + node
-        order = torch.where(on_path, idx, idx + k).argsort()
-        rows = torch.cat([idx.new_zeros(1), order + 1])
-        leaf_row = (on_path * (idx + 1)).amax().view(1)  # 0: no node accepted
-        nxt = target_tokens.index_select(0, leaf_row)
-        after = torch.cat([tokens[order], nxt]).scatter(0, n, nxt)
-        depth = anc.sum(-1).amax().view(1)
-    count = n + 1
-    host, ready = to_host(torch.cat([count, depth, count.new_zeros(1), rows, after]))
-    bound = min(k, max_depth) if draft.is_tree and max_depth is not None else k
-    return GreedyAccept(rows, after, count, bound, draft.is_tree, host, ready)
 
 
 def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torch.Generator | None) -> Verdict:
