@@ -63,8 +63,8 @@ def speculative_generate(
 
     Invariant: once the last step's rollback is applied, the target's KV cache holds every
     committed token but the last one (the pending token), which is fed first in the next step.
-    The rollback is applied after the next draft is queued, so that on a GPU the drafting
-    starts as soon as the verdict is on the host and the rollback's host work overlaps it.
+    The next draft is queued as soon as the verdict's tokens are in the context, before the stop
+    checks and the rollback, so that on a GPU the drafting overlaps the host's work on the step.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -84,17 +84,22 @@ def speculative_generate(
     reason = None
     rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
-    while reason is None:
-        step_start = time.perf_counter()
+
+    def next_draft(emitted: int) -> tuple[bool, Draft]:
+        """Speculate in the next step? and its draft, never past max_new_tokens or the context window
+        (`emitted`: tokens this step emits that `generated` does not hold yet)."""
         spec = spec_switch.choose()
-        # 1. draft, never past max_new_tokens or the context window
         room = target.max_length - len(ctx.token_ids)  # cache positions left after the pending token
-        budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - 1, room)
+        budget = min(k if spec else 0, stop.max_new_tokens - len(generated) - emitted - 1, room)
         draft = proposer.propose(ctx, budget) if budget > 0 else Draft.empty()
-        draft = _fit(draft, budget, room)
+        return spec, _fit(draft, budget, room)
+
+    step_start = time.perf_counter()
+    spec, draft = next_draft(0)
+    while True:
         if rollback is not None:
             rollback()
-        # 2. verify: one target forward scores the pending token and every draft token (chain or tree).
+        # 1. verify: one target forward scores the pending token and every draft token (chain or tree).
         # A draft left on the device stays there: the verify forward queues behind the drafting, and the
         # verdict's host copy is the step's one sync
         base = target.length
@@ -106,28 +111,39 @@ def speculative_generate(
         else:
             step = target.forward(feed)
         verdict = verify(draft, step.logits, params, generator)
-        # 3. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
+        # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
         if draft.is_tree:
             rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
             rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         else:
             rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
-        stats.record_step(verdict.proposed, verdict.num_accepted)
-        stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
-        # 4. commit token by token, so EOS / stop / length cut exactly where they occur
-        for token in verdict.emitted(draft):
-            generated.append(token)
-            ctx.token_ids.append(token)
-            reason = stop.check(generated)
-            if reason:
-                break
+        emitted = verdict.emitted(draft)
+        ctx.token_ids.extend(emitted)
         # the verdict's tokens are on the host by now: the step's device work is done. A step whose
         # proposer drafted nothing (no lookup match, a draft below its confidence) verified one token
         # like a plain step: it is no evidence against speculation, whose gains come in bursts
-        spec_switch.record(spec and draft.k > 0, verdict.num_accepted + 1, time.perf_counter() - step_start)
+        now = time.perf_counter()
+        spec_switch.record(spec and draft.k > 0, verdict.num_accepted + 1, now - step_start)
+        stats.record_step(verdict.proposed, verdict.num_accepted)
+        stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
+        # 3. the next draft is queued before this step's tokens are checked one by one, so that a drafter on
+        # the GPU runs while the host does it; not when an EOS or max_new_tokens ends the request here
+        # (a stop string among them leaves that draft unused)
+        step_start = now
+        if len(generated) + len(emitted) < stop.max_new_tokens and stop.eos_ids.isdisjoint(emitted):
+            next_spec, next_one = next_draft(len(emitted))
+        # 4. commit token by token, so EOS / stop / length cut exactly where they occur
+        for token in emitted:
+            generated.append(token)
+            reason = stop.check(generated)
+            if reason:
+                break
+        if reason:
+            break
+        spec, draft = next_spec, next_one
 
     rollback()  # the runner ends with the committed tokens cached
     stats.emitted = len(generated)
