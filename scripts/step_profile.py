@@ -60,14 +60,32 @@ def patched(obj, attr: str, value):
         setattr(obj, attr, old)
 
 
-def run_config(loaded, method: str, k: int, prompts, max_new: int) -> dict:
+def eval_prompts(tasks: list[str], per_task: int) -> list:
+    """The first `per_task` eval prompts of each task."""
+    counts: dict[str, int] = defaultdict(int)
+    prompts = []
+    for pr in builtin_prompts("eval"):
+        if pr.task in tasks and counts[pr.task] < per_task:
+            counts[pr.task] += 1
+            prompts.append(pr)
+    return prompts
+
+
+def warm_engine(loaded, method: str, k: int, prompts, max_new: int):
+    """(compiled greedy SpecEngine for method:k, its SamplingParams, the prompts encoded), warmed up on two."""
     spec = SpecConfig(method=method, k=max(k, 1))
     runner, proposer = compiled_for(spec, loaded)
     engine = SpecEngine(loaded, spec, runner=runner, proposer=proposer)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
     enc = [engine.encode(p.prompt) for p in prompts]
-    for ids in enc[:2]:  # warm-up
+    for ids in enc[:2]:
         engine.generate_ids(ids, params)
+    return engine, params, enc
+
+
+def run_config(loaded, method: str, k: int, prompts, max_new: int) -> dict:
+    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new)
+    runner, proposer = engine.runner, engine.proposer
     timer = PhaseTimer()
     steps = tokens = 0
     wall = 0.0
@@ -157,27 +175,28 @@ def _device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else device
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def config_parser(doc: str, configs: str, tasks: str, max_new: int) -> argparse.ArgumentParser:
+    """The options the step scripts share: --target, --out, --configs (method:k,...), --tasks, --max-new-tokens."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--target", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--configs", default="none:0,ngram:4,eagle:1,eagle:4,multi:2,specinfer:4")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--configs", default=configs)
+    p.add_argument("--tasks", default=tasks)
+    p.add_argument("--max-new-tokens", type=int, default=max_new)
+    return p
+
+
+def main() -> int:
+    p = config_parser(__doc__, "none:0,ngram:4,eagle:1,eagle:4,multi:2,specinfer:4",
+                      "code,sql,api_call,math,qa,creative_writing", 128)
     p.add_argument("--per-task", type=int, default=2)
-    p.add_argument("--tasks", default="code,sql,api_call,math,qa,creative_writing")
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.target, device=args.device,
                         dtype=torch.bfloat16 if args.device == "cuda" else torch.float32)
-    tasks = args.tasks.split(",")
-    counts: dict[str, int] = defaultdict(int)
-    prompts = []
-    for pr in builtin_prompts("eval"):
-        if pr.task in tasks and counts[pr.task] < args.per_task:
-            counts[pr.task] += 1
-            prompts.append(pr)
+    prompts = eval_prompts(args.tasks.split(","), args.per_task)
     rows = []
     for cfg in args.configs.split(","):
         method, k = cfg.split(":")

@@ -12,7 +12,6 @@ DIR/step_trace.json and DIR/step_trace.md; `--chrome` also keeps each config's C
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -20,12 +19,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from specdeploy.bench.tasks import builtin_prompts
-from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models.loader import load_model
 from specdeploy.runtime import loop as loop_module
-from specdeploy.runtime.cuda_runner import compiled_for
-from specdeploy.runtime.engine import SpecEngine
+from step_profile import config_parser, eval_prompts, warm_engine  # this folder is on sys.path when run as a script
 
 LABEL = "sd."
 
@@ -76,13 +72,8 @@ def analyse(events, steps: int) -> dict:
 
 
 def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path | None) -> dict:
-    spec = SpecConfig(method=method, k=max(k, 1))
-    runner, proposer = compiled_for(spec, loaded)
-    engine = SpecEngine(loaded, spec, runner=runner, proposer=proposer)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
-    enc = [engine.encode(p.prompt) for p in prompts]
-    for ids in enc[:2]:
-        engine.generate_ids(ids, params)
+    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new)
+    runner, proposer = engine.runner, engine.proposer
     wraps = [(engine.proposer, "propose"), (engine.runner, "forward"), (engine.runner, "keep_path"),
              (engine.runner, "rollback"), (loop_module, "verify")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in wraps if hasattr(obj, name)]
@@ -108,19 +99,13 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--configs", default="none:0,eagle:4")
-    p.add_argument("--tasks", default="code,qa")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p = config_parser(__doc__, "none:0,eagle:4", "code,qa", 64)
     p.add_argument("--chrome", action="store_true")
     args = p.parse_args()
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.target, device="cuda", dtype=torch.bfloat16)
-    tasks = args.tasks.split(",")
-    prompts = [next(p for p in builtin_prompts("eval") if p.task == t) for t in tasks]
+    prompts = eval_prompts(args.tasks.split(","), 1)
     rows = []
     for config in args.configs.split(","):
         method, k = config.split(":")
