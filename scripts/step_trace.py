@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from specdeploy.models.loader import load_model
 from specdeploy.runtime import loop as loop_module
-from step_profile import config_parser, eval_prompts, warm_engine  # this folder is on sys.path when run as a script
+from step_profile import config_parser, eval_prompts, patched, warm_engine  # this folder is on sys.path when run as a script
 
 LABEL = "sd."
 
@@ -76,19 +77,16 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path 
     runner, proposer = engine.runner, engine.proposer
     wraps = [(engine.proposer, "propose"), (engine.runner, "forward"), (engine.runner, "keep_path"),
              (engine.runner, "rollback"), (loop_module, "verify")]
-    saved = [(obj, name, getattr(obj, name)) for obj, name in wraps if hasattr(obj, name)]
-    for obj, name, fn in saved:
-        setattr(obj, name, labelled(name, fn))
     torch.cuda.synchronize()
     steps = 0
-    try:
+    with ExitStack() as stack:
+        for obj, name in wraps:
+            if hasattr(obj, name):
+                stack.enter_context(patched(obj, name, labelled(name, getattr(obj, name))))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for ids in enc:
                 steps += engine.generate_ids(ids, params).stats.target_forwards
             torch.cuda.synchronize()
-    finally:
-        for obj, name, fn in saved:
-            setattr(obj, name, fn)
     if chrome is not None:
         prof.export_chrome_trace(str(chrome / f"trace_{method}_{k}.json"))
     out = {"method": method, "k": k, **analyse(prof.events(), steps)}

@@ -37,6 +37,11 @@ class StopCondition:
             return "length"
         return None
 
+    def ends_within(self, generated: int, tokens: list[int]) -> bool:
+        """Will `check` end the request at one of `tokens`, committed after `generated` tokens, by EOS
+        or max_new_tokens? (A stop string may still end it earlier.)"""
+        return generated + len(tokens) >= self.max_new_tokens or not self.eos_ids.isdisjoint(tokens)
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -133,7 +138,7 @@ def speculative_generate(
         # the GPU runs while the host does it; not when an EOS or max_new_tokens ends the request here
         # (a stop string among them leaves that draft unused)
         step_start = now
-        if len(generated) + len(emitted) < stop.max_new_tokens and stop.eos_ids.isdisjoint(emitted):
+        if not stop.ends_within(len(generated), emitted):
             next_spec, next_one = next_draft(len(emitted))
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
         for token in emitted:
