@@ -78,3 +78,30 @@ def test_train_refuses_data_of_another_target(data_dir, tmp_path):
 def test_train_without_out_needs_the_embedded_target(data_dir, tmp_path, capsys):
     assert main(["train", "eagle", "--data", str(data_dir), "--target", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_eagle_unrolled_passes_see_what_a_drafted_chain_sees(unroll):
+    """Pass p's row j is the head's p-th drafted token from t_0 .. t_{j+1}, fed the true next tokens:
+    the same attention (true entries 0 .. j, its chain's own entries) at the same positions."""
+    import torch
+
+    from specdeploy.models.eagle import EagleConfig, EagleHead
+    from specdeploy.training.eagle import unrolled_predictions
+
+    torch.manual_seed(0)
+    head = EagleHead(EagleConfig(32, 64, 4, 2, 8, 1e-5, 10000.0)).eval()
+    t = 9
+    feats, embeds = torch.randn(2, t - 1, 32), torch.randn(2, t, 32)
+    with torch.no_grad():
+        preds = unrolled_predictions(head, feats, embeds, unroll)
+        assert [p.shape[1] for p in preds] == [t - p for p in range(1, unroll + 1)]
+        for j in range(t - unroll):
+            out, cache = head(feats[:, : j + 1], embeds[:, 1 : j + 2], torch.arange(j + 1))
+            x = out[:, j : j + 1]
+            assert torch.allclose(preds[0][:, j], x[:, 0], atol=1e-5)
+            for p in range(2, unroll + 1):  # the chain's p-th token, attending to everything cached
+                width = cache[0].shape[2] + 1
+                x, cache = head(x, embeds[:, j + p : j + p + 1], torch.tensor([j + p - 1]),
+                                torch.ones(1, width, dtype=torch.bool), cache)
+                assert torch.allclose(preds[p - 1][:, j], x[:, 0], atol=1e-5), (p, j)

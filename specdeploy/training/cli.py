@@ -63,7 +63,8 @@ def add_cli(sub) -> None:
         if name == "eagle":
             p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the token cross-entropy")
             p.add_argument("--noise", type=float, default=0.2, help="uniform noise width on input features")
-            p.add_argument("--unroll", type=int, default=2, choices=[1, 2], help="2: also train on own predictions")
+            p.add_argument("--unroll", type=int, default=2,
+                           help="passes per batch: 2 or more also trains on the head's own predictions (HASS)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -4,10 +4,10 @@ Pass 1 (EAGLE-1): at every position j the head sees (f_j + noise, embedding of t
 and predicts f_{j+1}; loss = smooth L1 to the target's feature + `ce_weight` x
 cross-entropy of lm_head(prediction) against the target's own distribution for t_{j+2}.
 
-With `unroll=2` (as HASS / EAGLE-3's "training-time test"), pass 2 feeds the head its
-own predicted feature with the next token, attending to the true-feature entries of pass 1
-plus itself: exactly what the head sees when drafting its second token. Pass 2's loss is
-weighted 0.8.
+With `unroll=s > 1` (as HASS / EAGLE-3's "training-time test"), pass p = 2 .. s feeds the head
+its own pass p - 1 prediction with the next token, attending to the true-feature entries of
+pass 1, its ancestors in passes 2 .. p - 1 and itself: exactly what the head sees when drafting
+its p-th token of a chain or tree path. Pass p's loss is weighted 0.8^(p - 1).
 """
 from __future__ import annotations
 
@@ -22,12 +22,41 @@ from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifac
                                         masked_mean, plot_curve, target_features, train_loop)
 
 
+MAX_UNROLL = 6
+
+
+def unrolled_predictions(head: eagle.EagleHead, features: torch.Tensor, embeds: torch.Tensor,
+                         unroll: int) -> list[torch.Tensor]:
+    """The head's predictions of passes 1 .. unroll over one batch.
+
+    features [B, T-1, H] (f_0 .. f_{T-2}, the target's), embeds [B, T, H] (of t_0 .. t_{T-1}).
+    Pass 1 returns [B, T-1, H], row j ~ f_{j+1}; pass p returns [B, T-p, H], row j ~ f_{j+p}, from
+    the head's own pass p - 1 row j at position j + p - 1, attending to pass 1's rows 0 .. j (true
+    features), its ancestors (row j of passes 2 .. p - 1) and itself. Shorter sequences end early.
+    """
+    t, device = embeds.shape[1], features.device
+    pred, cache = head(features, embeds[:, 1:], torch.arange(t - 1, device=device))
+    preds, widths = [pred], []
+    for step in range(1, unroll):
+        m = pred.shape[1] - 1
+        if m < 1:
+            break
+        blocks = [torch.ones(m, t - 1, dtype=torch.bool, device=device).tril()]
+        blocks += [torch.eye(m, w, dtype=torch.bool, device=device) for w in widths]  # ancestors
+        blocks.append(torch.eye(m, dtype=torch.bool, device=device))  # itself
+        pred, cache = head(pred[:, :-1], embeds[:, step + 1 : step + 1 + m],
+                           torch.arange(step, step + m, device=device), torch.cat(blocks, dim=1), cache)
+        preds.append(pred)
+        widths.append(m)
+    return preds
+
+
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
                 noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None) -> dict:
     """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
     `init`); returns its manifest."""
-    if unroll not in (1, 2):
-        raise ValueError(f"unroll must be 1 or 2, got {unroll}")
+    if not 1 <= unroll <= MAX_UNROLL:
+        raise ValueError(f"unroll must be 1 .. {MAX_UNROLL}, got {unroll}")
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
@@ -42,13 +71,11 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
         with torch.no_grad():
             teacher = F.softmax(lm_head(feats).float(), -1)  # [B, T, V] row j: distribution of t_{j+1}
             embeds = embed(batch.ids)  # [B, T, H]
-        t = batch.ids.shape[1]
         x = feats[:, :-1].float()
         if head.training and noise > 0:
             x = x + (torch.rand_like(x) - 0.5) * noise
-        pred, cache = head(x, embeds[:, 1:], torch.arange(t - 1, device=device))  # pred_j ~ f_{j+1}
         total, metrics = 0.0, {}
-        for step in range(1, unroll + 1):
+        for step, pred in enumerate(unrolled_predictions(head, x, embeds, unroll), start=1):
             n = pred.shape[1]  # pred_j ~ f_{j + step}
             want, mask = feats[:, step : step + n].float(), batch.valid[:, step : step + n]
             reg = masked_mean(F.smooth_l1_loss(pred, want, reduction="none").mean(-1), mask)
@@ -57,13 +84,6 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
             acc = masked_mean((logp.argmax(-1) == teacher[:, step : step + n].argmax(-1)).float(), mask)
             total = total + 0.8 ** (step - 1) * (reg + ce_weight * ce)
             metrics.update({f"reg{step}": reg, f"ce{step}": ce, f"top1_{step}": acc})
-            if step == unroll or n < 2:
-                break
-            # pass 2: (pred_j ~ f_{j+1}, t_{j+2}) at position j + 1, attending to pass 1's entries 0..j and itself
-            m = n - 1
-            allowed = torch.cat([torch.ones(m, t - 1, dtype=torch.bool, device=device).tril(),
-                                 torch.eye(m, dtype=torch.bool, device=device)], dim=1)
-            pred, _ = head(pred[:, :-1], embeds[:, 2 : 2 + m], torch.arange(1, 1 + m, device=device), allowed, cache)
         return total, metrics
 
     result, val_idx = train_loop(list(head.parameters()), loss_fn, data, cfg, device, log)
