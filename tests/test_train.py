@@ -41,7 +41,7 @@ def test_data_has_tokens_and_manifest(data_dir, smollm2):
 @pytest.mark.parametrize("kind, method, extra", [
     ("draft", "draft", ["--layers", "1"]),
     ("medusa", "medusa", ["--heads", "2", "--tree-size", "5"]),
-    ("eagle", "eagle", []),
+    ("eagle", "eagle", ["--unroll", "3"]),
 ])
 def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method, extra):
     out = tmp_path / kind
