@@ -207,3 +207,28 @@ def test_fused_graph_eagle_drafts_the_torch_trees(monkeypatch):
         ctx = Context(token_ids=ids[:n], prompt_len=20, params=SamplingParams(), target_hidden=hidden[: n - 1])
         a, b = (p.propose(ctx, k) for p in proposers.values())
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), (n, k)
+
+
+@pytest.mark.parametrize("k, hidden, slots", [(3, 128, 6), (8, 576, 56)])
+def test_eagle_frontier_matches_the_torch_ops(k, hidden, slots):
+    """`eagle_frontier` writes what GraphEagleProposer's torch ops do: every candidate's parent, and the
+    k best candidates (ties to the lowest index) with their parents' features and ancestor flags."""
+    from specdeploy.runtime import kernels
+
+    g = torch.Generator().manual_seed(k)
+    score = torch.randn(k * k, generator=g).to(DEV)
+    score[k + 1] = score[1] = score.max() + 1  # a tie for the best: the lower index first
+    tok = torch.randint(0, 1000, (k * k,), generator=g).to(DEV)
+    ids = torch.randint(0, 100, (k,), generator=g).to(DEV)
+    feats = torch.randn(k, hidden, generator=g).to(DEV)
+    anc = (torch.rand(k, slots, generator=g) < 0.5).to(DEV)
+    start = 17
+    out = (torch.zeros(k * k, dtype=torch.long, device=DEV), torch.zeros(k, dtype=torch.long, device=DEV),
+           torch.zeros(k, dtype=torch.long, device=DEV), torch.zeros(k, device=DEV),
+           torch.zeros(k, hidden, device=DEV), torch.zeros(k, slots, dtype=torch.bool, device=DEV))
+    kernels.eagle_frontier(score, tok, ids, feats, anc, start, k, out=out)
+    best = score.sort(descending=True, stable=True).indices[:k]
+    assert best[:2].tolist() == [1, k + 1] and out[1].tolist() == (best + start).tolist()
+    assert out[0].tolist() == ids.repeat_interleave(k).tolist()
+    assert out[2].tolist() == tok[best].tolist() and out[3].tolist() == score[best].tolist()
+    assert torch.equal(out[4], feats[best // k]) and torch.equal(out[5], anc[best // k])

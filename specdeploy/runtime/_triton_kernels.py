@@ -252,3 +252,35 @@ def logits_topk_combine_kernel(part_val_ptr, part_idx_ptr, part_ml_ptr, bias_ptr
         tl.store(val_ptr + row * TOPK + t, bias + (tl.max(vals, axis=0) - lse))
         tl.store(idx_ptr + row * TOPK + t, tl.load(part_idx_ptr + row * NB * TOPK + best).to(tl.int64))
         vals = tl.where(c == best, float("-inf"), vals)
+
+
+@triton.jit
+def eagle_frontier_kernel(cand_score_ptr, cand_tok_ptr, ids_ptr, feat_ptr, anc_ptr,
+                          parent_ptr, id_ptr, tok_ptr, score_ptr, feat_out_ptr, anc_out_ptr, start, H, S,
+                          K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One EAGLE tree level's bookkeeping in one program: candidate c (K x K, row-major: parent row
+    c // K) gets parent ids[c // K]; the K best candidates (best first, ties to the lowest index)
+    become the next frontier: their node numbers (start + c), tokens, scores, and their parent
+    rows' features [K, H] and ancestor flags [K, S]."""
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < K * K
+    tl.store(parent_ptr + c, tl.load(ids_ptr + c // K, mask=c_ok), mask=c_ok)
+    vals = tl.load(cand_score_ptr + c, mask=c_ok, other=float("-inf"))
+    r = tl.arange(0, BLOCK_K)
+    best = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for t in tl.static_range(K):
+        b = tl.argmax(vals, axis=0, tie_break_left=True)
+        best = tl.where(r == t, b, best)
+        vals = tl.where(c == b, float("-inf"), vals)
+    r_ok = r < K
+    tl.store(id_ptr + r, (best + start).to(tl.int64), mask=r_ok)
+    tl.store(tok_ptr + r, tl.load(cand_tok_ptr + best, mask=r_ok), mask=r_ok)
+    tl.store(score_ptr + r, tl.load(cand_score_ptr + best, mask=r_ok), mask=r_ok)
+    rows = best // K
+    h = tl.arange(0, BLOCK_H)
+    m = r_ok[:, None] & (h[None, :] < H)
+    tl.store(feat_out_ptr + r[:, None] * H + h[None, :], tl.load(feat_ptr + rows[:, None] * H + h[None, :], mask=m), mask=m)
+    s = tl.arange(0, BLOCK_S)
+    m = r_ok[:, None] & (s[None, :] < S)
+    tl.store(anc_out_ptr + r[:, None] * S + s[None, :], tl.load(anc_ptr + rows[:, None] * S + s[None, :], mask=m), mask=m)

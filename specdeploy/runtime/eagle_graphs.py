@@ -176,6 +176,11 @@ class GraphEagleProposer:
         out = self._head(feats, tok, own, self._rope[d], allowed)  # [k, H]
         at = slice(k + (d - 1) * k * k, k + d * k * k)  # node numbers of the children
         self._top(out, score, (self._node_score[at], self._node_tok[at]))  # each node's k best children
+        if self.lean.kernels == "fused":  # the rest in one launch
+            fused_kernels.eagle_frontier(self._node_score[at], self._node_tok[at], ids, out, anc, at.start, k, out=(
+                self._node_parent[at], self._front_id[d], self._front_tok[d], self._front_score[d], self._front_feat[d],
+                self._front_anc[d]))
+            return
         cand = self._node_score[at]  # [k * k] their cumulative scores
         self._node_parent[at].view(k, k).copy_(ids[:, None].expand(k, k))
         best = cand.topk(k).indices  # [k] the next frontier

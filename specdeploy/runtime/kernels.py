@@ -197,6 +197,25 @@ def logits_topk(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | N
     return values, indices
 
 
+def eagle_frontier(cand_score: torch.Tensor, cand_tok: torch.Tensor, ids: torch.Tensor, feats: torch.Tensor,
+                   anc: torch.Tensor, start: int, k: int, out: tuple[torch.Tensor, ...]) -> None:
+    """One EAGLE tree level's bookkeeping, one launch (the torch ops take about ten): cand_score /
+    cand_tok [k * k] (children of frontier row r at r * k ..), ids [k] the frontier's node numbers,
+    feats [k, H] its rows' features, anc [k, S] bool its rows' ancestor flags. Writes into
+    out = (parents [k * k], then the next frontier: node numbers [k] (start + candidate), tokens [k],
+    scores [k], features [k, H], ancestor flags [k, S]); the k best candidates, best first, ties to
+    the lowest index (as `logits_topk`). Every tensor contiguous."""
+    parents, id_out, tok_out, score_out, feat_out, anc_out = out
+    tensors = (cand_score, cand_tok, ids, feats, anc, *out)
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("eagle_frontier: every tensor must be contiguous")
+    H, S = feats.shape[1], anc.shape[1]
+    _kernels().eagle_frontier_kernel[(1,)](
+        cand_score, cand_tok, ids, feats, anc.view(torch.uint8), parents, id_out, tok_out, score_out, feat_out,
+        anc_out.view(torch.uint8), start, H, S,
+        K=k, BLOCK_C=_pow2(k * k), BLOCK_K=_pow2(k), BLOCK_H=_pow2(H), BLOCK_S=_pow2(S), num_warps=4)
+
+
 LOGITS_BLOCK_V = 128  # vocabulary entries per program of `logits_topk`
 
 
