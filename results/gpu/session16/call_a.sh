@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Session 16, device call A (after the GGUF parts paa..pac were carried): step profile of HEAD against
-# 7d5b954's runtime (.ab/runtime_old, carried), interleaved new/old/new/old; then fresh distillation
-# data (seed 2) for the EAGLE head's continued training in call B. Writes $OUT/a.tgz.
+# Session 16, device call A (after the GGUF parts paa..pac were carried): the CUDA tests of the fused
+# kernels and EAGLE drafting; step profiles of this tree (new) against 7d5b954's runtime (old:
+# .ab/runtime_old) and 7061f69's (mid: the loop reorder of ea00d1c without eagle_frontier,
+# .ab/runtime_mid), interleaved; then fresh distillation data (seed 2) for call B. Writes $OUT/a.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 O=/tmp/o/a; mkdir -p $O
-rm -rf /tmp/old && mkdir -p /tmp/old && cp -r specdeploy scripts /tmp/old/
-rm -rf /tmp/old/specdeploy/runtime && cp -r .ab/runtime_old /tmp/old/specdeploy/runtime
-P="scripts/step_profile.py --target $T --configs none:0,eagle:4 --per-task 1"
-for i in 1 2; do
-  python3 $P --out $O/new$i > $O/new$i.log 2>&1
-  (cd /tmp/old && PYTHONPATH=/tmp/site:/tmp/old python3 $P --out $O/old$i > $O/old$i.log 2>&1)
+python3 -m pytest -q -x -p no:cacheprovider tests/test_fused_kernels.py tests/test_eagle.py -k "cuda or fused or frontier or topk" > $O/cuda_tests.log 2>&1
+tail -2 $O/cuda_tests.log
+for v in old mid; do
+  rm -rf /tmp/$v && mkdir -p /tmp/$v && cp -r specdeploy scripts /tmp/$v/
+  rm -rf /tmp/$v/specdeploy/runtime && cp -r .ab/runtime_$v /tmp/$v/specdeploy/runtime
 done
-grep -h "ms/step" $O/*.log
+P="scripts/step_profile.py --target $T --configs none:0,eagle:4 --per-task 1"
+prof() { if [ $1 = new ]; then python3 $P --out $O/$2 > $O/$2.log 2>&1
+         else (cd /tmp/$1 && PYTHONPATH=/tmp/site:/tmp/$1 python3 $P --out $O/$2 > $O/$2.log 2>&1); fi; }
+prof new new1; prof old old1; prof mid mid1; prof new new2
+for f in new1 old1 mid1 new2; do echo "$f: $(grep -h '^eagle:4\|^none:0' $O/$f.log | cut -c1-60 | tr '\n' ' ')"; done
 python3 -m specdeploy.training.cli data --target $T --device cuda --out /tmp/distill --n-per-task 500 \
   --batch-size 1000 --seed 2 > $O/data.log 2>&1
 tail -2 $O/data.log; cp /tmp/distill/manifest.json $O/data_manifest.json

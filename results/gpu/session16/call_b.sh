@@ -7,7 +7,7 @@ export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 O=/tmp/o/b; mkdir -p $O/res /tmp/art
 python3 -m specdeploy.training.cli eagle --target $T --device cuda --data /tmp/distill --out /tmp/art/eagle \
-  --init specdeploy/models/artifacts/smollm2-eagle --unroll 4 --steps 20000 --minutes ${MINUTES:-6.5} > $O/train.log 2>&1
+  --init specdeploy/models/artifacts/smollm2-eagle --unroll 4 --steps 20000 --minutes ${MINUTES:-5} > $O/train.log 2>&1
 grep -a "steps in\|planning" $O/train.log | cut -c1-600
 cp -r /tmp/art/eagle $O/
 E="python3 -m specdeploy.training.report run --method eagle --k 4 --target $T --device cuda --max-new-tokens 128"

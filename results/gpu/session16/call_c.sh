@@ -14,9 +14,9 @@ print(f"greedy eagle k=4 acceptance length: shipped {old:.3f}, unroll4 {new:.3f}
 sys.exit(0 if new > old else 1)
 PY
 [ -f /tmp/o/bench/head.txt ] || echo "bench: the shipped head" > /tmp/o/bench/head.txt
-timeout -s INT ${LIMIT:-540} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 3 \
+timeout -s INT ${LIMIT:-500} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 3 \
   --methods none,ngram,draft,medusa,eagle,multi,specinfer,policy --k 1,2,4,8 --temperature 0,0.7 --batch 1,8,32 \
   --batch-prompts-per-task 0 --peers hf --peer-time-cap 8 --policy-min-speedup 1.1 --target $T --device cuda \
-  --max-new-tokens 128 --time-budget ${BUDGET:-450} --out /tmp/o/bench 2>&1 | grep -v "it/s\]$" > /tmp/o/bench/log.txt
+  --max-new-tokens 128 --time-budget ${BUDGET:-420} --out /tmp/o/bench 2>&1 | grep -v "it/s\]$" > /tmp/o/bench/log.txt
 tail -5 /tmp/o/bench/log.txt
 tar -czf $OUT/bench.tgz -C /tmp/o bench
