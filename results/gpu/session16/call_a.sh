@@ -2,7 +2,7 @@
 # Session 16, device call A (after the GGUF parts paa..pac were carried): the CUDA tests of the fused
 # kernels and EAGLE drafting; step profiles of this tree (new) against 7d5b954's runtime (old:
 # .ab/runtime_old) and 7061f69's (mid: the loop reorder of ea00d1c without eagle_frontier,
-# .ab/runtime_mid), interleaved; then fresh distillation data (seed 2) for call B. Writes $OUT/a.tgz.
+# .ab/runtime_mid), interleaved. Writes $OUT/a.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -18,7 +18,4 @@ prof() { if [ $1 = new ]; then python3 $P --out $O/$2 > $O/$2.log 2>&1
          else (cd /tmp/$1 && PYTHONPATH=/tmp/site:/tmp/$1 python3 $P --out $O/$2 > $O/$2.log 2>&1); fi; }
 prof new new1; prof old old1; prof mid mid1; prof new new2
 for f in new1 old1 mid1 new2; do echo "$f: $(grep -h '^eagle:4\|^none:0' $O/$f.log | cut -c1-60 | tr '\n' ' ')"; done
-python3 -m specdeploy.training.cli data --target $T --device cuda --out /tmp/distill --n-per-task 500 \
-  --batch-size 1000 --seed 2 > $O/data.log 2>&1
-tail -2 $O/data.log; cp /tmp/distill/manifest.json $O/data_manifest.json
 tar -czf $OUT/a.tgz -C /tmp/o a

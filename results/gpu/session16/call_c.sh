@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Session 16, device call C (right after B, same warm machine): the full bench. Its EAGLE head is B's
-# (copied over the shipped artifact in this call's copy of the tree) where B's greedy eagle k=4 mean
-# acceptance length beat the shipped head's, else the shipped one. Writes $OUT/bench.tgz.
+# Session 16, device call C (right after A, same warm machine): the full bench. Its EAGLE head is B's
+# (copied over the shipped artifact in this call's copy of the tree) where B ran before it and its
+# greedy eagle k=4 mean acceptance length beat the shipped head's, else the shipped one. Writes
+# $OUT/bench.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/o/bench
-python3 - <<'PY' && cp /tmp/art/eagle/* specdeploy/models/artifacts/smollm2-eagle/ && echo "bench: B's head" > /tmp/o/bench/head.txt
+[ -f /tmp/o/b/res/unroll4_T0.json ] && python3 - <<'PY' && cp /tmp/art/eagle/* specdeploy/models/artifacts/smollm2-eagle/ && echo "bench: B's head" > /tmp/o/bench/head.txt
 import json, sys
 length = lambda f: json.load(open(f))["total"]["acceptance_length"]
 old, new = length("/tmp/o/b/res/shipped_T0.json"), length("/tmp/o/b/res/unroll4_T0.json")
