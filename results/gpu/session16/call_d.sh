@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 16, device call D (the budget's remainder, after the GGUF parts were carried): does a deeper
+# Prepared in session 16, NOT run (no device time was left): after the GGUF parts are carried, does a deeper
 # EAGLE tree pay now that a level costs ~0.07 ms? eagle at k (depth) 4, 5, 6 against plain, greedy,
 # batch 1, 3 eval prompts per task. Writes $OUT/depth.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
