@@ -69,9 +69,10 @@ def _check(engine: SpecEngine, reference) -> None:
 
 # k in {1, 2, 4, 8} across the methods: the loop's budget and rollback do not depend on the
 # proposer, and ngram, layerskip and draft differ in where the draft comes from, not in k
-@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 8), ("layerskip", 2), ("layerskip", 8)])
+@pytest.mark.parametrize("method,k", [("ngram", 1), ("ngram", 8), ("layerskip", 2)])
 def test_greedy_equals_target_generate(smollm2, reference, method, k):
-    # a 2-layer layerskip draft keeps CI fast; the default depth is covered by the CLI tests
+    # a 2-layer layerskip draft keeps CI fast; the default depth is covered by the CLI tests. Long chains
+    # (k = 8) are ngram's here and every draft model's in test_tree_lossless.py (draft-k6 cases)
     _check(SpecEngine(smollm2, SpecConfig(method=method, k=k, layerskip_layers=2)), reference)
 
 
