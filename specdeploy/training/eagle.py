@@ -16,13 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdeploy.errors import SpecDeployError
 from specdeploy.models import eagle
 from specdeploy.models.loader import LoadedModel
 from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
                                         masked_mean, plot_curve, target_features, train_loop)
-
-
-MAX_UNROLL = 6
 
 
 def unrolled_predictions(head: eagle.EagleHead, features: torch.Tensor, embeds: torch.Tensor,
@@ -55,8 +53,8 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
                 noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None) -> dict:
     """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
     `init`); returns its manifest."""
-    if not 1 <= unroll <= MAX_UNROLL:
-        raise ValueError(f"unroll must be 1 .. {MAX_UNROLL}, got {unroll}")
+    if unroll < 1:
+        raise SpecDeployError(f"--unroll must be at least 1, got {unroll}")
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()

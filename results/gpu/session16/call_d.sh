@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepared in session 16, NOT run (no device time was left): after the GGUF parts are carried, does a deeper
-# EAGLE tree pay now that a level costs ~0.07 ms? eagle at k (depth) 4, 5, 6 against plain, greedy,
+# EAGLE tree pay now that a level costs ~0.095 ms (session16/a)? eagle at k (depth) 4, 5, 6 against plain, greedy,
 # batch 1, 3 eval prompts per task. Writes $OUT/depth.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
