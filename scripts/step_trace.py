@@ -76,7 +76,8 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path 
     engine, params, enc = warm_engine(loaded, method, k, prompts, max_new)
     runner, proposer = engine.runner, engine.proposer
     wraps = [(engine.proposer, "propose"), (engine.runner, "forward"), (engine.runner, "keep_path"),
-             (engine.runner, "rollback"), (loop_module, "verify")]
+             (engine.runner, "rollback"), (loop_module, "verify"), (loop_module, "_append_rows"),
+             (loop_module, "ids_on"), (engine.proposer, "_sync")]
     torch.cuda.synchronize()
     steps = 0
     with ExitStack() as stack:

@@ -294,3 +294,42 @@ def test_ids_on_keeps_every_copy_while_the_gpu_is_busy():
         outs.append((j, ids_on("cuda", [j, j + 1, 2 * j] * (1 + j % 5))))
     assert all(t.tolist() == [j, j + 1, 2 * j] * (1 + j % 5) for j, t in outs)
     assert ids_on("cuda", list(range(1000))).tolist() == list(range(1000))  # over a row: a fresh pinned tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_accept_and_draft_ahead_queue_no_host_sync():
+    """On CUDA the greedy verdict is decided and copied out, and the next EAGLE tree drafted from it,
+    without one host sync (torch's sync debug mode raises on any); the verdicts equal the host walk's."""
+    from specdeploy.models import eagle
+    from specdeploy.runtime.eagle_graphs import GraphEagleProposer
+    from specdeploy.runtime.types import Context, Draft
+    from specdeploy.runtime.verify import GreedyAccept, verify
+
+    model = tiny_llama().to("cuda")
+    torch.manual_seed(2)
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to("cuda").eval()
+    proposer = GraphEagleProposer.from_head(head, model.get_input_embeddings(), model.get_output_embeddings(),
+                                            tree_size=12, topk=3, max_depth=4, max_length=64, query_buckets=(1, 4, 16))
+    ids = torch.randint(1, 64, (30,)).tolist()
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([ids], device="cuda")).last_hidden_state[0]
+    ctx = Context(token_ids=ids[:20], prompt_len=20, params=SamplingParams(), target_hidden=hidden[:19])
+    tree = proposer.propose(ctx, 4)
+    logits = torch.randn(tree.k + 1, model.config.vocab_size, device="cuda")
+    logits[1:, :].index_fill_(1, tree.tokens, 0.0)
+    logits[0, tree.tokens[0]] = 1e3  # the first node is accepted
+    step_hidden = torch.randn(tree.k + 1, hidden.shape[-1], device="cuda", dtype=hidden.dtype)
+    chain = Draft(tree.tokens[:3])
+    GreedyAccept(tree, logits).verdict()  # the kernel compiled before the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        accepts = [GreedyAccept(tree, logits), GreedyAccept(chain, logits[:4])]
+        proposer.draft_ahead(ctx, step_hidden, accepts[0], 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = [verify(Draft(tree.tokens.cpu(), parents=tree.parents.cpu()), logits.cpu(), SamplingParams()),
+            verify(Draft(chain.tokens.cpu()), logits[:4].cpu(), SamplingParams())]
+    for a, b in zip(accepts, host):
+        assert a.verdict() == b
+    assert accepts[0].verdict().num_accepted >= 1 and proposer._ahead is not None

@@ -157,3 +157,34 @@ def test_graph_eagle_replay_matches_eager_on_cuda(depth):
         ctx = Context(token_ids=ids[:n], prompt_len=20, params=SamplingParams(), target_hidden=hidden[: n - 1])
         a, b = graphed.propose(ctx, k), eager.propose(ctx, k)
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
+
+
+def test_graph_eagle_drafts_ahead_the_trees_it_would_draft(smollm2):
+    """Greedy EAGLE trees drafted ahead from the verdict still on the device (`draft_ahead`: padded sync,
+    device count) are the trees `propose` drafts from the committed context; the loop uses them."""
+    from specdeploy.runtime import kernels
+    from specdeploy.runtime.cuda_runner import compiled_for
+
+    if not kernels.available(smollm2.model.device):  # CPU tensors on a CUDA machine: no interpreter there
+        pytest.skip("the device verdict's kernel cannot run here (CPU without Triton's interpreter)")
+
+    spec = SpecConfig(method="eagle", k=4, tree_size=48)
+    runner, proposer = compiled_for(spec, smollm2, max_length=256)
+    _, ref = compiled_for(spec, smollm2, max_length=256)
+    seen = {"ahead": 0, "drafts": 0}
+    propose, reset = proposer.propose, proposer.reset
+
+    def checked(ctx, k):
+        ahead = proposer._ahead[3] if proposer._ahead is not None else None
+        got, want = propose(ctx, k), ref.propose(ctx, k)
+        assert got.tokens.tolist() == want.tokens.tolist() and got.parents.tolist() == want.parents.tolist()
+        seen["ahead"] += got is ahead
+        seen["drafts"] += 1
+        return got
+
+    proposer.propose = checked
+    proposer.reset = lambda: (reset(), ref.reset())
+    engine = SpecEngine(smollm2, spec, runner=runner, proposer=proposer)
+    for prompt in ("Write a Python function that returns the square of a number.", "What is 12 + 7?"):
+        engine.generate_ids(engine.encode(prompt, max_new_tokens=24), SamplingParams(max_new_tokens=24))
+    assert seen["ahead"] >= seen["drafts"] / 2, seen  # a request's first draft and those near its end are not

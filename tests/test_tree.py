@@ -185,6 +185,35 @@ def test_greedy_tree_verdicts_on_random_trees():
         assert (list(v.path), v.next_token, v.proposed) == (path, nxt, d.depth), trial
 
 
+@pytest.mark.parametrize("chain", [False, True], ids=["trees", "chains"])
+def test_device_greedy_verdicts_are_the_naive_walks(chain):
+    """`GreedyAccept` (one Triton launch; CPU: the interpreter) on random trees and chains: its verdict is
+    the naive walk's, and its device views (what a proposer drafts ahead from) hold the committed rows
+    and the token after each, 0-padded to the most a step can commit."""
+    pytest.importorskip("triton")
+    from specdeploy.runtime.verify import GreedyAccept
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        k = int(torch.randint(0 if chain else 1, 32, (1,), generator=g))
+        parents = list(range(-1, k - 1)) if chain else [int(torch.randint(-1, i, (1,), generator=g)) for i in range(k)]
+        tokens = torch.randint(0, 3, (k,), generator=g)
+        target = torch.randint(0, 3, (k + 1,), generator=g)
+        d = Draft(tokens) if chain else Draft(tokens, parents=torch.tensor(parents), max_depth=k if trial % 2 else None)
+        accept = GreedyAccept(d, torch.nn.functional.one_hot(target, 3).float())
+        v = accept.verdict()
+        path, nxt = _greedy_walk(tokens.tolist(), parents, target.tolist())
+        assert (v.num_accepted, v.next_token, v.proposed) == (len(path), nxt, d.depth), trial
+        assert v.emitted(d) == tokens[path].tolist() + [nxt]
+        if not chain:
+            assert list(v.path) == path
+        c = len(path) + 1
+        assert accept.count.tolist() == [c] and accept.last.tolist() == [c - 1] and accept.max_count == d.depth_bound + 1
+        pad = [0] * (accept.max_count - c)
+        assert accept.rows.tolist() == [0] + [1 + i for i in path] + pad, trial
+        assert accept.after.tolist() == tokens[path].tolist() + [nxt] + pad, trial
+
+
 def test_greedy_tree_loop_equals_plain_decoding():
     target, draft = _tables()
     runner = TreeBigramRunner(target)

@@ -284,3 +284,38 @@ def eagle_frontier_kernel(cand_score_ptr, cand_tok_ptr, ids_ptr, feat_ptr, anc_p
     s = tl.arange(0, BLOCK_S)
     m = r_ok[:, None] & (s[None, :] < S)
     tl.store(anc_out_ptr + r[:, None] * S + s[None, :], tl.load(anc_ptr + rows[:, None] * S + s[None, :], mask=m), mask=m)
+
+
+@triton.jit(do_not_specialize=["n"])
+def greedy_accept_kernel(target_ptr, tok_ptr, par_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """A greedy verdict over a token tree of n nodes in one program: from the pending token (node -1),
+    step to the lowest-index child whose token is the target's choice at the current node while one
+    exists. target: [n + 1] the target's argmax after the pending token and after each node. Writes
+    out (int64): [0] c = accepted nodes + 1 (committed positions), [1] c - 1, [2 + j] the target row
+    of committed position j (0 = the pending token, 1 + node), [2 + BLOCK + j] the token after it,
+    [2 + 2 BLOCK + i] parents[i]; rows and tokens past c are 0."""
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    toks = tl.load(tok_ptr + i, mask=ok, other=-1)
+    pars = tl.load(par_ptr + i, mask=ok, other=-2)
+    after_node = tl.load(target_ptr + 1 + i, mask=ok, other=0)  # the target's choice after node i
+    want = tl.load(target_ptr)
+    zero = want * 0
+    node, count, done = zero - 1, zero, zero
+    rows = tl.zeros([BLOCK], dtype=tl.int64)
+    after = tl.zeros([BLOCK], dtype=tl.int64)
+    for _ in range(0, n + 1):  # a path of at most n nodes, then the token after it
+        here = (i == count) & (done == 0)
+        rows = tl.where(here, node + 1, rows)
+        after = tl.where(here, want, after)
+        first = tl.min(tl.where((pars == node) & (toks == want), i, BLOCK), axis=0).to(tl.int64)
+        found = (first < BLOCK) & (done == 0)
+        count = tl.where(done == 0, count + 1, count)
+        want = tl.where(found, tl.sum(tl.where(i == first, after_node, 0), axis=0), want)
+        node = tl.where(found, first, node)
+        done = tl.where(found, done, 1)
+    tl.store(out_ptr, count)
+    tl.store(out_ptr + 1, count - 1)
+    tl.store(out_ptr + 2 + i, rows)
+    tl.store(out_ptr + 2 + BLOCK + i, after)
+    tl.store(out_ptr + 2 + 2 * BLOCK + i, pars, mask=ok)

@@ -38,6 +38,7 @@ from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, L
 from specdeploy.runtime.runner import ids_on
 from specdeploy.runtime.tree import best_nodes
 from specdeploy.runtime.types import Context, Draft
+from specdeploy.runtime.verify import GreedyAccept
 
 
 class GraphEagleProposer:
@@ -108,6 +109,7 @@ class GraphEagleProposer:
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._fns: dict[tuple, CapturedFn] = {}
         self._fed_host = 0  # committed pairs in the cache
+        self._ahead: tuple[int, GreedyAccept, int, Draft] | None = None  # (pairs before, verdict, depth, draft)
         if capture and self.use_graphs:
             self.capture_all()
 
@@ -140,6 +142,7 @@ class GraphEagleProposer:
 
     def reset(self) -> None:
         self._fed_host = 0
+        self._ahead = None
 
     # ---- the captured steps -------------------------------------------------------------
     def _head(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, rope_pos: torch.Tensor,
@@ -239,9 +242,49 @@ class GraphEagleProposer:
         self._fed_host = n_pairs
         self._fed.fill_(n_pairs)
 
+    def _settle(self) -> tuple[Draft | None, int]:
+        """Count the pairs a draft ahead synced (the loop has read its verdict by now); its draft and depth."""
+        if self._ahead is None:
+            return None, 0
+        start, accept, depth, draft = self._ahead
+        self._ahead = None
+        self._fed_host = start + accept.verdict().num_accepted + 1
+        return draft, depth
+
+    @torch.inference_mode()
+    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: GreedyAccept, k: int) -> None:
+        """Queue the next step's draft from this step's greedy verdict while it is still on the device:
+        sync the committed pairs (padded to the most the verdict can commit; the count is read on the
+        device) and draft `k` levels deep. `propose` returns that draft when the loop, having committed
+        the verdict's tokens, asks for the same depth. ctx holds the tokens before this step's."""
+        self._settle()
+        start, m = len(ctx.token_ids) - 1, accept.max_count
+        depth = min(k, self.max_depth)
+        if (hidden is None or depth <= 0 or start != self._fed_host or start + m > self.max_length
+                or m > self.query_buckets[-1]):
+            return
+        q = bucket(m, self.query_buckets)
+        torch.index_select(hidden, 0, accept.rows, out=self._feat_in[:m])
+        self._tok_in[:m].copy_(accept.after)
+        self._fed.fill_(start)
+        out = self._fn("sync", q, bucket(start + q, self.kv_buckets))()
+        torch.index_select(out, 0, accept.last, out=self._root[None])
+        self._fed.add_(accept.count)
+        self._ahead = (start, accept, depth, self._draft(start + m, depth))
+
+    def _draft(self, n_pairs: int, depth: int) -> Draft:
+        """A `depth`-deep tree after (at most) `n_pairs` committed pairs, left on the device."""
+        kv = self.kv_buckets[0] if depth == 1 else bucket(n_pairs + self.scratch + 1, self.kv_buckets)
+        flat = self._fn("draft", depth, kv)()
+        # copies: the graph's output is overwritten by the next replay
+        return Draft(tokens=flat[0].clone(), parents=flat[1].clone(), max_depth=depth)
+
     @torch.inference_mode()
     def propose(self, ctx: Context, k: int) -> Draft:
+        ahead, ahead_depth = self._settle()
         n_pairs = len(ctx.token_ids) - 1
+        if ahead is not None and n_pairs == self._fed_host and min(k, self.max_depth) == ahead_depth:
+            return ahead
         hidden = ctx.target_hidden
         if n_pairs <= 0 or hidden is None or hidden.shape[0] < n_pairs:
             return Draft.empty()
@@ -251,9 +294,5 @@ class GraphEagleProposer:
             self._sync(ctx, n_pairs)
         if k <= 0:
             return Draft.empty()
-        depth = min(k, self.max_depth)
-        kv = self.kv_buckets[0] if depth == 1 else bucket(n_pairs + self.scratch + 1, self.kv_buckets)
-        flat = self._fn("draft", depth, kv)()
-        # left on the device, no sync: the loop queues the verify forward behind this draft (copies: the
-        # graph's output is overwritten by the next replay)
-        return Draft(tokens=flat[0].clone(), parents=flat[1].clone())
+        # left on the device, no sync: the loop queues the verify forward behind this draft
+        return self._draft(n_pairs, min(k, self.max_depth))

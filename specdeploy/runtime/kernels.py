@@ -216,6 +216,20 @@ def eagle_frontier(cand_score: torch.Tensor, cand_tok: torch.Tensor, ids: torch.
         K=k, BLOCK_C=_pow2(k * k), BLOCK_K=_pow2(k), BLOCK_H=_pow2(H), BLOCK_S=_pow2(S), num_warps=4)
 
 
+def greedy_accept(target_tokens: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A greedy verdict over a token tree in one launch (the host walk of verify.py's `verify_tree`,
+    whose result it equals): target_tokens [n + 1] the target's argmax after the pending token and
+    after each node, tokens / parents [n] int64 (a chain: parents i - 1). Returns (out, B): out
+    int64 [2 + 3B] as `greedy_accept_kernel` lays it out (committed count, count - 1, B target rows,
+    B tokens after them, the parents), B = the power of two > n, at least 16."""
+    n = int(tokens.numel())
+    block = max(_pow2(n + 1), 16)
+    out = torch.empty(2 + 3 * block, dtype=torch.long, device=tokens.device)
+    _kernels().greedy_accept_kernel[(1,)](target_tokens.contiguous(), tokens.contiguous(), parents.contiguous(),
+                                          out, n, BLOCK=block, num_warps=1)
+    return out, block
+
+
 LOGITS_BLOCK_V = 128  # vocabulary entries per program of `logits_topk`
 
 

@@ -10,12 +10,13 @@ import torch
 
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime import kernels as fused_kernels
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.runner import Runner, ids_on
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import verify
+from specdeploy.runtime.verify import GreedyAccept, verify
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ def speculative_generate(
     committed token but the last one (the pending token), which is fed first in the next step.
     The next draft is queued as soon as the verdict's tokens are in the context, before the stop
     checks and the rollback, so that on a GPU the drafting overlaps the host's work on the step.
+    A proposer with `draft_ahead` (EAGLE trees over CUDA graphs) goes further at greedy decoding where
+    the fused kernels run: the verdict is decided on the device (`GreedyAccept`) and the next draft
+    queued from it before the host reads it, so the GPU never waits for the host between steps.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -89,6 +93,9 @@ def speculative_generate(
     reason = None
     rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
+    ahead = getattr(proposer, "draft_ahead", None)
+    if not (params.greedy and k > 0 and fused_kernels.available(target.device)):
+        ahead = None
 
     def next_draft(emitted: int) -> tuple[bool, Draft]:
         """Speculate in the next step? and its draft, never past max_new_tokens or the context window
@@ -115,11 +122,21 @@ def speculative_generate(
             step = target.forward(feed, tree_parents=torch.cat([draft.parents.new_full((1,), -1), draft.parents + 1]))
         else:
             step = target.forward(feed)
-        verdict = verify(draft, step.logits, params, generator)
+        accept = None
+        if ahead is not None:
+            # decided on the device; the proposer queues the next draft from it before the host reads it, so the
+            # GPU drafts while the host takes in this step (a draft wasted where the next step goes plain)
+            accept = GreedyAccept(draft, step.logits)
+            if spec_switch.mode == "on" or spec_switch.mode == "auto" and spec_switch.prefers_spec():
+                ahead(ctx, step.hidden, accept, k)
+            verdict = accept.verdict()
+        else:
+            verdict = verify(draft, step.logits, params, generator)
         # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
         if draft.is_tree:
             rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
-            rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
+            rows = (accept.rows[: 1 + verdict.num_accepted] if accept is not None
+                    else ids_on(target.device, [0] + [1 + i for i in verdict.path]))
         else:
             rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix

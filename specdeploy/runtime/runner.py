@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -49,9 +49,24 @@ def ids_on(device: torch.device | str, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long)
     if len(ids) > _PinnedRing.width:
         return torch.tensor(ids, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+    return _ring(device).copy(ids)
+
+
+def to_host(t: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying a small int64 tensor [n <= 256] to the host now; the returned function waits for
+    that copy alone and gives its values. On a GPU the copy goes to pinned memory behind the work
+    queued so far, so work queued after this call keeps running while the host reads the values
+    (`.tolist()` would wait for it too)."""
+    if t.device.type == "cpu":
+        return t.tolist
+    if t.numel() > _PinnedRing.width:
+        raise ValueError(f"to_host copies at most {_PinnedRing.width} values, not {t.numel()}")
+    return _ring(t.device).fetch(t)
+
+
+def _ring(device: torch.device) -> "_PinnedRing":
     rings = _rings.__dict__.setdefault("by_device", {})
-    ring = rings.get(device) or rings.setdefault(device, _PinnedRing(device))
-    return ring.copy(ids)
+    return rings.get(device) or rings.setdefault(device, _PinnedRing(device))
 
 
 class _PinnedRing:
@@ -60,29 +75,52 @@ class _PinnedRing:
     step (results/gpu/step_profile/after_323d993).
     A row is written again only after the copy that read it has run (its event)."""
 
-    slots, width = 64, 256
+    slots, width = 64, 512
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.rows = torch.empty(self.slots, self.width, dtype=torch.long).pin_memory()
+        with torch.inference_mode(False):  # `fetch` writes rows in place, in inference mode or not
+            self.rows = torch.empty(self.slots, self.width, dtype=torch.long).pin_memory()
         self.view = self.rows.numpy()
         self.events: list[torch.cuda.Event | None] = [None] * self.slots
         self.next = 0
 
     def copy(self, ids: list[int]) -> torch.Tensor:
-        i, n = self.next, len(ids)
+        i, event = self._take()
+        n = len(ids)
+        self.view[i, :n] = ids
+        out = self.rows[i, :n].to(self.device, non_blocking=True)
+        self._record(event)
+        return out
+
+    def fetch(self, src: torch.Tensor) -> Callable[[], list[int]]:
+        """`to_host`: src [n] int64 on this ring's device into a row, read once its copy has run."""
+        i, event = self._take()
+        n = src.numel()
+        self.rows[i, :n].copy_(src, non_blocking=True)
+        self._record(event)
+
+        def read() -> list[int]:
+            event.synchronize()
+            return self.view[i, :n].tolist()
+        return read
+
+    def _take(self) -> tuple[int, torch.cuda.Event]:
+        """The next row, once the copy that last used it has run (long done in practice: the ring
+        holds many steps' copies), and its event."""
+        i = self.next
         self.next = (i + 1) % self.slots
         event = self.events[i]
         if event is None:
             event = self.events[i] = torch.cuda.Event()
         else:
-            event.synchronize()  # long done in practice: the ring holds many steps' copies
-        self.view[i, :n] = ids
-        out = self.rows[i, :n].to(self.device, non_blocking=True)
+            event.synchronize()
+        return i, event
+
+    def _record(self, event: torch.cuda.Event) -> None:
         # the copy's stream: the current one of the copy's device (`current_stream(device)` costs ~10 µs)
         event.record(None if torch.cuda.current_device() == self.index else torch.cuda.current_stream(self.device))
-        return out
 
 
 _rings = threading.local()  # a ring per thread and device: Triton serves requests from several threads

@@ -44,6 +44,7 @@ class Draft:
     tokens: torch.Tensor  # [k] int64
     probs: torch.Tensor | None = None  # [k, vocab] the draft distribution each token was sampled from
     parents: torch.Tensor | None = None  # [k] int64 parent node index, -1 = pending token; None = chain
+    max_depth: int | None = None  # a tree left on the device: a bound on its depth its proposer knows
 
     @property
     def k(self) -> int:
@@ -58,6 +59,11 @@ class Draft:
         if self.parents is None:
             return list(range(1, self.k + 1))
         return node_depths(self.parents.tolist())
+
+    @property
+    def depth_bound(self) -> int:
+        """The most draft tokens one step can accept, without reading a tree on the device."""
+        return min(self.k, self.max_depth) if self.max_depth is not None else self.k
 
     @property
     def depth(self) -> int:

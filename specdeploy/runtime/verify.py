@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from specdeploy.config import SamplingParams
+from specdeploy.runtime.runner import to_host
 from specdeploy.runtime.types import Draft, Verdict, node_depths
 
 
@@ -198,6 +199,46 @@ def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torc
             return _tree_verdict(path, toks, pars, int(rec[node + 1]))
         path.append(accepted)
         node = accepted
+
+
+class GreedyAccept:
+    """A greedy verdict decided on the device (one `kernels.greedy_accept` launch) and copied to the
+    host without waiting for the work queued after it: a proposer can queue the next draft from it
+    (`draft_ahead`) before the host reads it (`verdict()`).
+
+    Device views, valid once the kernel has run: `count` [1] committed positions c (accepted nodes +
+    1), `last` [1] c - 1, `rows` [max_count] the target rows of the committed positions (0: the
+    pending token) and `after` [max_count] the token after each, 0 past c.
+    """
+
+    def __init__(self, draft: Draft, target_logits: torch.Tensor) -> None:
+        from specdeploy.runtime import kernels
+
+        k, device = draft.k, target_logits.device
+        tokens = draft.tokens.to(device)
+        parents = draft.parents.to(device) if draft.is_tree else torch.arange(-1, k - 1, device=device)
+        self.out, self.block = kernels.greedy_accept(target_logits.argmax(-1), tokens, parents)
+        b = self.block
+        self.count, self.last = self.out[0:1], self.out[1:2]
+        self.max_count = 1 + draft.depth_bound
+        self.rows, self.after = self.out[2 : 2 + self.max_count], self.out[2 + b : 2 + b + self.max_count]
+        self._read = to_host(self.out[: 2 + 2 * b + k] if draft.is_tree else self.out[: 2 + 2 * b])
+        self._k, self._tree = k, draft.is_tree
+        self._verdict: Verdict | None = None
+
+    def verdict(self) -> Verdict:
+        """The verdict on the host: waits for the kernel's copy (not for work queued after it)."""
+        if self._verdict is None:
+            host, b, k = self._read(), self.block, self._k
+            c = host[0]
+            after = host[2 + b : 2 + b + c]
+            if not self._tree:
+                self._verdict = Verdict(num_accepted=c - 1, next_token=after[-1], proposed=k)
+            else:
+                path = tuple(r - 1 for r in host[3 : 2 + c])
+                self._verdict = Verdict(num_accepted=len(path), next_token=after[-1], path=path,
+                                        path_tokens=tuple(after[:-1]), proposed=max(node_depths(host[2 + 2 * b :]), default=0))
+        return self._verdict
 
 
 def _tree_verdict(path: list[int], tokens: list[int], parents: list[int], next_token: int) -> Verdict:
