@@ -297,13 +297,14 @@ def test_ids_on_keeps_every_copy_while_the_gpu_is_busy():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_greedy_accept_and_draft_ahead_queue_no_host_sync():
-    """On CUDA the greedy verdict is decided and copied out, and the next EAGLE tree drafted from it,
-    without one host sync (torch's sync debug mode raises on any); the verdicts equal the host walk's."""
+def test_device_verdict_and_draft_ahead_queue_no_host_sync():
+    """On CUDA a verdict (greedy, or sampled over point-mass tokens) is decided and copied out, and the
+    next EAGLE tree drafted from it, without one host sync (torch's sync debug mode raises on any); the
+    verdicts equal `verify`'s on the CPU from the same draws."""
     from specdeploy.models import eagle
     from specdeploy.runtime.eagle_graphs import GraphEagleProposer
     from specdeploy.runtime.types import Context, Draft
-    from specdeploy.runtime.verify import GreedyAccept, verify
+    from specdeploy.runtime.verify import DeviceVerdict, verify
 
     model = tiny_llama().to("cuda")
     torch.manual_seed(2)
@@ -320,16 +321,17 @@ def test_greedy_accept_and_draft_ahead_queue_no_host_sync():
     logits[0, tree.tokens[0]] = 1e3  # the first node is accepted
     step_hidden = torch.randn(tree.k + 1, hidden.shape[-1], device="cuda", dtype=hidden.dtype)
     chain = Draft(tree.tokens[:3])
-    GreedyAccept(tree, logits).verdict()  # the kernel compiled before the check
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8)
+    cases = [(tree, logits, greedy), (chain, logits[:4], greedy), (tree, logits, sampled), (chain, logits[:4], sampled)]
+    for d, lg, p in cases:  # the kernels compiled before the check
+        DeviceVerdict(d, lg, p, torch.Generator("cuda").manual_seed(0)).verdict()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        accepts = [GreedyAccept(tree, logits), GreedyAccept(chain, logits[:4])]
+        accepts = [DeviceVerdict(d, lg, p, torch.Generator("cuda").manual_seed(i)) for i, (d, lg, p) in enumerate(cases)]
         proposer.draft_ahead(ctx, step_hidden, accepts[0], 4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    host = [verify(Draft(tree.tokens.cpu(), parents=tree.parents.cpu()), logits.cpu(), SamplingParams()),
-            verify(Draft(chain.tokens.cpu()), logits[:4].cpu(), SamplingParams())]
-    for a, b in zip(accepts, host):
-        assert a.verdict() == b
+    for i, ((d, lg, p), a) in enumerate(zip(cases, accepts)):
+        assert a.verdict() == verify(d, lg, p, torch.Generator("cuda").manual_seed(i)), i
     assert accepts[0].verdict().num_accepted >= 1 and proposer._ahead is not None

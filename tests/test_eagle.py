@@ -159,9 +159,10 @@ def test_graph_eagle_replay_matches_eager_on_cuda(depth):
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist()
 
 
-def test_graph_eagle_drafts_ahead_the_trees_it_would_draft(smollm2):
-    """Greedy EAGLE trees drafted ahead from the verdict still on the device (`draft_ahead`: padded sync,
-    device count) are the trees `propose` drafts from the committed context; the loop uses them."""
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
+def test_graph_eagle_drafts_ahead_the_trees_it_would_draft(smollm2, temperature):
+    """EAGLE trees drafted ahead from the verdict still on the device (`draft_ahead`: padded sync, device
+    count) are the trees `propose` drafts from the committed context; the loop uses them."""
     from specdeploy.runtime import kernels
     from specdeploy.runtime.cuda_runner import compiled_for
 
@@ -185,6 +186,8 @@ def test_graph_eagle_drafts_ahead_the_trees_it_would_draft(smollm2):
     proposer.propose = checked
     proposer.reset = lambda: (reset(), ref.reset())
     engine = SpecEngine(smollm2, spec, runner=runner, proposer=proposer)
-    for prompt in ("Write a Python function that returns the square of a number.", "What is 12 + 7?"):
-        engine.generate_ids(engine.encode(prompt, max_new_tokens=24), SamplingParams(max_new_tokens=24))
+    prompts = ("Write a Python function that returns the square of a number.", "What is 12 + 7?")
+    for prompt in prompts[: 2 if temperature == 0 else 1]:
+        engine.generate_ids(engine.encode(prompt, max_new_tokens=24),
+                            SamplingParams(temperature=temperature, seed=0, max_new_tokens=24))
     assert seen["ahead"] >= seen["drafts"] / 2, seen  # a request's first draft and those near its end are not

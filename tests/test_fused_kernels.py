@@ -11,7 +11,7 @@ from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, choose_kernels
 from specdeploy.runtime.loop import StopCondition, speculative_generate
-from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
+from specdeploy.runtime.proposers import DraftModelProposer, NoProposer
 from specdeploy.runtime.types import Draft
 
 pytest.importorskip("triton")  # on CPU conftest.py has set TRITON_INTERPRET=1 before anything imported it
@@ -100,10 +100,11 @@ class _Tree:
         return Draft(tokens=torch.tensor(tokens), probs=None, parents=torch.tensor(parents))
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "tree"])
+@pytest.mark.parametrize("method", ["draft", "tree"])
 def test_fused_runner_greedy_is_lossless(method):
     """Speculation over a fused-kernel target gives the plain greedy output of the torch runner
-    (one prompt: the interpreter takes ~1 s a forward)."""
+    (one prompt: the interpreter takes ~1 s a forward; chains of a draft model and trees, the verify
+    shapes n-gram lookup also uses)."""
     model = small_llama(layers=2, seed=1)
     torch_lean, fused = both(model)
     params, stop = SamplingParams(max_new_tokens=14), StopCondition(frozenset([0]), 14)
@@ -111,12 +112,11 @@ def test_fused_runner_greedy_is_lossless(method):
     ref = speculative_generate(CudaGraphRunner(torch_lean, max_length=64, use_graphs=False), NoProposer(),
                                prompt, params, stop, k=0).token_ids
     draft_runner = CudaGraphRunner(torch_lean, max_length=64, use_graphs=False)  # the target itself, torch kernels
-    proposer = {"ngram": NGramProposer(), "draft": DraftModelProposer(draft_runner), "tree": _Tree(draft_runner)}[method]
+    proposer = {"draft": DraftModelProposer(draft_runner), "tree": _Tree(draft_runner)}[method]
     target = CudaGraphRunner(fused, max_length=64, query_buckets=(1, 4, 16), use_graphs=False)
     out = speculative_generate(target, proposer, prompt, params, stop, k=3)
     assert out.token_ids == ref
-    if method != "ngram":  # a draft that is the target: most draft tokens accepted
-        assert out.stats.target_forwards <= len(ref) // 2
+    assert out.stats.target_forwards <= len(ref) // 2  # a draft that is the target: most draft tokens accepted
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="row independence is a property of the GPU kernels")
@@ -232,3 +232,41 @@ def test_eagle_frontier_matches_the_torch_ops(k, hidden, slots):
     assert out[0].tolist() == ids.repeat_interleave(k).tolist()
     assert out[2].tolist() == tok[best].tolist() and out[3].tolist() == score[best].tolist()
     assert torch.equal(out[4], feats[best // k]) and torch.equal(out[5], anc[best // k])
+
+
+@pytest.mark.parametrize("q", [1, 5, 16, 64, 128])
+def test_tree_ancestry_matches_ancestor_matrix(q):
+    """`kernels.tree_ancestry` writes `tree.ancestor_matrix` and the depths into the runner's static
+    buffers (wider than the tree: nothing outside [:q, :q] is touched), for random trees and a chain."""
+    from specdeploy.runtime import kernels
+    from specdeploy.runtime.tree import ancestor_matrix
+
+    g = torch.Generator().manual_seed(q)
+    for trial in range(3):
+        parents = torch.arange(-1, q - 1) if trial == 0 else torch.tensor(
+            [int(torch.randint(-1, i, (1,), generator=g)) for i in range(q)])
+        anc = torch.zeros(130, 130, dtype=torch.bool, device=DEV)
+        depth = torch.full((130,), -7, dtype=torch.long, device=DEV)
+        kernels.tree_ancestry(parents.to(DEV), anc, depth[:q])
+        want = ancestor_matrix(parents)
+        assert torch.equal(anc[:q, :q].cpu(), want) and torch.equal(depth[:q].cpu(), want.sum(-1) - 1)
+        assert not anc[q:].any() and not anc[:, q:].any() and (depth[q:] == -7).all()
+
+
+@pytest.mark.parametrize("n, size", [(8, 63), (200, 63), (456, 48)])
+def test_best_nodes_kernel_matches_the_torch_ops(n, size):
+    """`kernels.best_nodes` (GraphEagleProposer's select step) keeps the nodes `tree.best_nodes` keeps, with
+    the same renumbered parents, on random EAGLE-like trees (children score at most their parent; ties
+    included: the index penalty keeps a parent before its equal child)."""
+    from specdeploy.runtime import kernels
+    from specdeploy.runtime.tree import best_nodes
+
+    g = torch.Generator().manual_seed(n)
+    for trial in range(2):
+        parent = [-1] * min(8, n) + [int(torch.randint(0, i, (1,), generator=g)) for i in range(min(8, n), n)]
+        score: list[float] = []
+        for i, p in enumerate(parent):
+            drop = 0.0 if trial and i % 3 == 0 else float(torch.rand(1, generator=g))
+            score.append((0.0 if p < 0 else score[p]) - drop)
+        args = (torch.randint(0, 100, (n,), generator=g).to(DEV), torch.tensor(score, device=DEV), torch.tensor(parent, device=DEV))
+        assert torch.equal(kernels.best_nodes(*args, size).cpu(), best_nodes(*args, size).cpu())

@@ -133,7 +133,7 @@ def test_real_model_first_token_follows_target(smollm2):
         logits = smollm2.model(torch.tensor([prompt])).logits[0, -1]
     exact_probs = sampling_probs(logits[None], params)[0]
     stop = StopCondition(frozenset(), 2)
-    n = 200
+    n = 120  # seeded draws over the top-4 tokens
     counts: Counter = Counter()
     for i in range(n):
         p = SamplingParams(temperature=1.0, top_k=4, seed=i, max_new_tokens=2)

@@ -185,33 +185,61 @@ def test_greedy_tree_verdicts_on_random_trees():
         assert (list(v.path), v.next_token, v.proposed) == (path, nxt, d.depth), trial
 
 
-@pytest.mark.parametrize("chain", [False, True], ids=["trees", "chains"])
-def test_device_greedy_verdicts_are_the_naive_walks(chain):
-    """`GreedyAccept` (one Triton launch; CPU: the interpreter) on random trees and chains: its verdict is
-    the naive walk's, and its device views (what a proposer drafts ahead from) hold the committed rows
-    and the token after each, 0-padded to the most a step can commit."""
-    pytest.importorskip("triton")
-    from specdeploy.runtime.verify import GreedyAccept
+def _skip_without_cpu_kernels() -> None:
+    """The device verdict's kernel on CPU tensors needs Triton's interpreter (conftest.py sets it where
+    there is no GPU; test_cuda_runner.py runs the kernel on the GPU)."""
+    from specdeploy.runtime import kernels
 
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("Triton's interpreter is off (a GPU machine) or Triton is missing")
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["trees", "chains"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_device_verdicts_are_the_host_verdicts(chain, temperature):
+    """`DeviceVerdict` (one Triton launch after the draws; CPU: the interpreter) on random trees and chains
+    of point-mass tokens (repeated siblings included): its verdict is `verify`'s from the same generator
+    state (greedy: also the naive walk's), and its device views (what a proposer drafts ahead from) hold
+    the committed rows and the token after each, 0-padded to the most a step can commit."""
+    _skip_without_cpu_kernels()
+    from specdeploy.runtime.verify import DeviceVerdict
+
+    params = SamplingParams(temperature=temperature)
     g = torch.Generator().manual_seed(1)
-    for trial in range(60):
+    for trial in range(40):
         k = int(torch.randint(0 if chain else 1, 32, (1,), generator=g))
         parents = list(range(-1, k - 1)) if chain else [int(torch.randint(-1, i, (1,), generator=g)) for i in range(k)]
-        tokens = torch.randint(0, 3, (k,), generator=g)
-        target = torch.randint(0, 3, (k + 1,), generator=g)
+        tokens = torch.randint(0, 3, (k,), generator=g)  # a tiny vocab: many matches and repeats
+        logits = torch.randn(k + 1, 3, generator=g) * 2
         d = Draft(tokens) if chain else Draft(tokens, parents=torch.tensor(parents), max_depth=k if trial % 2 else None)
-        accept = GreedyAccept(d, torch.nn.functional.one_hot(target, 3).float())
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        accept = DeviceVerdict(d, logits, params, torch.Generator().manual_seed(seed))
         v = accept.verdict()
-        path, nxt = _greedy_walk(tokens.tolist(), parents, target.tolist())
-        assert (v.num_accepted, v.next_token, v.proposed) == (len(path), nxt, d.depth), trial
-        assert v.emitted(d) == tokens[path].tolist() + [nxt]
-        if not chain:
-            assert list(v.path) == path
+        assert v == verify(d, logits, params, torch.Generator().manual_seed(seed)), trial
+        path = list(v.path) if v.path is not None else list(range(v.num_accepted))
+        if params.greedy:
+            assert (path, v.next_token) == _greedy_walk(tokens.tolist(), parents, logits.argmax(-1).tolist())
         c = len(path) + 1
         assert accept.count.tolist() == [c] and accept.last.tolist() == [c - 1] and accept.max_count == d.depth_bound + 1
         pad = [0] * (accept.max_count - c)
         assert accept.rows.tolist() == [0] + [1 + i for i in path] + pad, trial
-        assert accept.after.tolist() == tokens[path].tolist() + [nxt] + pad, trial
+        assert accept.after.tolist() == tokens[path].tolist() + [v.next_token] + pad, trial
+
+
+def test_device_verdict_skips_repeated_siblings():
+    """The sampled rule on a hand-made node: children A, A, B. The repeated A is skipped and its mass not
+    removed again, so B (u = 0.8, p 0.3) is tried against 1 - p(A) = 0.5: 0.8 * 0.5 >= 0.3, rejected."""
+    _skip_without_cpu_kernels()
+    from specdeploy.runtime import kernels
+
+    tokens, parents = torch.tensor([5, 5, 7]), torch.tensor([-1, -1, -1])
+    recovered = torch.tensor([9, 1, 2, 3])
+    for u_b, want in ((0.8, (1, 9)), (0.5, (2, 7))):  # 0.5 * 0.5 < 0.3: B accepted, then the token recovered after it
+        out, b = kernels.tree_accept(tokens, parents, recovered, torch.tensor([0.5, 0.5, 0.3]), torch.tensor([0.99, 0.0, u_b]))
+        c = int(out[0])
+        assert (c, int(out[2 + b])) == (want[0], want[1] if c == 1 else 7), u_b
+        if c == 2:
+            assert out[2 : 2 + c].tolist() == [0, 3] and out[2 + b : 2 + b + c].tolist() == [7, 3]
 
 
 def test_greedy_tree_loop_equals_plain_decoding():

@@ -287,29 +287,46 @@ def eagle_frontier_kernel(cand_score_ptr, cand_tok_ptr, ids_ptr, feat_ptr, anc_p
 
 
 @triton.jit(do_not_specialize=["n"])
-def greedy_accept_kernel(target_ptr, tok_ptr, par_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """A greedy verdict over a token tree of n nodes in one program: from the pending token (node -1),
-    step to the lowest-index child whose token is the target's choice at the current node while one
-    exists. target: [n + 1] the target's argmax after the pending token and after each node. Writes
-    out (int64): [0] c = accepted nodes + 1 (committed positions), [1] c - 1, [2 + j] the target row
-    of committed position j (0 = the pending token, 1 + node), [2 + BLOCK + j] the token after it,
+def tree_accept_kernel(tok_ptr, par_ptr, target_ptr, pc_ptr, u_ptr, out_ptr, n, SAMPLED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """A verdict over a token tree of n nodes (a chain: parents i - 1) in one program: from the pending
+    token (node -1), step to the lowest-index child that is accepted while one is; then the token after.
+
+    Greedy: child c is accepted iff its token is target[parents[c] + 1], the target's argmax after its
+    parent; the token after node m (-1: the pending token) is target[m + 1]. Sampled, point-mass children
+    (verify.py's `_verify_point_tree`): a child whose token an earlier sibling holds is skipped; child c
+    is accepted iff pc[c] > 0 and u[c] * (1 - removed) < pc[c], removed = the pc of its earlier siblings
+    not skipped (all rejected when c is tried), in float64; target[m + 1] is then the token recovered at m.
+
+    Writes out (int64): [0] c = accepted nodes + 1 (committed positions), [1] c - 1, [2 + j] the target
+    row of committed position j (0 = the pending token, 1 + node), [2 + BLOCK + j] the token after it,
     [2 + 2 BLOCK + i] parents[i]; rows and tokens past c are 0."""
     i = tl.arange(0, BLOCK)
     ok = i < n
     toks = tl.load(tok_ptr + i, mask=ok, other=-1)
     pars = tl.load(par_ptr + i, mask=ok, other=-2)
-    after_node = tl.load(target_ptr + 1 + i, mask=ok, other=0)  # the target's choice after node i
+    after_node = tl.load(target_ptr + 1 + i, mask=ok, other=0)  # the token after node i, if it is reached
+    if SAMPLED:
+        pc = tl.load(pc_ptr + i, mask=ok, other=0.0).to(tl.float64)
+        u = tl.load(u_ptr + i, mask=ok, other=1.0).to(tl.float64)
+        sib = (pars[:, None] == pars[None, :]) & (i[:, None] < i[None, :]) & ok[:, None]  # [j, c]: j an earlier sibling of c
+        dup = tl.max(tl.where(sib & (toks[:, None] == toks[None, :]), 1, 0), axis=0) > 0  # [c]
+        removed = tl.sum(tl.where(sib & (dup[:, None] == 0), pc[:, None], 0.0), axis=0)  # [c]
+        accepted = ok & (dup == 0) & (pc > 0.0) & (u * (1.0 - removed) < pc)
+    else:
+        want_at = tl.load(target_ptr + 1 + pars, mask=ok, other=-1)  # the target's choice after c's parent
+        accepted = ok & (toks == want_at)
     want = tl.load(target_ptr)
     zero = want * 0
     node, count, done = zero - 1, zero, zero
     rows = tl.zeros([BLOCK], dtype=tl.int64)
     after = tl.zeros([BLOCK], dtype=tl.int64)
     for _ in range(0, n + 1):  # a path of at most n nodes, then the token after it
+        first = tl.min(tl.where((pars == node) & accepted, i, BLOCK), axis=0).to(tl.int64)
+        found = (first < BLOCK) & (done == 0)
         here = (i == count) & (done == 0)
         rows = tl.where(here, node + 1, rows)
-        after = tl.where(here, want, after)
-        first = tl.min(tl.where((pars == node) & (toks == want), i, BLOCK), axis=0).to(tl.int64)
-        found = (first < BLOCK) & (done == 0)
+        after = tl.where(here, tl.where(found, tl.sum(tl.where(i == first, toks, 0), axis=0), want), after)
         count = tl.where(done == 0, count + 1, count)
         want = tl.where(found, tl.sum(tl.where(i == first, after_node, 0), axis=0), want)
         node = tl.where(found, first, node)
@@ -319,3 +336,47 @@ def greedy_accept_kernel(target_ptr, tok_ptr, par_ptr, out_ptr, n, BLOCK: tl.con
     tl.store(out_ptr + 2 + i, rows)
     tl.store(out_ptr + 2 + BLOCK + i, after)
     tl.store(out_ptr + 2 + 2 * BLOCK + i, pars, mask=ok)
+
+
+@triton.jit(do_not_specialize=["q"])
+def tree_ancestry_kernel(par_ptr, anc_ptr, depth_ptr, q, anc_stride, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    """tree.ancestor_matrix in one program: anc[i, j] = j is i or an ancestor of i (parents: [q], -1 outside
+    the tree), by pointer jumping on [BLOCK, BLOCK] 0/1 matrices, each round's row gather a one-hot matrix
+    product (exact: 0/1 half-precision inputs, sums of at most BLOCK); and depth[i] = ancestors below i."""
+    r = tl.arange(0, BLOCK)
+    ok = r < q
+    par = tl.load(par_ptr + r, mask=ok, other=-1)
+    jump = tl.where(par < 0, BLOCK, par)  # BLOCK: outside the tree, no row
+    anc = tl.where(r[:, None] == r[None, :], 1.0, 0.0).to(tl.float16)
+    for _ in tl.static_range(ROUNDS):
+        hit = jump[:, None] == r[None, :]  # [i, k]: k is the node i points at
+        anc = tl.minimum(anc.to(tl.float32) + tl.dot(tl.where(hit, 1.0, 0.0).to(tl.float16), anc), 1.0).to(tl.float16)
+        jump = tl.sum(tl.where(hit, jump[None, :], 0), axis=1) + tl.where(jump >= BLOCK, BLOCK, 0)
+    flags = anc.to(tl.float32)
+    tl.store(anc_ptr + r[:, None] * anc_stride + r[None, :], (flags > 0.0).to(tl.uint8), mask=ok[:, None] & ok[None, :])
+    tl.store(depth_ptr + r, (tl.sum(flags, axis=1) - 1.0).to(tl.int64), mask=ok)
+
+
+@triton.jit(do_not_specialize=["n"])
+def best_nodes_kernel(tok_ptr, score_ptr, parent_ptr, renumber_ptr, out_ptr, n, size, BLOCK: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """tree.best_nodes in one program: node i's key is score[i] - i * 1e-9 (float64); the `size` best keys
+    (every other key's rank counted chunk by chunk) are kept in index order, each renumbered by the kept
+    nodes before it. out: [2, size] int64 (tokens, renumbered parents; -1 stays -1); renumber: [BLOCK]
+    int64 scratch, written then read back for the parents (after a barrier: one program)."""
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    key = tl.load(score_ptr + i, mask=ok, other=0.0).to(tl.float64) - i.to(tl.float64) * 1e-9
+    rank = tl.zeros([BLOCK], dtype=tl.int32)
+    for j0 in range(0, n, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        kj = tl.load(score_ptr + j, mask=j < n, other=0.0).to(tl.float64) - j.to(tl.float64) * 1e-9
+        rank += tl.sum(((kj[None, :] > key[:, None]) & (j[None, :] < n)).to(tl.int32), axis=1)
+    kept = ok & (rank < size)
+    new = tl.cumsum(kept.to(tl.int32), axis=0) - 1  # [BLOCK] the position of each kept node
+    tl.store(renumber_ptr + i, new.to(tl.int64), mask=ok)
+    tl.debug_barrier()
+    par = tl.load(parent_ptr + i, mask=kept, other=-1)
+    new_par = tl.load(renumber_ptr + tl.maximum(par, 0), mask=kept & (par >= 0), other=-1)
+    tl.store(out_ptr + new, tl.load(tok_ptr + i, mask=kept, other=0), mask=kept)
+    tl.store(out_ptr + size + new, tl.where(par >= 0, new_par, -1), mask=kept)

@@ -580,6 +580,9 @@ class CudaGraphRunner:
         fn = self._tree_fns.get(q)
         if fn is None:
             def step():
+                if self.model.kernels == "fused":  # one launch
+                    fused_kernels.tree_ancestry(self._parents[:q], self._ancestry[0], self._depth[:q])
+                    return
                 anc = ancestor_matrix(self._parents[:q])  # [q, q]
                 self._ancestry[0, :q, :q].copy_(anc)
                 self._depth[:q].copy_(anc.sum(-1) - 1)

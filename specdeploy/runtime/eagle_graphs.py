@@ -38,7 +38,7 @@ from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, L
 from specdeploy.runtime.runner import ids_on
 from specdeploy.runtime.tree import best_nodes
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import GreedyAccept
+from specdeploy.runtime.verify import DeviceVerdict
 
 
 class GraphEagleProposer:
@@ -109,7 +109,7 @@ class GraphEagleProposer:
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None
         self._fns: dict[tuple, CapturedFn] = {}
         self._fed_host = 0  # committed pairs in the cache
-        self._ahead: tuple[int, GreedyAccept, int, Draft] | None = None  # (pairs before, verdict, depth, draft)
+        self._ahead: tuple[int, DeviceVerdict, int, Draft] | None = None  # (pairs before, verdict, depth, draft)
         if capture and self.use_graphs:
             self.capture_all()
 
@@ -208,6 +208,8 @@ class GraphEagleProposer:
     def _select_step(self, depth: int) -> torch.Tensor:
         """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""
         n = self.topk + (depth - 1) * self.topk * self.topk
+        if self.lean.kernels == "fused":  # one launch
+            return fused_kernels.best_nodes(self._node_tok[:n], self._node_score[:n], self._node_parent[:n], self.tree_size)
         return best_nodes(self._node_tok[:n], self._node_score[:n], self._node_parent[:n], self.tree_size)
 
     def _draft_step(self, depth: int, kv: int) -> torch.Tensor:
@@ -252,8 +254,8 @@ class GraphEagleProposer:
         return draft, depth
 
     @torch.inference_mode()
-    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: GreedyAccept, k: int) -> None:
-        """Queue the next step's draft from this step's greedy verdict while it is still on the device:
+    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: DeviceVerdict, k: int) -> None:
+        """Queue the next step's draft from this step's verdict while it is still on the device:
         sync the committed pairs (padded to the most the verdict can commit; the count is read on the
         device) and draft `k` levels deep. `propose` returns that draft when the loop, having committed
         the verdict's tokens, asks for the same depth. ctx holds the tokens before this step's."""

@@ -216,18 +216,52 @@ def eagle_frontier(cand_score: torch.Tensor, cand_tok: torch.Tensor, ids: torch.
         K=k, BLOCK_C=_pow2(k * k), BLOCK_K=_pow2(k), BLOCK_H=_pow2(H), BLOCK_S=_pow2(S), num_warps=4)
 
 
-def greedy_accept(target_tokens: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A greedy verdict over a token tree in one launch (the host walk of verify.py's `verify_tree`,
-    whose result it equals): target_tokens [n + 1] the target's argmax after the pending token and
-    after each node, tokens / parents [n] int64 (a chain: parents i - 1). Returns (out, B): out
-    int64 [2 + 3B] as `greedy_accept_kernel` lays it out (committed count, count - 1, B target rows,
-    B tokens after them, the parents), B = the power of two > n, at least 16."""
+def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target: torch.Tensor,
+                p_child: torch.Tensor | None = None, u: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """A verdict over a token tree in one launch (the host walks of verify.py, whose results it equals):
+    tokens / parents [n] int64 (a chain: parents i - 1); target [n + 1] int64 the target's argmax after the
+    pending token and each node (greedy) or, with p_child / u [n] (sampled point-mass children: each
+    node's probability under its parent's distribution, and its uniform draw), the token recovered
+    there. Returns (out, B): out int64 [2 + 3B] as `tree_accept_kernel` lays it out (committed count,
+    count - 1, B target rows, B tokens after them, the parents), B = the power of two > n, at least 16."""
     n = int(tokens.numel())
     block = max(_pow2(n + 1), 16)
     out = torch.empty(2 + 3 * block, dtype=torch.long, device=tokens.device)
-    _kernels().greedy_accept_kernel[(1,)](target_tokens.contiguous(), tokens.contiguous(), parents.contiguous(),
-                                          out, n, BLOCK=block, num_warps=1)
+    sampled = p_child is not None
+    _kernels().tree_accept_kernel[(1,)](tokens.contiguous(), parents.contiguous(), target.contiguous(),
+                                        p_child if sampled else target, u if sampled else target, out, n,
+                                        SAMPLED=sampled, BLOCK=block, num_warps=1 if not sampled or block <= 32 else 4)
     return out, block
+
+
+def tree_ancestry(parents: torch.Tensor, ancestry: torch.Tensor, depth: torch.Tensor) -> None:
+    """`tree.ancestor_matrix` and the depths in one launch (the torch ops take about twenty): parents [q]
+    int64 (-1: a child of the pending token) -> ancestry[:q, :q] (bool, rows contiguous) and depth[:q]
+    (int64: ancestors below each node, 0 for the pending token's children)."""
+    q = int(parents.numel())
+    if not (parents.is_contiguous() and depth.is_contiguous() and ancestry.stride(-1) == 1):
+        raise ValueError("tree_ancestry: parents, depth and ancestry's rows must be contiguous")
+    block = max(_pow2(q), 16)
+    _kernels().tree_ancestry_kernel[(1,)](parents, ancestry.view(torch.uint8), depth, q, ancestry.stride(0),
+                                          ROUNDS=max((q - 1).bit_length(), 1), BLOCK=block,
+                                          num_warps=4 if block <= 64 else 8)
+
+
+def best_nodes(tok: torch.Tensor, score: torch.Tensor, parent: torch.Tensor, size: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """`tree.best_nodes` in one launch (the torch ops take about fourteen): [2, min(size, n)] int64, the
+    tokens and renumbered parents of the best-scoring nodes (tok, score float32, parent: [n], contiguous)."""
+    n = int(tok.numel())
+    size = min(size, n)
+    if not (tok.is_contiguous() and score.is_contiguous() and parent.is_contiguous()):
+        raise ValueError("best_nodes: tok, score and parent must be contiguous")
+    block = _pow2(max(n, 16))
+    if out is None:
+        out = torch.empty(2, size, dtype=torch.long, device=tok.device)
+    renumber = torch.empty(block, dtype=torch.long, device=tok.device)
+    _kernels().best_nodes_kernel[(1,)](tok, score, parent, renumber, out, n, size, BLOCK=block, CHUNK=16,
+                                       num_warps=4 if block <= 256 else 8)
+    return out
 
 
 LOGITS_BLOCK_V = 128  # vocabulary entries per program of `logits_topk`

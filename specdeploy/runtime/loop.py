@@ -16,7 +16,7 @@ from specdeploy.runtime.runner import Runner, ids_on
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
 from specdeploy.runtime.types import Context, Draft
-from specdeploy.runtime.verify import GreedyAccept, verify
+from specdeploy.runtime.verify import DeviceVerdict, verify
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,10 @@ def speculative_generate(
     committed token but the last one (the pending token), which is fed first in the next step.
     The next draft is queued as soon as the verdict's tokens are in the context, before the stop
     checks and the rollback, so that on a GPU the drafting overlaps the host's work on the step.
-    A proposer with `draft_ahead` (EAGLE trees over CUDA graphs) goes further at greedy decoding where
-    the fused kernels run: the verdict is decided on the device (`GreedyAccept`) and the next draft
-    queued from it before the host reads it, so the GPU never waits for the host between steps.
+    A proposer with `draft_ahead` (EAGLE trees over CUDA graphs) goes further where the fused kernels
+    run: the verdict is decided on the device (`DeviceVerdict`: greedy, or sampled point-mass drafts)
+    and the next draft queued from it before the host reads it, so the GPU does not wait for the host
+    between steps.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -94,7 +95,7 @@ def speculative_generate(
     rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
     ahead = getattr(proposer, "draft_ahead", None)
-    if not (params.greedy and k > 0 and fused_kernels.available(target.device)):
+    if not (k > 0 and fused_kernels.available(target.device)):
         ahead = None
 
     def next_draft(emitted: int) -> tuple[bool, Draft]:
@@ -123,10 +124,10 @@ def speculative_generate(
         else:
             step = target.forward(feed)
         accept = None
-        if ahead is not None:
+        if ahead is not None and (params.greedy or draft.probs is None):
             # decided on the device; the proposer queues the next draft from it before the host reads it, so the
             # GPU drafts while the host takes in this step (a draft wasted where the next step goes plain)
-            accept = GreedyAccept(draft, step.logits)
+            accept = DeviceVerdict(draft, step.logits, params, generator)
             if spec_switch.mode == "on" or spec_switch.mode == "auto" and spec_switch.prefers_spec():
                 ahead(ctx, step.hidden, accept, k)
             verdict = accept.verdict()

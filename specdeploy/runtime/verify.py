@@ -172,13 +172,8 @@ def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torc
     """
     from specdeploy.runtime.tree import children_of
 
-    k, device = draft.k, target_probs.device
-    tokens, parents = draft.tokens.to(device), draft.parents.to(device)
-    p_child = target_probs[parents + 1, tokens]  # [k] each node's token under its parent's distribution
-    u = torch.rand(k, generator=generator, device=device)
-    left = target_probs.index_put((parents + 1, tokens), torch.zeros_like(p_child))  # [k + 1, vocab]
-    left = torch.where(left.sum(-1, keepdim=True) > 0.0, left, target_probs)  # children hold all the mass: never drawn
-    recovered = sample(left, generator)  # [k + 1]
+    k = draft.k
+    tokens, parents, p_child, u, recovered = _point_draws(draft.tokens, draft.parents, target_probs, generator)
     host = torch.cat([x.double() for x in (tokens, parents, recovered, p_child, u)]).tolist()  # the one sync
     toks, pars = [int(x) for x in host[:k]], [int(x) for x in host[k : 2 * k]]
     rec, pc, us = host[2 * k : 3 * k + 1], host[3 * k + 1 : 4 * k + 1], host[4 * k + 1 :]
@@ -201,23 +196,47 @@ def _verify_point_tree(draft: Draft, target_probs: torch.Tensor, generator: torc
         node = accepted
 
 
-class GreedyAccept:
-    """A greedy verdict decided on the device (one `kernels.greedy_accept` launch) and copied to the
-    host without waiting for the work queued after it: a proposer can queue the next draft from it
-    (`draft_ahead`) before the host reads it (`verdict()`).
+def _point_draws(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """What sampled verification of point-mass children draws, on the device: (tokens, parents, p_child
+    [k] each node's token under its parent's distribution, u [k] uniforms, recovered [k + 1] the token
+    drawn at each node from p without its children's tokens)."""
+    device = target_probs.device
+    tokens, parents = tokens.to(device), parents.to(device)
+    p_child = target_probs[parents + 1, tokens]
+    u = torch.rand(tokens.numel(), generator=generator, device=device)
+    left = target_probs.index_put((parents + 1, tokens), torch.zeros_like(p_child))  # [k + 1, vocab]
+    left = torch.where(left.sum(-1, keepdim=True) > 0.0, left, target_probs)  # children hold all the mass: never drawn
+    return tokens, parents, p_child, u, sample(left, generator)
+
+
+class DeviceVerdict:
+    """A verdict decided on the device (one `kernels.tree_accept` launch after the draws) and copied to
+    the host without waiting for the work queued after it: a proposer can queue the next draft from it
+    (`draft_ahead`) before the host reads it (`verdict()`). Greedy, or sampled with point-mass draft
+    tokens (`draft.probs is None`: n-gram chains, top-k trees), with the same draws in the same order
+    as `verify`, so the verdicts are `verify`'s.
 
     Device views, valid once the kernel has run: `count` [1] committed positions c (accepted nodes +
     1), `last` [1] c - 1, `rows` [max_count] the target rows of the committed positions (0: the
     pending token) and `after` [max_count] the token after each, 0 past c.
     """
 
-    def __init__(self, draft: Draft, target_logits: torch.Tensor) -> None:
+    def __init__(self, draft: Draft, target_logits: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None = None) -> None:
         from specdeploy.runtime import kernels
 
+        if not (params.greedy or draft.probs is None):
+            raise ValueError("a device verdict samples point-mass drafts only (draft.probs is None)")
         k, device = draft.k, target_logits.device
-        tokens = draft.tokens.to(device)
-        parents = draft.parents.to(device) if draft.is_tree else torch.arange(-1, k - 1, device=device)
-        self.out, self.block = kernels.greedy_accept(target_logits.argmax(-1), tokens, parents)
+        parents = draft.parents if draft.is_tree else torch.arange(-1, k - 1, device=device)
+        if params.greedy:
+            self.out, self.block = kernels.tree_accept(draft.tokens.to(device), parents.to(device),
+                                                       target_logits.argmax(-1))
+        else:
+            tokens, parents, p_child, u, recovered = _point_draws(draft.tokens, parents,
+                                                                  sampling_probs(target_logits, params), generator)
+            self.out, self.block = kernels.tree_accept(tokens, parents, recovered, p_child, u)
         b = self.block
         self.count, self.last = self.out[0:1], self.out[1:2]
         self.max_count = 1 + draft.depth_bound
