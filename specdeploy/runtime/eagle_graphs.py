@@ -127,6 +127,8 @@ class GraphEagleProposer:
         for depth in range(1, self.max_depth + 1):
             for kv in self._draft_kv_buckets(depth):
                 self._fn("draft", depth, kv)
+        if fused_kernels.available(self.device):  # where the loop decides this proposer's verdicts on the device
+            fused_kernels.warm_tree_accept(self.device, self.max_nodes)
 
     def _draft_kv_buckets(self, depth: int) -> tuple[int, ...]:
         """KV buckets a `depth`-deep draft can run at: one-level trees attend nothing (any one will do);

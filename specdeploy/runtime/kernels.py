@@ -234,6 +234,23 @@ def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target: torch.Tenso
     return out, block
 
 
+def warm_tree_accept(device: torch.device, max_nodes: int) -> None:
+    """Compile `tree_accept` now for trees of up to `max_nodes` nodes, greedy and sampled (each block size
+    is a variant): Triton compiles a kernel at its first launch, about a second that would otherwise land
+    in a request (it did in session 17's advisor run: code's sampled EAGLE step timed at 3.6 ms, 1.9 ms
+    for every other task, results/gpu/session17/d/bench/log.txt)."""
+    block = 16
+    while True:
+        n = block - 1
+        tokens = torch.zeros(n, dtype=torch.long, device=device)
+        parents, target = torch.arange(-1, n - 1, device=device), torch.zeros(n + 1, dtype=torch.long, device=device)
+        tree_accept(tokens, parents, target)
+        tree_accept(tokens, parents, target, torch.zeros(n, device=device), torch.ones(n, device=device))
+        if block > max_nodes:
+            return
+        block *= 2
+
+
 def tree_ancestry(parents: torch.Tensor, ancestry: torch.Tensor, depth: torch.Tensor) -> None:
     """`tree.ancestor_matrix` and the depths in one launch (the torch ops take about twenty): parents [q]
     int64 (-1: a child of the pending token) -> ancestry[:q, :q] (bool, rows contiguous) and depth[:q]
