@@ -18,6 +18,11 @@ shape is fixed and a draft is two graph replays:
      views (d is static in the graph);
    - select: the `tree_size` best nodes, renumbered parents first, left on the device.
 
+Where the loop decides a step's verdict on the device (`verify.DeviceVerdict`), `draft_ahead` runs both
+replays from it before the host has read it: the sync takes the committed rows and tokens the verdict
+left on the device, padded to the most it can commit, and the next tree is drafted while the host takes
+in the step; `propose` then hands that tree out.
+
 Committed entries sit at slots [0, fed); tree entries past fed are scratch, overwritten by the
 next sync, so nothing is ever cropped. The head's decoder layer runs through
 `LeanLlama.run_layers`, its weights fused like the target's; the fc input layer, rotary

@@ -13,7 +13,9 @@ These kernels do one layer in six launches over `StaticKVCache`'s layout:
 4. `gate_up`: RMSNorm -> gate/up projection -> silu(gate) * up;
 5. `linear(residual=h)`: the down projection.
 
-`linear(norm=...)` also serves the LM head. Row independence: every matrix product tiles the
+`linear(norm=...)` also serves the LM head. The rest are a speculative step's bookkeeping, each one
+launch where the torch ops take ten or more: EAGLE drafting (`logits_topk`, `eagle_frontier`,
+`best_nodes`), the verify's tree ancestry (`tree_ancestry`) and the verdict (`tree_accept`). Row independence: every matrix product tiles the
 token rows by 16 with a fixed reduction order over the inner dimension, and attention splits keys
 at fixed 64-key boundaries (extra all-masked blocks add exact zeros), so a token's outputs do not
 depend on how many other tokens share the launch, nor on the KV bucket. Accumulation is float32;
