@@ -238,9 +238,8 @@ def tree_accept(tokens: torch.Tensor, parents: torch.Tensor, target: torch.Tenso
 
 def warm_tree_accept(device: torch.device, max_nodes: int) -> None:
     """Compile `tree_accept` now for trees of up to `max_nodes` nodes, greedy and sampled (each block size
-    is a variant): Triton compiles a kernel at its first launch, about a second that would otherwise land
-    in a request (it did in session 17's advisor run: code's sampled EAGLE step timed at 3.6 ms, 1.9 ms
-    for every other task, results/gpu/session17/d/bench/log.txt)."""
+    is a variant): Triton compiles a kernel at its first launch, up to a second that would otherwise land
+    in a user's first request."""
     block = 16
     while True:
         n = block - 1
