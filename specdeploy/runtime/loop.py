@@ -128,7 +128,7 @@ def speculative_generate(
             # decided on the device; the proposer queues the next draft from it before the host reads it, so the
             # GPU drafts while the host takes in this step (a draft wasted where the next step goes plain)
             accept = DeviceVerdict(draft, step.logits, params, generator)
-            if spec_switch.mode == "on" or spec_switch.mode == "auto" and spec_switch.prefers_spec():
+            if spec_switch.expects_spec():
                 ahead(ctx, step.hidden, accept, k)
             verdict = accept.verdict()
         else:

@@ -5,8 +5,9 @@ most k tokens (k = 0 means "no draft"). It never sees the verifier; a proposer t
 state (a draft model's KV cache) re-syncs it from the context at the next `propose`.
 
 Optional: `draft_ahead(ctx, hidden, accept, k)`, called by the loop with the step's verdict still
-on the device (`verify.DeviceVerdict`) and the target's hidden states of the step; a proposer that drafts on the device (`GraphEagleProposer`) queues its next draft from them
-and hands it out at the next `propose` for the same k.
+on the device (`verify.DeviceVerdict`) and the target's hidden states of the step; a proposer that
+drafts on the device (`GraphEagleProposer`) queues its next draft from them and hands it out at the
+next `propose` for the same k.
 """
 from __future__ import annotations
 

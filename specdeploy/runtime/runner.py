@@ -53,7 +53,7 @@ def ids_on(device: torch.device | str, ids: list[int]) -> torch.Tensor:
 
 
 def to_host(t: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying a small int64 tensor [n <= 256] to the host now; the returned function waits for
+    """Start copying a small int64 tensor (at most `_PinnedRing.width` values) to the host now; the returned function waits for
     that copy alone and gives its values. On a GPU the copy goes to pinned memory behind the work
     queued so far, so work queued after this call keeps running while the host reads the values
     (`.tolist()` would wait for it too)."""

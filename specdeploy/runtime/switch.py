@@ -71,6 +71,11 @@ class SpecSwitch:
             return True
         return self.acceptance / t_spec >= 1.0 / t_plain
 
+    def expects_spec(self) -> bool:
+        """Will the next step most likely speculate? For work queued before `choose` decides (a draft
+        ahead of the verdict): "on", or "auto" whose cost model prefers speculation (a probe may differ)."""
+        return self.mode == "on" or self.mode == "auto" and self.prefers_spec()
+
     def choose(self, slots: int = 1) -> bool:
         """Speculate in the next step (of `slots` active slots)?"""
         with self._lock:
