@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specdeploy.bench.advisor import (Profile, StepCosts, StepTimes, expected_speedup, fit_alpha, geometric_length,
+from specdeploy.bench.advisor import (Profile, StepCosts, StepTimes, expected_speedup, task_step_ms, fit_alpha, geometric_length,
                                       predicted_speedup, recommend, step_ms)
 from specdeploy.cli import main
 from specdeploy.errors import SpecDeployError
@@ -193,3 +193,13 @@ def test_advise_times_every_k_on_the_timing_prompts():
     assert advice.times["tree"].ratio == pytest.approx({1: 1.4 / 2.0, 2: 1.6 / 2.0, 4: 1.0})
     assert advice.choice("code")[:2] == ("tree", 4) and advice.best("code").expected_speedup == pytest.approx(5 / 2.0)
     assert advice.choice("qa")[:2] == ("none", 0)  # nothing accepted: every k is slower than plain
+
+
+def test_task_step_time_is_the_median_request():
+    """A task's step time is its median request's: one stalled request does not turn a task's speculation
+    off (session17/d: one slow first run timed code's EAGLE step at 3.6 ms against ~1.9 elsewhere)."""
+    def req(steps: int, ms: float) -> SpecStats:
+        return SpecStats(requests=1, target_forwards=steps, wall_s=steps * ms / 1e3)
+
+    got = task_step_ms(["code", "code", "code", "qa", "qa"], [req(40, 1.9), req(40, 9.0), req(30, 2.0), req(10, 1.5), req(0, 0)])
+    assert got == pytest.approx({"code": 2.0, "qa": 1.5})

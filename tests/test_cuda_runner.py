@@ -146,6 +146,72 @@ def test_greedy_through_loop_equals_plain(method):
             assert out.stats.alpha == 1.0  # the draft IS the target: every draft token accepted
 
 
+def test_staged_forward_and_gather_path_match_forward_and_keep_path():
+    """`stage` + `forward_staged` scores what `forward` scores, and `gather_path` (positions on the device,
+    padded past the path) + `rollback` keeps what `keep_path` keeps; any other forward drops a staged one."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    plain, staged = (CudaGraphRunner(lean, max_length=128, query_buckets=(1, 4, 16), output_hidden=True)
+                     for _ in range(2))
+    ids = torch.randint(1, 64, (9,))
+    plain.forward(ids)
+    staged.forward(ids)
+    parents = torch.tensor([-1, 0, 0, 1, 3, 2])
+    feed = torch.randint(1, 64, (6,))
+    a = plain.forward(feed, tree_parents=parents)
+    staged.stage(feed, parents)
+    b = staged.forward_staged()
+    torch.testing.assert_close(b.logits, a.logits)
+    torch.testing.assert_close(b.hidden, a.hidden)
+    path = [1, 3, 4]  # nodes 0, 2, 3 of the tree behind the pending token (entry 9)
+    plain.keep_path(10, [9 + i for i in path])
+    staged.gather_path(10, torch.tensor([9 + i for i in path] + [9, 9]))  # two padding rows
+    staged.rollback(10 + len(path))
+    chain = torch.randint(1, 64, (3,))
+    a = plain.forward(chain)
+    staged.stage(chain)
+    b = staged.forward_staged()
+    torch.testing.assert_close(b.logits, a.logits)
+    assert staged.length == plain.length == 16
+    staged.stage(chain)
+    staged.forward(chain[:1])
+    with pytest.raises(RuntimeError, match="nothing staged"):
+        staged.forward_staged()
+    with pytest.raises(ValueError):
+        staged.stage(torch.zeros(17, dtype=torch.long))
+
+
+def test_plain_steps_run_staged_and_a_stop_string_undoes_the_launched_one():
+    """Plain decoding through the compiled runner: where the device verdict's kernel runs, every step
+    after the first is launched from staged inputs; a stop string that ends the request after the next
+    step was launched leaves the cache holding the committed tokens but the last, as always."""
+    from specdeploy.runtime import kernels
+
+    model = tiny_llama()
+    target = CudaGraphRunner(LeanLlama.from_hf(model), max_length=128)
+    prompt = [5, 9, 3, 17]
+    params = SamplingParams(max_new_tokens=24)
+    ref = speculative_generate(TorchRunner(model), NoProposer(), prompt, params, StopCondition(frozenset(), 24), k=0)
+    calls = {"staged": 0}
+    forward_staged = target.forward_staged
+
+    def counted():
+        calls["staged"] += 1
+        return forward_staged()
+
+    target.forward_staged = counted
+    out = speculative_generate(target, NoProposer(), prompt, params, StopCondition(frozenset(), 24), k=0)
+    assert out.token_ids == ref.token_ids
+    if kernels.available(target.device):
+        assert calls["staged"] == out.stats.target_forwards - 1
+    text = "".join(chr(65 + t % 26) for t in ref.token_ids)
+    cut = text[5:8]
+    stop = StopCondition(frozenset(), 24, stop_strings=(cut,), decode=lambda ids: "".join(chr(65 + t % 26) for t in ids))
+    out = speculative_generate(target, NoProposer(), prompt, params, stop, k=0)
+    assert out.finish_reason == "stop" and out.token_ids == ref.token_ids[: text.index(cut) + len(cut)]
+    assert target.length == len(prompt) + len(out.token_ids) - 1
+
+
 def test_smollm2_compiled_runner_matches_hf(smollm2):
     """The embedded model: logits against HF's in fp32, and greedy through the loop."""
     tok, model = smollm2.tokenizer, smollm2.model

@@ -218,6 +218,17 @@ def step_ms(stats: Sequence[SpecStats]) -> float | None:
     return 1e3 * sum(s.wall_s for s in stats) / steps if steps else None
 
 
+def task_step_ms(tasks: Sequence[str], stats: Sequence[SpecStats]) -> dict[str, float]:
+    """Per task, the median over its requests of wall milliseconds per step: one slow request (a stall,
+    a cost paid once) does not decide a task's timing as it would a ratio of sums."""
+    per: dict[str, list[float]] = {}
+    for task, s in zip(tasks, stats):
+        ms = step_ms([s])
+        if ms is not None:
+            per.setdefault(task, []).append(ms)
+    return {t: statistics.median(v) for t, v in per.items()}
+
+
 @dataclass(frozen=True)
 class StepTimes:
     """A method's measured wall milliseconds per decoding step: per task in the run at K, and at
@@ -416,7 +427,7 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
         measured[m] = by_task.by_task
         # plain decoding has one step time (k = 0); a method's other k are timed on the timing prompts
         ratio = {0: 1.0} if m == "none" else {K: 1.0, **ratios(m, step_ms([stats[i] for i in timing]))}
-        times[m] = StepTimes({t: step_ms([s]) or 0.0 for t, s in measured[m].items()}, ratio)
+        times[m] = StepTimes({t: 0.0 for t in measured[m]} | task_step_ms([p.task for p in prompts], stats), ratio)
     advice = recommend(measured, times, ks, min_speedup)
     advice.notes.extend(notes)
     advice.temperature = params.temperature

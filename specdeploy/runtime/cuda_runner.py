@@ -505,6 +505,7 @@ class CudaGraphRunner:
         self._depth = self._offsets.clone()  # [maxq] static input: depth of each fed token below the first
         self._parents = torch.full((maxq,), -1, dtype=torch.long, device=self.device)  # [maxq] a tree's parents
         self._tree_nodes = 0  # rows of _ancestry / _depth a tree overwrote (restored before a chain)
+        self._staged: int | None = None  # tokens `stage` wrote for `forward_staged`
         self._fns: dict[tuple[int, int], CapturedFn] = {}
         self._tree_fns: dict[int, CapturedFn] = {}  # per query bucket: _parents -> _ancestry, _depth
         self._length = 0
@@ -541,6 +542,7 @@ class CudaGraphRunner:
 
     def reset(self) -> None:
         self._length = 0
+        self._staged = None
 
     def rollback(self, keep: int) -> None:
         if not 0 <= keep <= self._length:
@@ -554,6 +556,35 @@ class CudaGraphRunner:
         if path_needs_move(keep, path, self._length):
             self.cache.move(keep, ids_on(self.device, path))
         self._length = keep + n
+
+    def gather_path(self, keep: int, src: torch.Tensor) -> None:
+        """`keep_path`'s move from positions on the device, queued without a host sync: the entries at
+        `src` [n] (int64, >= keep; rows past the accepted ones may repeat any cached position) copied to
+        keep .. keep + n, the length left as it is for `rollback(keep + accepted)` to set."""
+        if keep + int(src.numel()) > self.positions:
+            raise ValueError(f"cannot move {src.numel()} entries behind {keep} in a cache of {self.positions}")
+        self.cache.move(keep, src)
+
+    def stage(self, tokens: torch.Tensor, tree_parents: torch.Tensor | None = None) -> None:
+        """Write the next forward's inputs (as `forward` takes them, at most the largest query bucket
+        of tokens, on the device) into the static buffers now, before the cache length is known:
+        `forward_staged` then only sets the positions and replays. Any other forward drops it."""
+        m = int(tokens.numel())
+        if not 0 < m <= self.query_buckets[-1]:
+            raise ValueError(f"can stage 1 to {self.query_buckets[-1]} tokens, not {m}")
+        self._set_tree(tree_parents, m)
+        self._tokens[0, :m].copy_(tokens.reshape(-1), non_blocking=True)
+        self._staged = m
+
+    def forward_staged(self) -> Step:
+        """`forward` of the tokens `stage` wrote, at the current cache length."""
+        m, self._staged = self._staged, None
+        if m is None:
+            raise RuntimeError("forward_staged: nothing staged since the last forward")
+        if self._length + m > self.max_length:
+            raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
+        logits, hidden = self._replay(m)
+        return Step(logits=logits, hidden=hidden)
 
     def _set_tree(self, tree_parents: torch.Tensor | None, m: int) -> None:
         """Fill the static ancestry and depth buffers for this forward (a tree, or back to a chain)."""
@@ -612,22 +643,27 @@ class CudaGraphRunner:
             raise ValueError(f"KV cache would hold {self._length + m} tokens, over the context of {self.max_length}")
         tokens = tokens.reshape(-1)
         maxq = self.query_buckets[-1]
+        self._staged = None
         self._set_tree(tree_parents, m)
         logits, hidden = [], []
         for start in range(0, m, maxq):
             chunk = tokens[start : start + maxq]
-            c = int(chunk.numel())
-            q = bucket(c, self.query_buckets)
-            kv = bucket(self._length + q, self.kv_buckets)
-            self._tokens[0, :c].copy_(chunk, non_blocking=True)  # padding keeps old (valid) ids
-            torch.add(self._offsets[:q], self._length, out=self._pos[0, :q])
-            out, hid = self._fn(q, kv)()
-            logits.append(out[0, :c].to(torch.float32, copy=True))  # copied before the next replay
-            if self.output_hidden:
-                hidden.append(hid[0, :c].clone())
-            self._length += c
+            self._tokens[0, : chunk.numel()].copy_(chunk, non_blocking=True)  # padding keeps old (valid) ids
+            out, hid = self._replay(int(chunk.numel()))
+            logits.append(out)
+            hidden.append(hid)
         return Step(logits=logits[0] if len(logits) == 1 else torch.cat(logits),
                     hidden=(torch.cat(hidden) if self.output_hidden else None))
+
+    def _replay(self, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the c tokens in the static inputs at the current length (then c entries longer):
+        their logits (float32) and hidden states (or None), copied before the next replay."""
+        q = bucket(c, self.query_buckets)
+        kv = bucket(self._length + q, self.kv_buckets)
+        torch.add(self._offsets[:q], self._length, out=self._pos[0, :q])
+        out, hid = self._fn(q, kv)()
+        self._length += c
+        return out[0, :c].to(torch.float32, copy=True), hid[0, :c].clone() if self.output_hidden else None
 
 
 COMPILED_METHODS = ("none", "ngram", "layerskip", "draft", *HEAD_METHODS)

@@ -261,17 +261,18 @@ class GraphEagleProposer:
         return draft, depth
 
     @torch.inference_mode()
-    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: DeviceVerdict, k: int) -> None:
+    def draft_ahead(self, ctx: Context, hidden: torch.Tensor | None, accept: DeviceVerdict, k: int) -> Draft | None:
         """Queue the next step's draft from this step's verdict while it is still on the device:
         sync the committed pairs (padded to the most the verdict can commit; the count is read on the
-        device) and draft `k` levels deep. `propose` returns that draft when the loop, having committed
-        the verdict's tokens, asks for the same depth. ctx holds the tokens before this step's."""
+        device) and draft `k` levels deep. Returns that draft (None if none was queued); `propose`
+        hands out the same object when the loop, having committed the verdict's tokens, asks for the
+        same depth. ctx holds the tokens before this step's."""
         self._settle()
         start, m = len(ctx.token_ids) - 1, accept.max_count
         depth = min(k, self.max_depth)
         if (hidden is None or depth <= 0 or start != self._fed_host or start + m > self.max_length
                 or m > self.query_buckets[-1]):
-            return
+            return None
         q = bucket(m, self.query_buckets)
         torch.index_select(hidden, 0, accept.rows, out=self._feat_in[:m])
         self._tok_in[:m].copy_(accept.after)
@@ -279,7 +280,9 @@ class GraphEagleProposer:
         out = self._fn("sync", q, bucket(start + q, self.kv_buckets))()
         torch.index_select(out, 0, accept.last, out=self._root[None])
         self._fed.add_(accept.count)
-        self._ahead = (start, accept, depth, self._draft(start + m, depth))
+        draft = self._draft(start + m, depth)
+        self._ahead = (start, accept, depth, draft)
+        return draft
 
     def _draft(self, n_pairs: int, depth: int) -> Draft:
         """A `depth`-deep tree after (at most) `n_pairs` committed pairs, left on the device."""

@@ -71,10 +71,13 @@ def speculative_generate(
     committed token but the last one (the pending token), which is fed first in the next step.
     The next draft is queued as soon as the verdict's tokens are in the context, before the stop
     checks and the rollback, so that on a GPU the drafting overlaps the host's work on the step.
-    A proposer with `draft_ahead` (EAGLE trees over CUDA graphs) goes further where the fused kernels
-    run: the verdict is decided on the device (`DeviceVerdict`: greedy, or sampled point-mass drafts)
-    and the next draft queued from it before the host reads it, so the GPU does not wait for the host
-    between steps.
+
+    Where the fused kernels run and the target stages its inputs (`CudaGraphRunner`), a plain step and
+    a step of a proposer with `draft_ahead` (EAGLE trees over CUDA graphs) go further: the verdict is
+    decided on the device (`DeviceVerdict`: greedy, or sampled point-mass drafts), and before the host
+    reads it the next draft is queued from it, the accepted branch's cache entries moved and the next
+    verify's inputs staged. Once read, the next verify is a position update and a replay, launched
+    before the step's bookkeeping: the GPU does not wait for the host between steps.
     """
     start = time.perf_counter()
     stats = SpecStats(requests=1)
@@ -94,9 +97,8 @@ def speculative_generate(
     reason = None
     rollback: Callable[[], None] | None = None  # the last step's, applied once the next draft is queued
     spec_switch = switch if isinstance(switch, SpecSwitch) else SpecSwitch(switch if k > 0 else "off")
-    ahead = getattr(proposer, "draft_ahead", None)
-    if not (k > 0 and fused_kernels.available(target.device)):
-        ahead = None
+    on_device = fused_kernels.available(target.device) and hasattr(target, "forward_staged")
+    ahead = getattr(proposer, "draft_ahead", None) if on_device and k > 0 else None
 
     def next_draft(emitted: int) -> tuple[bool, Draft]:
         """Speculate in the next step? and its draft, never past max_new_tokens or the context window
@@ -109,38 +111,46 @@ def speculative_generate(
 
     step_start = time.perf_counter()
     spec, draft = next_draft(0)
+    launched = None  # (cache length before it, step) of a verify launched from staged inputs
     while True:
-        if rollback is not None:
-            rollback()
         # 1. verify: one target forward scores the pending token and every draft token (chain or tree).
         # A draft left on the device stays there: the verify forward queues behind the drafting, and the
         # verdict's host copy is the step's one sync
-        base = target.length
-        feed = torch.cat([ids_on(draft.tokens.device, ctx.token_ids[-1:]), draft.tokens])
-        if draft.is_tree:
-            if not getattr(target, "supports_tree", False):
-                raise SpecDeployError(f"{type(target).__name__} cannot score token trees; use a chain draft")
-            step = target.forward(feed, tree_parents=torch.cat([draft.parents.new_full((1,), -1), draft.parents + 1]))
+        if launched is None:
+            if rollback is not None:
+                rollback()
+            base = target.length
+            tokens, parents = _feed(ids_on(draft.tokens.device, ctx.token_ids[-1:]), draft, target)
+            step = target.forward(tokens) if parents is None else target.forward(tokens, tree_parents=parents)
         else:
-            step = target.forward(feed)
-        accept = None
-        if ahead is not None and (params.greedy or draft.probs is None):
-            # decided on the device; the proposer queues the next draft from it before the host reads it, so the
-            # GPU drafts while the host takes in this step (a draft wasted where the next step goes plain)
+            base, step = launched
+        accept = staged = None
+        if on_device and (draft.k == 0 or ahead is not None) and (params.greedy or draft.probs is None):
+            # decided on the device; before the host reads it, the next draft is queued from it (a draft wasted
+            # where the next step goes plain), the accepted branch moved in the cache and the next verify staged
             accept = DeviceVerdict(draft, step.logits, params, generator)
-            if spec_switch.expects_spec():
-                ahead(ctx, step.hidden, accept, k)
+            if not spec_switch.expects_spec():
+                staged = Draft.empty()
+            elif ahead is not None:
+                staged = ahead(ctx, step.hidden, accept, k)
+            if draft.is_tree:
+                target.gather_path(base + 1, accept.rows[1 : accept.max_count] + base)
+            if staged is not None:
+                target.stage(*_feed(accept.pending(), staged, target))
             verdict = accept.verdict()
         else:
             verdict = verify(draft, step.logits, params, generator)
-        # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): after the next draft
-        if draft.is_tree:
-            rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
-            rows = (accept.rows[: 1 + verdict.num_accepted] if accept is not None
-                    else ids_on(target.device, [0] + [1 + i for i in verdict.path]))
-        else:
+        # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): before the next verify
+        if accept is not None or not draft.is_tree:
             rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
+        else:
+            rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
+        if not draft.is_tree:
             rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
+        elif accept is not None:
+            rows = accept.rows[: 1 + verdict.num_accepted]
+        else:
+            rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
         emitted = verdict.emitted(draft)
@@ -154,10 +164,14 @@ def speculative_generate(
         stats.switched_off += not spec and spec_switch.mode != "off"  # plain decoding is not switched off
         # 3. the next draft is queued before this step's tokens are checked one by one, so that a drafter on
         # the GPU runs while the host does it; not when an EOS or max_new_tokens ends the request here
-        # (a stop string among them leaves that draft unused)
+        # (a stop string among them leaves that draft unused). A staged verify of that draft is launched now.
         step_start = now
+        launched = None
         if not stop.ends_within(len(generated), emitted):
             next_spec, next_one = next_draft(len(emitted))
+            if staged is not None and (next_one is staged or next_one.k == staged.k == 0):
+                rollback()
+                launched = target.length, target.forward_staged()
         # 4. commit token by token, so EOS / stop / length cut exactly where they occur
         for token in emitted:
             generated.append(token)
@@ -168,10 +182,21 @@ def speculative_generate(
             break
         spec, draft = next_spec, next_one
 
-    rollback()  # the runner ends with the committed tokens cached
+    rollback()  # the runner ends with the committed tokens cached (again after a launched verify: a length)
     stats.emitted = len(generated)
     stats.wall_s = time.perf_counter() - start
     return Generation(token_ids=generated, finish_reason=reason, stats=stats)
+
+
+def _feed(pending: torch.Tensor, draft: Draft, target: Runner) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A verify forward's inputs: the pending token [1] then the draft's tokens, and for a tree the
+    parent of each among them (-1: the last cache entry)."""
+    tokens = torch.cat([pending.to(draft.tokens.device), draft.tokens]) if draft.k else pending
+    if not draft.is_tree:
+        return tokens, None
+    if not getattr(target, "supports_tree", False):
+        raise SpecDeployError(f"{type(target).__name__} cannot score token trees; use a chain draft")
+    return tokens, torch.cat([draft.parents.new_full((1,), -1), draft.parents + 1])
 
 
 def _append_rows(buffer: torch.Tensor | None, rows: torch.Tensor | None,

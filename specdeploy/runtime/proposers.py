@@ -6,8 +6,8 @@ state (a draft model's KV cache) re-syncs it from the context at the next `propo
 
 Optional: `draft_ahead(ctx, hidden, accept, k)`, called by the loop with the step's verdict still
 on the device (`verify.DeviceVerdict`) and the target's hidden states of the step; a proposer that
-drafts on the device (`GraphEagleProposer`) queues its next draft from them and hands it out at the
-next `propose` for the same k.
+drafts on the device (`GraphEagleProposer`) queues its next draft from them, returns it, and hands
+the same object out at the next `propose` for the same k (so the loop can stage its verify).
 """
 from __future__ import annotations
 

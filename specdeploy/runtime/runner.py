@@ -8,6 +8,12 @@ drops every entry past the first `keep`.
 Token trees (optional, `supports_tree = True`): `forward(tokens, tree_parents)` scores a
 tree in one pass, token i attending to the cache and to its ancestors only, at position
 (cache length + its depth); `keep_path(keep, path)` then keeps the accepted branch.
+
+Staging (optional, `CudaGraphRunner`): `stage(tokens, tree_parents)` writes the next forward's
+inputs, still on the device, before the host knows the cache length, and `forward_staged()` runs it
+once the length is set; `gather_path(keep, src)` is `keep_path`'s move from positions on the device,
+the length left for a `rollback` to set. With these the loop queues everything but the replay
+before it reads a verdict decided on the device (`verify.DeviceVerdict`).
 """
 from __future__ import annotations
 

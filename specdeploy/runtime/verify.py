@@ -219,7 +219,8 @@ class DeviceVerdict:
 
     Device views, valid once the kernel has run: `count` [1] committed positions c (accepted nodes +
     1), `last` [1] c - 1, `rows` [max_count] the target rows of the committed positions (0: the
-    pending token) and `after` [max_count] the token after each, 0 past c.
+    pending token) and `after` [max_count] the token after each, 0 past c; `pending()` [1] the last
+    of them, the next step's first input. An empty draft (a plain step) commits the target's token.
     """
 
     def __init__(self, draft: Draft, target_logits: torch.Tensor, params: SamplingParams,
@@ -244,6 +245,10 @@ class DeviceVerdict:
         self._read = to_host(self.out[: 2 + 2 * b + k] if draft.is_tree else self.out[: 2 + 2 * b])
         self._k, self._tree = k, draft.is_tree
         self._verdict: Verdict | None = None
+
+    def pending(self) -> torch.Tensor:
+        """[1] int64 on the device: the token the verdict ends with (fed first in the next step)."""
+        return self.after.index_select(0, self.last)
 
     def verdict(self) -> Verdict:
         """The verdict on the host: waits for the kernel's copy (not for work queued after it)."""
