@@ -474,6 +474,9 @@ class CudaGraphRunner:
     `forward(tokens, tree_parents)` for a tree (at most the largest query bucket of tokens).
     Token i is written at slot length + i and rotated at position length + depth_i;
     `keep_path` gathers the accepted slots' keys/values down behind the kept prefix.
+    For a verdict decided on the device, `gather_path` queues that gather from device positions and
+    `stage` the next forward's inputs, so that `forward_staged`, once the host knows the length, only
+    sets the positions and replays (runner.py, "Staging").
     """
 
     supports_tree = True
