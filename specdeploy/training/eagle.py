@@ -49,6 +49,30 @@ def unrolled_predictions(head: eagle.EagleHead, features: torch.Tensor, embeds: 
     return preds
 
 
+def eagle_loss(target: LoadedModel, head: eagle.EagleHead, batch: Batch, ce_weight: float = 0.1,
+               noise: float = 0.2, unroll: int = 2) -> tuple[torch.Tensor, dict]:
+    """One batch's training loss (every pass's weighted sum) and its metrics per pass."""
+    embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    feats = target_features(target, batch.ids)  # [B, T, H] f_j: the target's feature after t_j
+    with torch.no_grad():
+        teacher = F.softmax(lm_head(feats).float(), -1)  # [B, T, V] row j: distribution of t_{j+1}
+        embeds = embed(batch.ids)  # [B, T, H]
+    x = feats[:, :-1].float()
+    if head.training and noise > 0:
+        x = x + (torch.rand_like(x) - 0.5) * noise
+    total, metrics = 0.0, {}
+    for step, pred in enumerate(unrolled_predictions(head, x, embeds, unroll), start=1):
+        n = pred.shape[1]  # pred_j ~ f_{j + step}
+        want, mask = feats[:, step : step + n].float(), batch.valid[:, step : step + n]
+        reg = masked_mean(F.smooth_l1_loss(pred, want, reduction="none").mean(-1), mask)
+        logp = F.log_softmax(lm_head(pred.to(feats.dtype)).float(), -1)
+        ce = masked_mean(-(teacher[:, step : step + n] * logp).sum(-1), mask)
+        acc = masked_mean((logp.argmax(-1) == teacher[:, step : step + n].argmax(-1)).float(), mask)
+        total = total + 0.8 ** (step - 1) * (reg + ce_weight * ce)
+        metrics.update({f"reg{step}": reg, f"ce{step}": ce, f"top1_{step}": acc})
+    return total, metrics
+
+
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
                 noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None) -> dict:
     """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
@@ -57,7 +81,6 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
         raise SpecDeployError(f"--unroll must be at least 1, got {unroll}")
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
-    embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
     if init is None:
         head, started = eagle.EagleHead.init_from_target(target.model).to(device), None
     else:
@@ -65,24 +88,7 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
         head, started = head.float().train(), init_record(init, prior)
 
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict]:
-        feats = target_features(target, batch.ids)  # [B, T, H] f_j: the target's feature after t_j
-        with torch.no_grad():
-            teacher = F.softmax(lm_head(feats).float(), -1)  # [B, T, V] row j: distribution of t_{j+1}
-            embeds = embed(batch.ids)  # [B, T, H]
-        x = feats[:, :-1].float()
-        if head.training and noise > 0:
-            x = x + (torch.rand_like(x) - 0.5) * noise
-        total, metrics = 0.0, {}
-        for step, pred in enumerate(unrolled_predictions(head, x, embeds, unroll), start=1):
-            n = pred.shape[1]  # pred_j ~ f_{j + step}
-            want, mask = feats[:, step : step + n].float(), batch.valid[:, step : step + n]
-            reg = masked_mean(F.smooth_l1_loss(pred, want, reduction="none").mean(-1), mask)
-            logp = F.log_softmax(lm_head(pred.to(feats.dtype)).float(), -1)
-            ce = masked_mean(-(teacher[:, step : step + n] * logp).sum(-1), mask)
-            acc = masked_mean((logp.argmax(-1) == teacher[:, step : step + n].argmax(-1)).float(), mask)
-            total = total + 0.8 ** (step - 1) * (reg + ce_weight * ce)
-            metrics.update({f"reg{step}": reg, f"ce{step}": ce, f"top1_{step}": acc})
-        return total, metrics
+        return eagle_loss(target, head, batch, ce_weight, noise, unroll)
 
     result, val_idx = train_loop(list(head.parameters()), loss_fn, data, cfg, device, log)
     head.eval()
