@@ -105,3 +105,29 @@ def test_eagle_unrolled_passes_see_what_a_drafted_chain_sees(unroll):
                 x, cache = head(x, embeds[:, j + p : j + p + 1], torch.tensor([j + p - 1]),
                                 torch.ones(1, width, dtype=torch.bool), cache)
                 assert torch.allclose(preds[p - 1][:, j], x[:, 0], atol=1e-5), (p, j)
+
+
+def test_train_loop_reads_metrics_in_batches_with_the_same_averages():
+    """The loop keeps each step's metrics on the device and reads them once per logged window; the
+    curve and the final averages are those of the per-step values."""
+    import torch
+
+    from specdeploy.training.common import TrainConfig, _average, _to_floats, train_loop
+
+    data = DistillData(torch.arange(40, dtype=torch.int32), torch.tensor([0, 10, 20, 30, 40]),
+                       torch.ones(4, dtype=torch.int32), {})
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    seen = []
+
+    def loss_fn(batch):
+        loss = (w - batch.ids.float().mean() / 40) ** 2
+        seen.append(float(loss))
+        return loss, {"loss": loss, "const": 0.5}
+
+    cfg = TrainConfig(steps=7, batch_size=2, seq_len=8, log_every=3, val_fraction=0.25, warmup=1)
+    result, _ = train_loop([w], loss_fn, data, cfg, torch.device("cpu"), log=lambda _: None)
+    assert [p["step"] for p in result.curve] == [3, 6, 7]
+    assert result.curve[0]["loss"] == pytest.approx(sum(seen[:3]) / 3) and result.curve[2]["loss"] == pytest.approx(sum(seen[4:]) / 3)
+    assert result.final == pytest.approx({"loss": seen[-1], "const": 0.5})
+    rows = _to_floats([{"a": torch.tensor(2.0), "b": 1.0}, {"a": torch.tensor([4.0]), "b": 3.0}])
+    assert rows == [{"a": 2.0, "b": 1.0}, {"a": 4.0, "b": 3.0}] and _average(rows) == {"a": 3.0, "b": 2.0}

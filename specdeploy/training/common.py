@@ -164,7 +164,7 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
         opt.step()
         step += 1
         bar.update(1)
-        window.append({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()})
+        window.append({k: v.detach() if torch.is_tensor(v) else float(v) for k, v in metrics.items()})
         if step == 10:
             steady_from, steady_t = step, time.perf_counter()  # the first steps include warm-up costs
         if cfg.minutes and step in (30, 100, 300):
@@ -174,6 +174,7 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
             bar.total = total
             log(f"{per_step * 1000:.0f} ms/step: planning {total} steps for {cfg.minutes} min")
         if step % cfg.log_every == 0 or step == total:
+            window[-cfg.log_every :] = _to_floats(window[-cfg.log_every :])
             point = {"step": step, "lr": lr, **_average(window[-cfg.log_every :])}
             curve.append(point)
             bar.set_postfix({k: f"{v:.3f}" for k, v in point.items() if k not in ("step", "lr")})
@@ -194,6 +195,20 @@ def evaluate(loss_fn: Callable[[Batch], tuple[torch.Tensor, dict]], data: Distil
             _, metrics = loss_fn(make_batch(data, val_idx[start : start + cfg.batch_size], cfg.seq_len, device))
         out.append({k: float(v) for k, v in metrics.items()})
     return _average(out)
+
+
+def _to_floats(rows: list[dict]) -> list[dict]:
+    """Metric rows with their tensors read to the host in one copy: reading each step's metrics as it
+    ends would wait for the GPU every step, and the trainer's host launches are its bottleneck
+    (results/gpu/session18/train_step)."""
+    tensors = [(i, k) for i, r in enumerate(rows) for k, v in r.items() if torch.is_tensor(v)]
+    if not tensors:
+        return rows
+    values = torch.stack([rows[i][k].float().reshape(()) for i, k in tensors]).tolist()
+    out = [dict(r) for r in rows]
+    for (i, k), v in zip(tensors, values):
+        out[i][k] = v
+    return out
 
 
 def _average(rows: list[dict]) -> dict:
