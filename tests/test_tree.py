@@ -198,7 +198,7 @@ def _skip_without_cpu_kernels() -> None:
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_device_verdicts_are_the_host_verdicts(chain, temperature):
     """`DeviceVerdict` (one Triton launch after the draws; CPU: the interpreter) on random trees and chains
-    of point-mass tokens (repeated siblings included): its verdict is `verify`'s from the same generator
+    of point-mass tokens (repeated siblings included; empty chains are plain steps): its verdict is `verify`'s from the same generator
     state (greedy: also the naive walk's), and its device views (what a proposer drafts ahead from) hold
     the committed rows and the token after each, 0-padded to the most a step can commit."""
     _skip_without_cpu_kernels()
@@ -224,6 +224,7 @@ def test_device_verdicts_are_the_host_verdicts(chain, temperature):
         pad = [0] * (accept.max_count - c)
         assert accept.rows.tolist() == [0] + [1 + i for i in path] + pad, trial
         assert accept.after.tolist() == tokens[path].tolist() + [v.next_token] + pad, trial
+        assert accept.pending().tolist() == [v.next_token], trial  # the next step's first input
 
 
 def test_device_verdict_skips_repeated_siblings():
