@@ -30,8 +30,9 @@ from specdeploy.runtime.runner import ids_on, to_host
 from specdeploy.runtime.types import Context, Draft
 
 
-def smollm2_shaped(device: str):
-    """(random LlamaForCausalLM of SmolLM2-135M's shape in bf16, its EAGLE head)."""
+def smollm2_shaped(device: str, dtype: torch.dtype = torch.bfloat16):
+    """(random LlamaForCausalLM of SmolLM2-135M's shape, its EAGLE head), in eval mode: for timings that
+    depend on the shapes, not the weights (no GGUF to carry to the GPU machine)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from specdeploy.models.eagle import EagleHead
@@ -40,8 +41,8 @@ def smollm2_shaped(device: str):
                       num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
                       max_position_embeddings=8192, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
-    return model, EagleHead.init_from_target(model).to(device, torch.bfloat16).eval()
+    model = LlamaForCausalLM(cfg).to(device, dtype).eval()
+    return model, EagleHead.init_from_target(model).to(device, dtype).eval()
 
 
 def host_us(fn, reps: int = 200, sync: bool = True) -> float:

@@ -31,19 +31,15 @@ def main() -> int:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from specdeploy.models.eagle import EagleHead
+    from host_costs import smollm2_shaped  # this folder is on sys.path when run as a script
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).cuda().eval().requires_grad_(False)
+    model, head = smollm2_shaped("cuda", torch.float32)  # as training loads the target: float32, bf16 autocast
+    model.requires_grad_(False)
+    head.train()
     target = LoadedModel(model, None, "random SmolLM2-135M shape", "")
-    head = EagleHead.init_from_target(model).cuda().train()
     opt = torch.optim.AdamW(head.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), device="cuda")
     batch = Batch(ids, torch.ones_like(ids, dtype=torch.bool))
 
     def step():

@@ -140,16 +140,15 @@ def speculative_generate(
             verdict = accept.verdict()
         else:
             verdict = verify(draft, step.logits, params, generator)
-        # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch): before the next verify
-        if accept is not None or not draft.is_tree:
-            rollback = partial(target.rollback, base + 1 + verdict.num_accepted)
+        # 2. the KV entries of rejected draft tokens go (a tree keeps its accepted branch, moved already where the
+        # verdict was on the device): before the next verify. rows: the step's committed positions
+        keep = base + 1 + verdict.num_accepted
+        if not draft.is_tree:
+            rollback, rows = partial(target.rollback, keep), slice(0, keep - base)  # a view: a chain's prefix
+        elif accept is not None:
+            rollback, rows = partial(target.rollback, keep), accept.rows[: keep - base]
         else:
             rollback = partial(target.keep_path, base + 1, [base + 1 + i for i in verdict.path])
-        if not draft.is_tree:
-            rows = slice(0, 1 + verdict.num_accepted)  # a view: the chain's committed rows are a prefix
-        elif accept is not None:
-            rows = accept.rows[: 1 + verdict.num_accepted]
-        else:
             rows = ids_on(target.device, [0] + [1 + i for i in verdict.path])
         if step.hidden is not None:  # hidden states of the committed positions, for EAGLE/Medusa
             hidden_buffer, ctx.target_hidden = _append_rows(hidden_buffer, ctx.target_hidden, step.hidden[rows])
