@@ -125,9 +125,36 @@ def test_train_loop_reads_metrics_in_batches_with_the_same_averages():
         return loss, {"loss": loss, "const": 0.5}
 
     cfg = TrainConfig(steps=7, batch_size=2, seq_len=8, log_every=3, val_fraction=0.25, warmup=1)
-    result, _ = train_loop([w], loss_fn, data, cfg, torch.device("cpu"), log=lambda _: None)
+    result, _ = train_loop([w], loss_fn, data, cfg, torch.device("cpu"))
     assert [p["step"] for p in result.curve] == [3, 6, 7]
     assert result.curve[0]["loss"] == pytest.approx(sum(seen[:3]) / 3) and result.curve[2]["loss"] == pytest.approx(sum(seen[4:]) / 3)
     assert result.final == pytest.approx({"loss": seen[-1], "const": 0.5})
     rows = _to_floats([{"a": torch.tensor(2.0), "b": 1.0}, {"a": torch.tensor([4.0]), "b": 3.0}])
     assert rows == [{"a": 2.0, "b": 1.0}, {"a": 4.0, "b": 3.0}] and _average(rows) == {"a": 3.0, "b": 2.0}
+
+
+def test_a_time_bound_run_spends_its_budget_and_ends_its_cosine(monkeypatch):
+    """With --minutes, the cosine follows the time spent, so a run whose first steps are slow (as on a
+    GPU) still trains until its budget is spent and ends its decay there."""
+    import torch
+
+    from specdeploy.training import common
+
+    clock = [0.0]
+    monkeypatch.setattr(common, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    data = DistillData(torch.arange(40, dtype=torch.int32), torch.tensor([0, 10, 20, 30, 40]),
+                       torch.ones(4, dtype=torch.int32), {})
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    calls = []
+
+    def loss_fn(batch):
+        calls.append(1)
+        clock[0] += 2.0 if len(calls) <= 5 else 1.0  # five slow steps, then one a second
+        return (w - 0.5) ** 2, {}
+
+    cfg = common.TrainConfig(steps=10_000, minutes=1.0, batch_size=2, seq_len=8, log_every=1, warmup=1,
+                             val_fraction=0.25)
+    result, _ = common.train_loop([w], loss_fn, data, cfg, torch.device("cpu"))
+    assert result.steps == 55 and result.seconds == 60.0  # 5 x 2 s + 50 x 1 s
+    lrs = [p["lr"] for p in result.curve]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(cfg.lr) and lrs[-1] < 0.001 * cfg.lr

@@ -47,7 +47,7 @@ def train_draft(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
         agree = (student.argmax(-1) == teacher.argmax(-1)).float()
         return masked_mean(kl, batch.valid), {"kl": masked_mean(kl, batch.valid), "top1_agree": masked_mean(agree, batch.valid)}
 
-    result, val_idx = train_loop(own, loss_fn, data, cfg, device, log)
+    result, val_idx = train_loop(own, loss_fn, data, cfg, device)
     draft.eval()
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     log(f"draft: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")

@@ -90,7 +90,7 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
     def loss_fn(batch: Batch) -> tuple[torch.Tensor, dict]:
         return eagle_loss(target, head, batch, ce_weight, noise, unroll)
 
-    result, val_idx = train_loop(list(head.parameters()), loss_fn, data, cfg, device, log)
+    result, val_idx = train_loop(list(head.parameters()), loss_fn, data, cfg, device)
     head.eval()
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     log(f"eagle: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")

@@ -52,7 +52,7 @@ def train_medusa(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCo
             metrics[f"top1_{i}"] = masked_mean((student.argmax(-1) == want.argmax(-1)).float(), mask)
         return total, metrics
 
-    result, val_idx = train_loop(list(heads.parameters()), loss_fn, data, cfg, device, log)
+    result, val_idx = train_loop(list(heads.parameters()), loss_fn, data, cfg, device)
     heads.eval()
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     accuracy = head_accuracy(target, heads, data, val_idx, cfg, device)
