@@ -32,6 +32,7 @@ def test_bench_json_schema(bench_dir):
     for key, typ in TOP_TYPES.items():
         assert isinstance(result[key], typ), key
     assert result["command"].startswith("specdeploy bench ") and result["dtype"] == "float32"
+    assert "--batch-passes 3" in result["command"]  # batch > 1 rows: three passes on one engine by default
     rows = result["rows"]
     for row in rows:
         for key, typ in ROW_TYPES.items():

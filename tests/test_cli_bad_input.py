@@ -101,3 +101,9 @@ def test_one_bad_prompt_refuses_the_whole_file_before_generating(capsys, tmp_pat
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "word " * 9000}) + "\n")
     _assert_refused(capsys, BASE + ["--prompts", str(path), "--json"], "exceeds the context window")
+
+
+@pytest.mark.parametrize("extra", [["--k", "0"], ["--batch", "0"], ["--batch-passes", "0"], ["--temperature", "-1"]])
+def test_bench_refuses_bad_counts_before_writing(capsys, tmp_path, extra):
+    _assert_refused(capsys, ["bench", "--out", str(tmp_path / "out"), *extra], "need integers >= 1")
+    assert not (tmp_path / "out").exists()

@@ -191,8 +191,9 @@ def _batch(result: dict) -> list[str]:
     if len(batches) < 2:
         return []
     out = ["## Throughput against batch size (greedy, all tasks)", "",
-           "batch 1: per-request loop; batch > 1: the batched engine (all prompts through that many slots) and HF "
-           "`generate` on left-padded batches.", ""]
+           "batch 1: per-request loop; batch > 1: the batched engine (all prompts through that many slots, as many "
+           "passes on one engine as the command's `--batch-passes`, one where it has none; the median pass timed) "
+           "and HF `generate` on left-padded batches.", ""]
     body = [[str(r["batch"]), label(r), f"{r['tokens_per_s']:.1f}", _x(r["speedup_vs_plain"]), _f(r["alpha"]),
              f"{r['greedy_mismatches']}/{r['prompts']}" if r.get("mismatch_checked") else "-", r.get("notes", "")]
             for r in sorted(rows, key=lambda r: (r["batch"], r["system"], r["method"], r["k"]))
