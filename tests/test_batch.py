@@ -120,6 +120,23 @@ def test_switching_speculation_off_and_on_stays_lossless():
     assert all(r.stats.switched_off < r.stats.target_forwards for r in res)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_step_reads_exactly_the_keys_it_needs(overlap):
+    """With a KV bucket of every length, each step reads only as many cache positions as its margin says:
+    one too few and a slot would not see its own key. Plain and spec steps, the draft's catch-up, joins
+    and leaves, and (forced on CPU, where the device state is always ahead of the host) the step in flight."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    prompts = _prompts(5, seed=7)
+    ref = _solo_plain(model, prompts, 45)
+    eng = BatchSpeculator(lean, method="draft", draft=lean.truncated(1), k=3, max_batch=3, max_length=96, eos_ids=[0])
+    eng.kv_buckets, eng.overlap = tuple(range(1, eng.positions + 1)), overlap
+    eng.switch = AlternatingSwitch(2, 5)
+    res = eng.run([BatchRequest(p, 45) for p in prompts])
+    assert [r.token_ids for r in res] == [g.token_ids for g in ref]
+    assert eng.switch.plain_steps > 0 and eng.switch.spec_steps > 0
+
+
 def test_the_drafts_catch_up_is_timed_with_the_spec_step_that_needs_it(monkeypatch):
     """After plain steps the draft model catches up before the next spec step; the switch must be
     charged for it, or it sees speculation as cheaper than it is."""

@@ -190,6 +190,7 @@ class BatchSpeculator:
         self.steps = 0
         self.slots: list[_Slot | None] = [None] * B
         self._plain_since_spec = 0
+        self._in_flight_width = self.k + 1  # positions the last launched step wrote per slot
         if self.use_graphs:
             self.capture_all()
 
@@ -340,9 +341,16 @@ class BatchSpeculator:
     def _launch(self) -> _Launched:
         live = [s for s in self.slots if s is not None]
         spec = bool(self.k) and self.switch.choose(len(live))
-        # longest cache among live slots, bounded for the step in flight
-        longest = max(len(s.tokens) for s in live) + (self.k + 1) * (2 if self.overlap else 1)
-        kv = bucket(min(self.positions, longest + max(self.k + 1, CATCHUP) + 1), self.kv_buckets)
+        width = self.k + 1 if spec else 1  # cache positions this step writes per slot
+        catchup = spec and self.draft is not None and self._plain_since_spec > 0
+        # Attention reads the cache below kv, which must pass every position an active slot writes. A slot
+        # whose host knows T tokens holds T - 1 + a cache entries on the device, a <= `ahead` being what
+        # the step in flight adds (overlap), and writes `width` more (a catch-up pass: CATCHUP from the
+        # draft's length, which is no longer), so the last is T + a + width - 2. No more: a speculating
+        # engine's plain steps read as few keys as a plain engine's, which the switch compares them with.
+        ahead = self._in_flight_width if self.overlap else 0
+        need = max(len(s.tokens) for s in live) + ahead + (max(width, CATCHUP) if catchup else width) - 1
+        kv = bucket(min(self.positions, need), self.kv_buckets)
         cuda = self.device.type == "cuda"
         started: torch.cuda.Event | float = time.perf_counter()
         if cuda:
@@ -350,10 +358,11 @@ class BatchSpeculator:
             started.record()
         # the draft's catch-up over the plain steps it missed is timed with the spec step that needs
         # it: the switch must see what going back to speculation costs
-        if spec and self.draft is not None and self._plain_since_spec:
+        if catchup:
             for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
                 self._catchup_fn(kv)()
         self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
+        self._in_flight_width = width
         self._step_fn(spec, kv)()
         event = None
         if cuda:
