@@ -156,5 +156,6 @@ def test_a_time_bound_run_spends_its_budget_and_ends_its_cosine(monkeypatch):
                              val_fraction=0.25)
     result, _ = common.train_loop([w], loss_fn, data, cfg, torch.device("cpu"))
     assert result.steps == 55 and result.seconds == 60.0  # 5 x 2 s + 50 x 1 s
+    assert [p["seconds"] for p in result.curve][:6] == [2.0, 4.0, 6.0, 8.0, 10.0, 11.0]  # the slow steps show
     lrs = [p["lr"] for p in result.curve]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(cfg.lr) and lrs[-1] < 0.001 * cfg.lr

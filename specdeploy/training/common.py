@@ -108,6 +108,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1)
 
 
+CURVE_KEYS = ("step", "lr", "seconds")  # a loss-curve point's keys besides its metrics
+
+
 @dataclass
 class TrainConfig:
     steps: int = 2000  # upper bound; the wall-clock budget may end training sooner
@@ -174,9 +177,11 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
         window.append({k: v.detach() if torch.is_tensor(v) else float(v) for k, v in metrics.items()})
         if step % cfg.log_every == 0 or progress() >= 1.0:
             window[-cfg.log_every :] = _to_floats(window[-cfg.log_every :])
-            point = {"step": step, "lr": lr, **_average(window[-cfg.log_every :])}
+            # seconds: when the window's metrics reached the host, so the curve also shows step times
+            point = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - start, 3),
+                     **_average(window[-cfg.log_every :])}
             curve.append(point)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in point.items() if k not in ("step", "lr")})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in point.items() if k not in CURVE_KEYS})
     bar.close()
     seconds = time.perf_counter() - start
     final = _average(window[-max(1, step // 10) :])
@@ -230,7 +235,7 @@ def plot_curve(curve: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in (curve[0] if curve else {}) if k not in ("step", "lr")]
+    metrics = [k for k in (curve[0] if curve else {}) if k not in CURVE_KEYS]
     cols = min(3, max(1, len(metrics)))
     rows = max(1, -(-len(metrics) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
