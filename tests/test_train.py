@@ -159,3 +159,30 @@ def test_a_time_bound_run_spends_its_budget_and_ends_its_cosine(monkeypatch):
     assert [p["seconds"] for p in result.curve][:6] == [2.0, 4.0, 6.0, 8.0, 10.0, 11.0]  # the slow steps show
     lrs = [p["lr"] for p in result.curve]
     assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(cfg.lr) and lrs[-1] < 0.001 * cfg.lr
+
+
+def test_batches_group_similar_lengths_and_see_each_sequence_once_a_pass():
+    """Length-grouped batches: far less padding than random batches (pool=1 is random batching), and a
+    pass still yields every sequence at most once, in full batches."""
+    import torch
+
+    from specdeploy.training.common import batches
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 513, (640,), generator=g)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    ids = torch.repeat_interleave(torch.arange(640, dtype=torch.int32), lengths)  # each token names its sequence
+    data = DistillData(ids, offsets, torch.ones(640, dtype=torch.int32), {})
+    indices = list(range(600))
+
+    def one_pass(pool: int) -> list:
+        stream = batches(data, indices, 8, 512, torch.device("cpu"), seed=1, pool=pool)
+        return [next(stream) for _ in range(75)]  # 600 / 8
+
+    for pool in (1, 64):
+        got = one_pass(pool)
+        assert all(b.ids.shape[0] == 8 for b in got)
+        assert sorted(int(i) for b in got for i in b.ids[:, 0]) == indices  # every sequence, once
+    padding = {pool: 1 - sum(int(b.valid.sum()) for b in one_pass(pool)) / sum(b.valid.numel() for b in one_pass(pool))
+               for pool in (1, 64)}
+    assert padding[1] > 0.3 and padding[64] < 0.05, padding

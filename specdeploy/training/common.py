@@ -72,16 +72,26 @@ class Batch:
 
 
 def batches(data: DistillData, indices: list[int], batch_size: int, seq_len: int, device: torch.device,
-            seed: int) -> Iterator[Batch]:
+            seed: int, pool: int = 64) -> Iterator[Batch]:
     """Endless shuffled batches of whole sequences (cut to seq_len), padded on the right.
 
-    Right padding needs no attention mask: with causal attention, real tokens never see it.
+    Sequences of similar length share a batch: each run of `pool` batches' worth of shuffled
+    sequences is sorted by length and cut into batches, and those batches are shuffled. A batch is
+    as long as its longest sequence, so random batches of the distillation data are mostly padding,
+    which every vocabulary-sized loss tensor pays for. Right padding needs no attention mask: with
+    causal attention, real tokens never see it.
     """
     gen = torch.Generator().manual_seed(seed)
+    lengths = (data.offsets[1:] - data.offsets[:-1]).clamp(max=seq_len).tolist()
+    chunk = pool * batch_size
     while True:
         order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield make_batch(data, order[start : start + batch_size], seq_len, device)
+        groups = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+            groups += [part[b : b + batch_size] for b in range(0, len(part) - batch_size + 1, batch_size)]
+        for g in (torch.randperm(len(groups), generator=gen).tolist() if groups else []):
+            yield make_batch(data, groups[g], seq_len, device)
         if len(order) < batch_size:
             yield make_batch(data, order, seq_len, device)
 
