@@ -77,7 +77,7 @@ def batches(data: DistillData, indices: list[int], batch_size: int, seq_len: int
 
     Sequences of similar length share a batch: each run of `pool` batches' worth of shuffled
     sequences is sorted by length and cut into batches, and those batches are shuffled. A batch is
-    as long as its longest sequence, so random batches of the distillation data are mostly padding,
+    as long as its longest sequence, so random batches of sequences of varied length are largely padding,
     which every vocabulary-sized loss tensor pays for. Right padding needs no attention mask: with
     causal attention, real tokens never see it.
     """
