@@ -90,7 +90,7 @@ def batches(data: DistillData, indices: list[int], batch_size: int, seq_len: int
         for start in range(0, len(order), chunk):
             part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
             groups += [part[b : b + batch_size] for b in range(0, len(part) - batch_size + 1, batch_size)]
-        for g in (torch.randperm(len(groups), generator=gen).tolist() if groups else []):
+        for g in torch.randperm(len(groups), generator=gen).tolist():
             yield make_batch(data, groups[g], seq_len, device)
         if len(order) < batch_size:
             yield make_batch(data, order, seq_len, device)
@@ -151,7 +151,7 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
 
     The cosine follows the run's progress: the larger of steps done / cfg.steps and time spent /
     cfg.minutes, so a time-bound run ends its decay as its budget ends. (Planning a step count from
-    early step times ended runs at a third to a half of their budget: on an H200 the first few hundred
+    early step times ended runs at about half of their budget: on an H200 the first few hundred
     steps ran about twice as slow as the rest, results/gpu/session19.) Returns the result and the
     validation indices.
     """
@@ -172,7 +172,8 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
         return min(1.0, max(done, (time.perf_counter() - start) / budget) if budget else done)
 
     bar = tqdm(total=None if budget else cfg.steps, desc="training", unit="step", mininterval=5, file=sys.stderr)
-    while (p := progress()) < 1.0:
+    p = progress()
+    while p < 1.0:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * p))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -185,7 +186,8 @@ def train_loop(params: list[torch.nn.Parameter], loss_fn: Callable[[Batch], tupl
         step += 1
         bar.update(1)
         window.append({k: v.detach() if torch.is_tensor(v) else float(v) for k, v in metrics.items()})
-        if step % cfg.log_every == 0 or progress() >= 1.0:
+        p = progress()
+        if step % cfg.log_every == 0 or p >= 1.0:
             window[-cfg.log_every :] = _to_floats(window[-cfg.log_every :])
             # seconds: when the window's metrics reached the host, so the curve also shows step times
             point = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - start, 3),
