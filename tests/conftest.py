@@ -86,3 +86,6 @@ class AlternatingSwitch(SpecSwitch):
     def choose(self, slots: int = 1) -> bool:
         self._steps += 1
         return self._steps % self.period < self.on
+
+    def expects_spec(self) -> bool:
+        return (self._steps + 1) % self.period < self.on

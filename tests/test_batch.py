@@ -120,6 +120,25 @@ def test_switching_speculation_off_and_on_stays_lossless():
     assert all(r.stats.switched_off < r.stats.target_forwards for r in res)
 
 
+def test_a_draft_joining_during_plain_steps_catches_up_over_its_prompt(monkeypatch):
+    """Prompts that join while the switch decodes plain are not prefilled into the draft's cache; the
+    catch-up before the next spec step feeds them. A draft that is the target accepts every token only
+    if that catch-up covered each prompt whole."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    prompts = [(p * 100)[: 70 + 7 * i] for i, p in enumerate(_prompts(6, seed=11))]  # each longer than a catch-up pass
+    ref = _solo_plain(model, prompts, 20)
+    eng = BatchSpeculator(lean, method="draft", draft=lean, k=3, max_batch=2, max_length=160, eos_ids=[0])
+    eng.switch = AlternatingSwitch(2, 9)
+    prefills = []
+    real = eng._prefill_fn
+    monkeypatch.setattr(eng, "_prefill_fn", lambda q, kv, draft: (prefills.append(draft), real(q, kv, draft))[1])
+    res = eng.run([BatchRequest(p, 20) for p in prompts])
+    assert [r.token_ids for r in res] == [g.token_ids for g in ref]
+    assert all(r.stats.alpha in (None, 1.0) for r in res) and sum(r.stats.proposed for r in res) > 0
+    assert True in prefills and prefills.count(False) > prefills.count(True)  # some joins deferred
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_every_step_reads_exactly_the_keys_it_needs(overlap):
     """With a KV bucket of every length, each step reads only as many cache positions as its margin says:

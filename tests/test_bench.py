@@ -74,6 +74,18 @@ def test_policy_rows_are_timed_paired_with_plain(bench_dir):
     assert "timed paired with plain" in (bench_dir / "bench.md").read_text()
 
 
+def test_batched_rows_are_timed_paired_with_plain(bench_dir):
+    """A speculative row at batch > 1 alternates its passes with a plain engine's and is measured against it."""
+    result = json.loads((bench_dir / "bench.json").read_text())
+    rows = [r for r in result["rows"] if r["batch"] > 1 and r["system"] == "specdeploy"]
+    for r in rows:
+        if r["method"] == "none":
+            assert r["speedup_vs_plain"] == 1.0 and "plain_drift" not in r
+        else:
+            assert isinstance(r["plain_drift"], float) and r["plain_drift"] > -1 and r["greedy_mismatches"] == 0
+    assert any(r["method"] != "none" for r in rows) and "paired plain" in (bench_dir / "bench.md").read_text()
+
+
 def test_bench_md_and_plots(bench_dir):
     md = (bench_dir / "bench.md").read_text()
     assert "| task | plain tok/s |" in md and "ngram k=" in md and "HF generate" in md

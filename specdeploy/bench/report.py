@@ -193,9 +193,16 @@ def _batch(result: dict) -> list[str]:
     out = ["## Throughput against batch size (greedy, all tasks)", "",
            "batch 1: per-request loop; batch > 1: the batched engine (all prompts through that many slots, as many "
            "passes on one engine as the command's `--batch-passes`, one where it has none; the median pass timed) "
-           "and HF `generate` on left-padded batches.", ""]
+           "and HF `generate` on left-padded batches. Where a row notes its paired plain, its passes alternated with "
+           "a plain engine's, and its speedup is over that engine's median pass; the note says how far that pass "
+           "was from the plain row's.", ""]
+
+    def notes(r: dict) -> str:
+        paired = f"paired plain {100 * r['plain_drift']:+.1f}%" if r.get("plain_drift") is not None and r["batch"] > 1 else ""
+        return "; ".join(x for x in (paired, r.get("notes", "")) if x)
+
     body = [[str(r["batch"]), label(r), f"{r['tokens_per_s']:.1f}", _x(r["speedup_vs_plain"]), _f(r["alpha"]),
-             f"{r['greedy_mismatches']}/{r['prompts']}" if r.get("mismatch_checked") else "-", r.get("notes", "")]
+             f"{r['greedy_mismatches']}/{r['prompts']}" if r.get("mismatch_checked") else "-", notes(r)]
             for r in sorted(rows, key=lambda r: (r["batch"], r["system"], r["method"], r["k"]))
             if r["batch"] > 1 or r["method"] in ("none", "generate") or r["k"] == result.get("peer_k")]
     return out + _table(["batch", "config", "tokens/s", "speedup vs plain", "α", "greedy ≠ plain", "notes"], body)

@@ -142,30 +142,48 @@ class Bench:
 
     # specdeploy, batch > 1
     def fused(self, method: str, k: int, batch: int, switch: str = "on") -> None:
-        """switch "auto": the batch decodes plain steps where speculation does not pay (row "METHOD (auto)")."""
+        """switch "auto": the batch decodes plain steps where speculation does not pay (row "METHOD (auto)").
+        A speculative row alternates its passes with a plain engine's, kept as its `baseline`."""
         from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 
         label = method if switch == "on" else f"{method} ({switch})"
         self._describe(f"specdeploy {label} k={k} batch {batch}")
-        draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
-        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
-                              max_length=self.backend.max_length, eos_ids=self.eos, switch=switch)
-        eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
+
+        def engine(m: str) -> BatchSpeculator:
+            draft = self.backend.draft_lean(m) if BATCH_METHODS[m] == "draft" else None
+            eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[m], draft=draft, k=max(k, 1), max_batch=batch,
+                                  max_length=self.backend.max_length, eos_ids=self.eos, switch=switch if m != "none" else "on")
+            eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
+            return eng
+
         reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.batch_prompts, self.batch_encoded)]
         # A pass over the prompts is ~0.5 s on a GPU: one pass measures mostly the switch's first decisions and
         # the machine's noise. Passes on one engine measure what a long-lived server sees; outputs and
-        # acceptance are the last pass's, the time the median pass's.
-        walls = []
+        # acceptance are the last pass's, the time the median pass's. The machine's speed drifts by a few
+        # percent between rows timed seconds apart, so plain runs pass by pass beside each speculative row.
+        engines = {"run": engine(method)}
+        if method != "none":
+            engines["plain"] = engine("none")
+        walls: dict[str, list[float]] = {name: [] for name in engines}
+        res: dict[str, list] = {}
         for _ in range(self.args.batch_passes):
-            _sync(self.backend.device)
-            t = time.perf_counter()
-            res = sorted(eng.run(reqs), key=lambda r: r.index)
-            _sync(self.backend.device)
-            walls.append(time.perf_counter() - t)
-        self.runs.append(Run("specdeploy", label, k, 0.0, batch, "fused", self.batch_prompts, [r.token_ids for r in res],
-                             [r.stats for r in res], wall_s=median(walls)))
+            for name in reversed(engines):  # plain first
+                _sync(self.backend.device)
+                t = time.perf_counter()
+                res[name] = sorted(engines[name].run(reqs), key=lambda r: r.index)
+                _sync(self.backend.device)
+                walls[name].append(time.perf_counter() - t)
+
+        def as_run(name: str, m: str, label: str) -> Run:
+            return Run("specdeploy", label, k if m != "none" else 0, 0.0, batch, "fused", self.batch_prompts,
+                       [r.token_ids for r in res[name]], [r.stats for r in res[name]], wall_s=median(walls[name]))
+
+        run = as_run("run", method, label)
+        if "plain" in engines:
+            run.baseline = as_run("plain", "none", "none")
+        self.runs.append(run)
         self._advance(len(self.batch_prompts))
-        del eng
+        del engines
 
     # peers
     def hf(self, name: str, temperature: float, extra: dict, batch: int = 1, k: int = 0) -> None:
@@ -618,7 +636,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--batch-prompts-per-task", type=int, default=0,
                    help="prompts per task of the batch > 1 rows (0: all of the set; batches need many requests)")
     p.add_argument("--batch-passes", type=int, default=3,
-                   help="passes over the prompts per batch > 1 row, on one engine; the median pass is timed")
+                   help="passes over the prompts per batch > 1 row, on one engine (a speculative row's alternate with a plain engine's); the median pass is timed")
     p.add_argument("--policy", help="policy.json for the 'policy' method (default: advise on held-out prompts)")
     p.add_argument("--policy-min-speedup", type=float, default=1.1,
                    help="the advised policy turns a task off below this expected speedup")

@@ -14,7 +14,9 @@ cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at onc
 The host reads one small tensor per step ([slots, k + 3] int64: accepted, proposed, emitted
 tokens), one step behind (`overlap`): step t + 1 is launched before step t's tokens are read,
 so the GPU never waits for Python. A slot that finished at step t computes one more, ignored,
-step. Requests join and leave between steps: a join prefills its slot and resets its state.
+step. Requests join and leave between steps: a join prefills its slot and resets its state. A
+draft model is prefilled with the prompt only while the engine speculates; one that joins during
+plain steps catches up over the prompt when speculation resumes.
 Greedy only: sampled requests go through `speculative_generate`.
 
 Per-request output equals the request run alone (the target argmax at each position does not
@@ -189,7 +191,7 @@ class BatchSpeculator:
         self._hosts = [self._host_buffer() for _ in range(2)]
         self.steps = 0
         self.slots: list[_Slot | None] = [None] * B
-        self._plain_since_spec = 0
+        self._draft_behind = 0  # most committed tokens a live slot's draft cache may lack (catch-up passes)
         self._in_flight_width = self.k + 1  # positions the last launched step wrote per slot
         if self.use_graphs:
             self.capture_all()
@@ -215,13 +217,16 @@ class BatchSpeculator:
                 self._catchup_fn(kv)
             for q in self.prefill_buckets:
                 if q <= kv:
-                    self._prefill_fn(q, kv)
+                    self._prefill_fn(q, kv, draft=False)
+                    if self.draft is not None:
+                        self._prefill_fn(q, kv, draft=True)
         self._clear_state()
 
     def _clear_state(self) -> None:
         for t in (self.lengths, self.pending, self.prev, self.generated, self.max_new, self.draft_valid, self.result):
             t.zero_()
         self.active.zero_()
+        self._draft_behind = 0
 
     @property
     def num_graphs(self) -> int:
@@ -231,15 +236,13 @@ class BatchSpeculator:
         """Drop the graphs now (their closures refer back to this engine, so only a GC pass would)."""
         self._fns.clear()
 
-    def _prefill_fn(self, q: int, kv: int) -> CapturedFn:
+    def _prefill_fn(self, q: int, kv: int, draft: bool) -> CapturedFn:
+        """A chunk of a joining prompt into the target's cache, or the draft's."""
+        model, cache = (self.draft, self.dcache) if draft else (self.target, self.tcache)
+
         def make():
-            def prefill():
-                args = (self._pf_tokens[:, :q], self._pf_pos[:, :q], self._pf_row, kv)
-                self.target.forward(self.tcache, *args, logits="none")
-                if self.draft is not None:
-                    self.draft.forward(self.dcache, *args, logits="none")
-            return prefill
-        return self._fn(("prefill", q, kv), make)
+            return lambda: model.forward(cache, self._pf_tokens[:, :q], self._pf_pos[:, :q], self._pf_row, kv, logits="none")
+        return self._fn(("prefill", draft, q, kv), make)
 
     def _catchup_fn(self, kv: int) -> CapturedFn:
         """Feed the draft model the committed tokens it missed during plain steps (CATCHUP a pass)."""
@@ -316,20 +319,28 @@ class BatchSpeculator:
                                   f"batch engine's max_length of {self.max_length}")
         pre = ids[:-1]
         maxq = self.prefill_buckets[-1]
+        # a draft that will not draft soon is not prefilled: the switch, off at large batches, would pay for it
+        # at every join; the catch-up before the next spec step feeds it the prompt instead
+        with_draft = self.draft is not None and self.switch.expects_spec()
+        if self.draft is not None and not with_draft:
+            self._draft_behind = max(self._draft_behind, P)
         self._pf_row.fill_(slot)
         for start in range(0, len(pre), maxq):
             chunk = pre[start : start + maxq]
             q = bucket(len(chunk), self.prefill_buckets)
             self._pf_tokens[0, : len(chunk)].copy_(torch.tensor(chunk, dtype=torch.long), non_blocking=True)
             torch.add(self._offsets[:q], start, out=self._pf_pos[0, :q])
-            self._prefill_fn(q, bucket(start + q, self.kv_buckets))()
+            kv = bucket(start + q, self.kv_buckets)
+            self._prefill_fn(q, kv, draft=False)()
+            if with_draft:
+                self._prefill_fn(q, kv, draft=True)()
         self.hist[slot, :P].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
         self.lengths[slot] = P - 1
         self.pending[slot] = ids[-1]
         self.prev[slot] = ids[-2] if P > 1 else ids[-1]
         self.generated[slot] = 0
         self.max_new[slot] = req.max_new_tokens
-        self.draft_valid[slot] = P - 1
+        self.draft_valid[slot] = P - 1 if with_draft else 0
         self.active[slot] = True
         stop = StopCondition(self.eos_ids, req.max_new_tokens)
         self.slots[slot] = _Slot(index, req, list(ids), first_step=self.steps, start=time.perf_counter(), stop=stop)
@@ -342,7 +353,7 @@ class BatchSpeculator:
         live = [s for s in self.slots if s is not None]
         spec = bool(self.k) and self.switch.choose(len(live))
         width = self.k + 1 if spec else 1  # cache positions this step writes per slot
-        catchup = spec and self.draft is not None and self._plain_since_spec > 0
+        catchup = spec and self.draft is not None and self._draft_behind > 0
         # Attention reads the cache below kv, which must pass every position an active slot writes. A slot
         # whose host knows T tokens holds T - 1 + a cache entries on the device, a <= `ahead` being what
         # the step in flight adds (overlap), and writes `width` more (a catch-up pass: CATCHUP from the
@@ -356,12 +367,12 @@ class BatchSpeculator:
         if cuda:
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        # the draft's catch-up over the plain steps it missed is timed with the spec step that needs
-        # it: the switch must see what going back to speculation costs
+        # the draft's catch-up over the tokens it missed (plain steps, prompts that joined during them) is
+        # timed with the spec step that needs it: the switch must see what going back to speculation costs
         if catchup:
-            for _ in range(math.ceil(self._plain_since_spec / CATCHUP)):
+            for _ in range(math.ceil(self._draft_behind / CATCHUP)):
                 self._catchup_fn(kv)()
-        self._plain_since_spec = 0 if spec else self._plain_since_spec + 1
+        self._draft_behind = 0 if spec else self._draft_behind + 1
         self._in_flight_width = width
         self._step_fn(spec, kv)()
         event = None
