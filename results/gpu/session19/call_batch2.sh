@@ -2,11 +2,11 @@
 # Session 19, device call D (after the GGUF parts were carried): the batched engine's exact KV margin (this tree)
 # against e96a237's (`.ab/batch_e96a237.py`, carried), alternately: the bench's batch-32 rows (none, ngram and
 # the DraftLM at k=4, switch on and auto), three passes each, each tree run from its own folder; first
-# tests/test_batch.py on the GPU.
+# tests/test_batch.py on the GPU. OLD_BATCH=FILE runs another batch.py as the old tree (session 20's call_batch.sh).
 bash scripts/device_model.sh >/dev/null || exit 3
 export SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-rm -rf /tmp/oldtree && mkdir -p /tmp/o /tmp/oldtree && cp -r specdeploy /tmp/oldtree/ && cp .ab/batch_e96a237.py /tmp/oldtree/specdeploy/runtime/batch.py
+rm -rf /tmp/oldtree && mkdir -p /tmp/o /tmp/oldtree && cp -r specdeploy /tmp/oldtree/ && cp ${OLD_BATCH:-.ab/batch_e96a237.py} /tmp/oldtree/specdeploy/runtime/batch.py
 PYTHONPATH=/tmp/site:$PWD timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batch.py 2>&1 | tail -3 > /tmp/o/cuda_test_batch.log
 cat /tmp/o/cuda_test_batch.log
 i=0
