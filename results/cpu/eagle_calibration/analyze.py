@@ -10,9 +10,6 @@ fitted to data are fitted on one half of the prompts and scored on the other, th
 import json, math, sys
 from collections import defaultdict
 
-records = json.load(open(sys.argv[1]))
-
-
 def nodes_of(rec, tree):
     """Per candidate: (depth, conditional log-prob, cumulative log-prob, parent, matched)."""
     toks, at = rec["tokens"], tree["at"]
@@ -27,9 +24,6 @@ def nodes_of(rec, tree):
         matched = ok_parent and pos < len(toks) and toks[pos] == t
         out.append((depth, cond, s, p, matched))
     return out
-
-
-steps = [(r["task"], i, nodes_of(r, t)) for i, r in enumerate(records) for t in r["trees"]]
 
 
 def accepted(nodes, keys, size):
@@ -72,29 +66,36 @@ def calibrated_keys(table):
     return keys
 
 
-rules = {f"cumulative log-prob, {n} nodes": (lambda nodes: [x[2] for x in nodes], n) for n in (31, 47, 63, 95, 127)}
-halves = [[s for s in steps if s[1] % 2 == h] for h in (0, 1)]
-fitted = {h: calibrated_keys(calibration(halves[1 - h])) for h in (0, 1)}
+def main() -> None:
+    records = json.load(open(sys.argv[1]))
+    steps = [(r["task"], i, nodes_of(r, t)) for i, r in enumerate(records) for t in r["trees"]]
+    rules = {f"cumulative log-prob, {n} nodes": (lambda nodes: [x[2] for x in nodes], n) for n in (31, 47, 63, 95, 127)}
+    halves = [[s for s in steps if s[1] % 2 == h] for h in (0, 1)]
+    fitted = {h: calibrated_keys(calibration(halves[1 - h])) for h in (0, 1)}
 
-lines = ["| depth | nodes (parent on path) | mean draft prob | target emitted |", "|---|---|---|---|"]
-table = calibration(steps)
-for d in sorted({d for d, _ in table}):
-    s = sum(v[0] for (dd, _), v in table.items() if dd == d)
-    m = sum(v[1] for (dd, _), v in table.items() if dd == d)
-    n = sum(v[2] for (dd, _), v in table.items() if dd == d)
-    lines.append(f"| {d} | {n} | {s / n:.3f} | {m / n:.3f} |")
-lines += ["", "| rule | all | " + " | ".join(dict.fromkeys(t for t, _, _ in steps)) + " |",
-          "|---|---|" + "---|" * len(dict.fromkeys(t for t, _, _ in steps))]
-results = {}
-for name, (key, n) in list(rules.items()) + [("calibrated per depth (other half's bins), 63 nodes", (None, 63))]:
-    per = defaultdict(list)
-    for task, i, nodes in steps:
-        keys = key(nodes) if key else fitted[i % 2](nodes)
-        per[task].append(accepted(nodes, keys, n))
-    allv = [v for vs in per.values() for v in vs]
-    results[name] = {"all": sum(allv) / len(allv), **{t: sum(v) / len(v) for t, v in per.items()}}
-    lines.append(f"| {name} | {results[name]['all']:.3f} | " + " | ".join(f"{results[name][t]:.2f}" for t in per) + " |")
-text = "\n".join(lines)
-print(text)
-if len(sys.argv) > 2:
-    open(sys.argv[2], "w").write(text + "\n")
+    lines = ["| depth | nodes (parent on path) | mean draft prob | target emitted |", "|---|---|---|---|"]
+    table = calibration(steps)
+    for d in sorted({d for d, _ in table}):
+        s = sum(v[0] for (dd, _), v in table.items() if dd == d)
+        m = sum(v[1] for (dd, _), v in table.items() if dd == d)
+        n = sum(v[2] for (dd, _), v in table.items() if dd == d)
+        lines.append(f"| {d} | {n} | {s / n:.3f} | {m / n:.3f} |")
+    lines += ["", "| rule | all | " + " | ".join(dict.fromkeys(t for t, _, _ in steps)) + " |",
+              "|---|---|" + "---|" * len(dict.fromkeys(t for t, _, _ in steps))]
+    results = {}
+    for name, (key, n) in list(rules.items()) + [("calibrated per depth (other half's bins), 63 nodes", (None, 63))]:
+        per = defaultdict(list)
+        for task, i, nodes in steps:
+            keys = key(nodes) if key else fitted[i % 2](nodes)
+            per[task].append(accepted(nodes, keys, n))
+        allv = [v for vs in per.values() for v in vs]
+        results[name] = {"all": sum(allv) / len(allv), **{t: sum(v) / len(v) for t, v in per.items()}}
+        lines.append(f"| {name} | {results[name]['all']:.3f} | " + " | ".join(f"{results[name][t]:.2f}" for t in per) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if len(sys.argv) > 2:
+        open(sys.argv[2], "w").write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
