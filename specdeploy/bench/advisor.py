@@ -273,7 +273,8 @@ class Advice:
     def best(self, task: str) -> Option | None:
         """The task's option of highest expected speedup among those that accepted any token: an option
         that accepted none emits one token a step at no less than a plain step's cost, so a measured
-        speedup above 1 there is timing noise (an n-gram lookup that never matched, timed at 1.06x)."""
+        speedup above 1 there is timing noise (results/cpu/policy_before_rule.json: qa's n-gram lookup, which never
+        matched, at 1.06x)."""
         opts = [o for o in self.options if o.task == task and o.acceptance_length > 1]
         return max(opts, key=lambda o: o.expected_speedup, default=None)
 
