@@ -31,7 +31,7 @@ class Backend:
         self.draft_path = draft_path
         self._runners: dict[bool, object] = {}
         self._drafts: dict[str, object] = {}  # method -> draft runner
-        self._draft_hf: dict[str, object] = {}  # method -> HF draft model (assisted generation, batch engines)
+        self._draft_hf: dict[str, object] = {}  # method -> HF draft model (assisted generation, batch engines) or EAGLE head
         self._lean = None
 
     @classmethod
@@ -91,6 +91,17 @@ class Backend:
         if method == "layerskip":
             return self.lean.truncated(self.layerskip_layers)
         return LeanLlama.from_hf(self.draft_hf(method))
+
+    def eagle_head(self):
+        """The shipped EAGLE head for the target, as the batched engine drafts with it."""
+        if "eagle" not in self._draft_hf:
+            from specdeploy.models import eagle
+
+            try:
+                self._draft_hf["eagle"] = eagle.load(None, self.loaded)[0]
+            except (OSError, ValueError, KeyError) as e:
+                raise SpecDeployError(f"eagle artifact not loadable: {e}") from None
+        return self._draft_hf["eagle"]
 
     def draft_runner(self, method: str):
         if method not in ("layerskip", "draft"):

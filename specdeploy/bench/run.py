@@ -38,7 +38,7 @@ from specdeploy.config import METHODS, SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.stats import SpecStats
 
-BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft"}  # ours -> BatchSpeculator's
+BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft", "eagle": "eagle"}  # ours -> BatchSpeculator's
 
 
 # ---- prompts and progress ------------------------------------------------------------------
@@ -147,7 +147,8 @@ class Bench:
         from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 
         draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
-        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
+        head = self.backend.eagle_head() if method == "eagle" else None
+        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, head=head, k=max(k, 1), max_batch=batch,
                               max_length=self.backend.max_length, eos_ids=self.eos, switch=switch)
         eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
         return eng
@@ -501,7 +502,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             if peers:
                 jobs.append((f"hf generate batch {b}", len(bprompts), lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
             for m in (x for x in available if x not in BATCH_METHODS):
-                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
+                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
     for t in (x for x in temps if x > 0):
         loop_jobs(t)
         peer_jobs(t)
