@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from specdeploy.config import SamplingParams
+from specdeploy.errors import SpecDeployError
 from specdeploy.models.eagle import EagleConfig, EagleHead
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator, greedy_accept_batch, ngram_propose_batch
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
@@ -232,11 +233,17 @@ def test_the_drafts_catch_up_is_timed_with_the_spec_step_that_needs_it(monkeypat
     assert all(sec < 0.2 for spec, sec in times if not spec)
 
 
-def test_batch_rejects_overlong_requests():
-    lean = LeanLlama.from_hf(tiny_llama())
-    eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=1, max_length=32)
-    with pytest.raises(Exception, match="max_length"):
-        eng.run([BatchRequest(list(range(1, 20)), 20)])
+@pytest.mark.parametrize("bad, needle", [
+    (BatchRequest(list(range(1, 20)), 20), "max_length"), (BatchRequest([], 4), "empty prompt"),
+    (BatchRequest([3, 64], 4), "token ids"), (BatchRequest([3], 0), "max_new_tokens"),
+    (BatchRequest([3], 4, stop_strings=("x",)), "decode")])
+def test_batch_refuses_a_bad_request_before_running_any(bad, needle):
+    lean = LeanLlama.from_hf(tiny_llama())  # vocabulary of 64
+    eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=2, max_length=32)
+    with pytest.raises(SpecDeployError, match=needle):
+        eng.run([BatchRequest([1, 2, 3], 4), bad])
+    assert eng.steps == 0 and not eng.active.any() and all(s is None for s in eng.slots)
+    assert len(eng.run([BatchRequest([1, 2, 3], 4)])[0].token_ids) == 4  # and it serves the next call
 
 
 @pytest.mark.parametrize("method", ["ngram", "eagle"])

@@ -31,7 +31,7 @@ class Backend:
         self.draft_path = draft_path
         self._runners: dict[bool, object] = {}
         self._drafts: dict[str, object] = {}  # method -> draft runner
-        self._draft_hf: dict[str, object] = {}  # method -> HF draft model (assisted generation, batch engines) or EAGLE head
+        self._draft_hf: dict[str, object] = {}  # method -> HF draft model (assisted generation, batch engines)
         self._lean = None
 
     @classmethod
@@ -85,23 +85,22 @@ class Backend:
                 raise SpecDeployError(f"{method} is not a draft-model method")
         return self._draft_hf[method]
 
+    def _spec(self, method: str, k: int = 4, switch: str = "on") -> SpecConfig:
+        return SpecConfig(method=method, k=k, draft=self.draft_path if method == "draft" else None,
+                          layerskip_layers=self.layerskip_layers, switch=switch)
+
     def draft_lean(self, method: str):
-        from specdeploy.runtime.cuda_runner import LeanLlama
+        from specdeploy.runtime.cuda_runner import lean_draft
 
-        if method == "layerskip":
-            return self.lean.truncated(self.layerskip_layers)
-        return LeanLlama.from_hf(self.draft_hf(method))
+        return lean_draft(self._spec(method), self.loaded, self.lean, None if method == "layerskip" else self.draft_hf(method))
 
-    def eagle_head(self):
-        """The shipped EAGLE head for the target, as the batched engine drafts with it."""
-        if "eagle" not in self._draft_hf:
-            from specdeploy.models import eagle
+    def batch_engine(self, method: str, k: int, batch: int, switch: str = "on"):
+        """A `BatchSpeculator` of `method` over the shared lean target (and the draft models the peers use)."""
+        from specdeploy.runtime.engine import build_batch_speculator
 
-            try:
-                self._draft_hf["eagle"] = eagle.load(None, self.loaded)[0]
-            except (OSError, ValueError, KeyError) as e:
-                raise SpecDeployError(f"eagle artifact not loadable: {e}") from None
-        return self._draft_hf["eagle"]
+        draft_model = self.draft_hf(method) if method == "draft" else None
+        return build_batch_speculator(self._spec(method, k, switch), self.loaded, max_batch=batch, max_length=self.max_length,
+                                      lean=self.lean, draft_model=draft_model)
 
     def draft_runner(self, method: str):
         if method not in ("layerskip", "draft"):

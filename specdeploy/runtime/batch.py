@@ -120,6 +120,7 @@ class BatchRequest:
     prompt_ids: Sequence[int]
     max_new_tokens: int
     task: str = "default"
+    stop_strings: tuple[str, ...] = ()  # end the request once its text holds one (needs the engine's `decode`)
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class BatchResult:
     index: int  # position of the request in the list given to `run`
     task: str
     token_ids: list[int]  # generated tokens only (EOS included when it ended the text)
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "stop" | "length"
     stats: SpecStats  # wall_s: from the request's join to its last token
 
 
@@ -160,7 +161,7 @@ class BatchSpeculator:
                  head: EagleHead | None = None, k: int = 4, max_batch: int = 1, max_length: int = 1024,
                  eos_ids: Sequence[int] = (), ngram_min: int = 1, ngram_max: int = 4, switch: str = "on",
                  overlap: bool = True, use_graphs: bool | None = None,
-                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS) -> None:
+                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS, decode: Callable[[list[int]], str] | None = None) -> None:
         if method not in METHODS:
             raise SpecDeployError(f"batched method must be one of {', '.join(METHODS)}, not {method!r}")
         if method == "draft" and draft is None:
@@ -171,6 +172,7 @@ class BatchSpeculator:
         self.k = 0 if method == "none" else int(k)
         self.B, self.max_length = int(max_batch), int(max_length)
         self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.decode = decode  # token ids -> text, for requests with stop strings
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
         self.switch = SpecSwitch(switch if self.k else "off")
         self.device = target.device
@@ -377,14 +379,25 @@ class BatchSpeculator:
         self.result[:, 2 : k + 3].copy_(emitted)
 
     # ---- requests -----------------------------------------------------------------------
-    def _join(self, slot: int, index: int, req: BatchRequest) -> None:
-        ids = [int(t) for t in req.prompt_ids]
-        P = len(ids)
+    def check(self, req: BatchRequest) -> None:
+        """SpecDeployError if this engine cannot run the request."""
+        P = len(req.prompt_ids)
         if P == 0:
             raise SpecDeployError("empty prompt")
+        vocab = self.target.dims.vocab
+        if any(not 0 <= int(t) < vocab for t in req.prompt_ids):  # on a GPU, a device-side assert would end the process
+            raise SpecDeployError(f"prompt token ids must be in [0, {vocab})")
+        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            raise SpecDeployError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
         if P + req.max_new_tokens + self.k + 1 > self.max_length:
             raise SpecDeployError(f"prompt ({P} tokens) + max_new_tokens ({req.max_new_tokens}) + k + 1 exceeds the "
                                   f"batch engine's max_length of {self.max_length}")
+        if req.stop_strings and self.decode is None:
+            raise SpecDeployError("stop strings need the engine's decode function (a tokenizer)")
+
+    def _join(self, slot: int, index: int, req: BatchRequest) -> None:
+        ids = [int(t) for t in req.prompt_ids]
+        P = len(ids)
         pre = ids[:-1]
         maxq = self.prefill_buckets[-1]
         # a draft that will not draft soon is not prefilled: the switch, off at large batches, would pay for it
@@ -410,7 +423,7 @@ class BatchSpeculator:
         self.max_new[slot] = req.max_new_tokens
         self.draft_valid[slot] = P - 1 if with_draft else 0
         self.active[slot] = True
-        stop = StopCondition(self.eos_ids, req.max_new_tokens)
+        stop = StopCondition(self.eos_ids, req.max_new_tokens, tuple(req.stop_strings), self.decode)
         self.slots[slot] = _Slot(index, req, list(ids), first_step=self.steps, start=time.perf_counter(), stop=stop)
 
     def _leave(self, slot: int) -> None:
@@ -492,7 +505,10 @@ class BatchSpeculator:
         return done
 
     def run(self, requests: Sequence[BatchRequest], on_done: Callable[[BatchResult], None] | None = None) -> list[BatchResult]:
-        """Generate every request, up to max_batch at a time (continuous batching); results in request order."""
+        """Generate every request, up to max_batch at a time (continuous batching); results in request order.
+        Every request is checked before any starts: a bad one raises and changes nothing."""
+        for req in requests:
+            self.check(req)
         queue = deque(enumerate(requests))
         results: list[BatchResult | None] = [None] * len(requests)
         in_flight: _Launched | None = None
