@@ -75,6 +75,34 @@ def test_train_refuses_data_of_another_target(data_dir, tmp_path):
     assert main(["train", "eagle", "--data", str(bad), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
 
 
+def test_several_data_folders_train_as_one(data_dir, tmp_path):
+    second = tmp_path / "second"
+    second.mkdir()
+    one = DistillData.load(data_dir)
+    # a second run's data: the same format, other sequences (here the first run's, reversed token by token)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(data_dir / "tokens.safetensors"))
+    save_file({**t, "ids": t["ids"].flip(0).contiguous()}, str(second / "tokens.safetensors"))
+    m = json.loads((data_dir / "manifest.json").read_text())
+    (second / "manifest.json").write_text(json.dumps({**m, "sha256": "f" * 64, "seed": 7}))
+    both = DistillData.load_all([data_dir, second])
+    assert len(both) == 2 * len(one) and both.manifest["num_tokens"] == 2 * one.manifest["num_tokens"]
+    assert [p["seed"] for p in both.manifest["parts"]] == [m["seed"], 7] and both.summary()["parts"]
+    for i in range(len(one)):
+        assert both.sequence(i).tolist() == one.sequence(i).tolist()
+        assert both.sequence(len(one) + i).tolist() == t["ids"].flip(0)[int(one.offsets[i]):int(one.offsets[i + 1])].tolist()
+    assert both.prompt_lens.tolist() == one.prompt_lens.tolist() * 2
+    assert DistillData.load_all([data_dir]).manifest == one.manifest  # one folder: as `load`
+    out = tmp_path / "eagle"
+    assert main(["train", "eagle", "--data", str(data_dir), str(second), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "32"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["data"]["num_sequences"] == 2 * len(one)
+    (second / "manifest.json").write_text(json.dumps({**m, "target_hash": "0" * 64}))
+    assert main(["train", "eagle", "--data", str(data_dir), str(second), "--out", str(tmp_path / "x"), "--steps", "1"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_without_out_needs_the_embedded_target(data_dir, tmp_path, capsys):
     assert main(["train", "eagle", "--data", str(data_dir), "--target", str(tmp_path)]) == 2
     assert "--out is required" in capsys.readouterr().err

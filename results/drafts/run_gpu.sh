@@ -7,7 +7,8 @@
 # The same retrain over several device calls (training outlives the call that starts it):
 #   bash results/drafts/run_gpu.sh data; bash results/drafts/run_gpu.sh train-bg eagle draft
 #   ... later call: bash results/drafts/run_gpu.sh collect eagle draft   # waits, ships, evaluates
-# CONTINUE=1 makes train/train-bg continue the shipped artifacts (`--init`) instead of starting afresh.
+# CONTINUE=1 makes train/train-bg continue the shipped artifacts (`--init`) instead of starting afresh;
+# DATA_DIRS="/tmp/distill /tmp/distill5" trains on several data folders (default /tmp/distill).
 # Outputs go to $OUT (the device tool's return folder) or /tmp/out. Settings come from the
 # environment (defaults below); results/drafts/README.md gives the settings of each shipped run.
 set -euo pipefail
@@ -49,7 +50,7 @@ train_side_by_side() {  # kinds...: trained in parallel on the one GPU; CONTINUE
   for kind in "$@"; do
     local init=""
     [ -n "${CONTINUE:-}" ] && init="--init specdeploy/models/artifacts/smollm2-$kind"
-    train "$kind" --target "$T" --device "$DEV" --data /tmp/distill --out "$A/$kind" --minutes "${TRAIN_MINUTES:-4}" \
+    train "$kind" --target "$T" --device "$DEV" --data ${DATA_DIRS:-/tmp/distill} --out "$A/$kind" --minutes "${TRAIN_MINUTES:-4}" \
       --steps "${STEPS:-20000}" $init ${TRAIN_ARGS:-} > "/tmp/logs/train_$kind.log" 2>&1 &
   done
   wait || true
@@ -109,7 +110,7 @@ case $1 in
   train-bg)  # detached: runs on after this device call returns; `collect` waits for it
     shift
     rm -f /tmp/logs/train.done
-    setsid nohup bash -c "$(declare -f train train_side_by_side); T=$T DEV=$DEV A=$A CONTINUE=${CONTINUE:-}; train_side_by_side $*; touch /tmp/logs/train.done" \
+    setsid nohup bash -c "$(declare -f train train_side_by_side); T=$T DEV=$DEV A=$A CONTINUE=${CONTINUE:-} DATA_DIRS='${DATA_DIRS:-}'; train_side_by_side $*; touch /tmp/logs/train.done" \
       > /tmp/logs/train_bg.log 2>&1 < /dev/null &
     echo "training $* in the background (pid $!)" ;;
   collect)

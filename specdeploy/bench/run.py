@@ -92,6 +92,7 @@ class Bench:
         self.runs: list[Run] = []
         self.skipped: list[dict] = []
         self.costs: dict = {}
+        self._plain_engines: dict = {}  # batch size -> the plain batched engine
         self.bar = None
         self.bar_task = None
         loaded = backend.loaded
@@ -141,29 +142,38 @@ class Bench:
         return run
 
     # specdeploy, batch > 1
+    def _batch_engine(self, method: str, k: int, batch: int, switch: str):
+        """A warmed-up batched engine."""
+        from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+
+        draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
+        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
+                              max_length=self.backend.max_length, eos_ids=self.eos, switch=switch)
+        eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
+        return eng
+
+    def _plain_batch_engine(self, batch: int):
+        """The plain batched engine of this batch size, made once and shared by the plain row and the paired passes."""
+        if batch not in self._plain_engines:
+            self._plain_engines[batch] = self._batch_engine("none", 0, batch, "on")
+        return self._plain_engines[batch]
+
     def fused(self, method: str, k: int, batch: int, switch: str = "on") -> None:
         """switch "auto": the batch decodes plain steps where speculation does not pay (row "METHOD (auto)").
         A speculative row alternates its passes with a plain engine's, kept as its `baseline`."""
-        from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+        from specdeploy.runtime.batch import BatchRequest
 
         label = method if switch == "on" else f"{method} ({switch})"
         self._describe(f"specdeploy {label} k={k} batch {batch}")
-
-        def engine(m: str) -> BatchSpeculator:
-            draft = self.backend.draft_lean(m) if BATCH_METHODS[m] == "draft" else None
-            eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[m], draft=draft, k=max(k, 1), max_batch=batch,
-                                  max_length=self.backend.max_length, eos_ids=self.eos, switch=switch if m != "none" else "on")
-            eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
-            return eng
-
         reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.batch_prompts, self.batch_encoded)]
         # A pass over the prompts is ~0.5 s on a GPU: one pass measures mostly the switch's first decisions and
         # the machine's noise. Passes on one engine measure what a long-lived server sees; outputs and
         # acceptance are the last pass's, the time the median pass's. The machine's speed drifts by a few
         # percent between rows timed seconds apart, so plain runs pass by pass beside each speculative row.
-        engines = {"run": engine(method)}
-        if method != "none":
-            engines["plain"] = engine("none")
+        if method == "none":
+            engines = {"run": self._plain_batch_engine(batch)}
+        else:
+            engines = {"run": self._batch_engine(method, k, batch, switch), "plain": self._plain_batch_engine(batch)}
         walls: dict[str, list[float]] = {name: [] for name in engines}
         res: dict[str, list] = {}
         for _ in range(self.args.batch_passes):
@@ -174,16 +184,15 @@ class Bench:
                 _sync(self.backend.device)
                 walls[name].append(time.perf_counter() - t)
 
-        def as_run(name: str, m: str, label: str) -> Run:
-            return Run("specdeploy", label, k if m != "none" else 0, 0.0, batch, "fused", self.batch_prompts,
+        def as_run(name: str, run_label: str, run_k: int) -> Run:
+            return Run("specdeploy", run_label, run_k, 0.0, batch, "fused", self.batch_prompts,
                        [r.token_ids for r in res[name]], [r.stats for r in res[name]], wall_s=median(walls[name]))
 
-        run = as_run("run", method, label)
+        run = as_run("run", label, k)
         if "plain" in engines:
-            run.baseline = as_run("plain", "none", "none")
+            run.baseline = as_run("plain", "none", 0)
         self.runs.append(run)
         self._advance(len(self.batch_prompts))
-        del engines
 
     # peers
     def hf(self, name: str, temperature: float, extra: dict, batch: int = 1, k: int = 0) -> None:

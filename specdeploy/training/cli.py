@@ -43,7 +43,8 @@ def add_cli(sub) -> None:
                            ("eagle", "an EAGLE head (feature regression + cross-entropy)")):
         p = tsub.add_parser(name, help=helptext)
         _model_args(p)
-        p.add_argument("--data", default=DEFAULT_DATA, help="folder made by `specdeploy train data`")
+        p.add_argument("--data", nargs="+", default=[DEFAULT_DATA],
+                       help="folder(s) made by `specdeploy train data` (several: trained on all, e.g. runs with different seeds)")
         p.add_argument("--out", help="artifact folder (default: the shipped artifact, for the embedded target)")
         p.add_argument("--steps", type=int, default=3000, help="most optimisation steps")
         p.add_argument("--minutes", type=float, help="wall-clock budget; the schedule is fitted to it")
@@ -113,10 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = ARTIFACTS_DIR / DEFAULTS[kind]
     else:
         raise SpecDeployError("--out is required when the target is not the embedded default")
-    data = DistillData.load(args.data)
+    data = DistillData.load_all(args.data)
     target = _load_target(args, "float32")  # fp32 weights; autocast runs bf16 matmuls on GPU
     if data.manifest.get("target_hash") != target.source_hash:
-        raise SpecDeployError(f"{args.data} was made by another target ({str(data.manifest.get('target_hash'))[:12]}); "
+        raise SpecDeployError(f"{' '.join(args.data)} was made by another target ({str(data.manifest.get('target_hash'))[:12]}); "
                               f"make data with this target first")
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, seed=args.seed)

@@ -11,6 +11,7 @@ The target's hidden states are not stored: trainers recompute them (one forward 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -46,6 +47,25 @@ class DistillData:
         t = load_file(str(folder / TOKENS_FILE))
         return cls(t["ids"], t["offsets"], t["prompt_lens"], json.loads((folder / DATA_MANIFEST).read_text()))
 
+    @classmethod
+    def load_all(cls, folders: list[str | Path]) -> "DistillData":
+        """Several data folders as one (each made by `specdeploy train data`, all by one target): a
+        larger set from runs with different seeds. One folder loads as `load` does."""
+        parts = [cls.load(f) for f in folders]
+        if len(parts) == 1:
+            return parts[0]
+        targets = {p.manifest.get("target_hash") for p in parts}
+        if len(targets) > 1:
+            raise SpecDeployError(f"{', '.join(map(str, folders))}: made by different targets; train on one target's data")
+        shifts = torch.tensor([0] + [int(p.offsets[-1]) for p in parts[:-1]]).cumsum(0).tolist()
+        offsets = torch.cat([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, shifts)])
+        summaries = [p.summary() for p in parts]
+        manifest = {"kind": "distill_data", "target_hash": targets.pop(), "num_sequences": sum(len(p) for p in parts),
+                    "num_tokens": int(offsets[-1]),
+                    "sha256": hashlib.sha256(" ".join(str(m.get("sha256")) for m in summaries).encode()).hexdigest(),
+                    "parts": summaries}
+        return cls(torch.cat([p.ids for p in parts]), offsets, torch.cat([p.prompt_lens for p in parts]), manifest)
+
     def __len__(self) -> int:
         return int(self.offsets.numel()) - 1
 
@@ -61,7 +81,7 @@ class DistillData:
     def summary(self) -> dict:
         """What an artifact's manifest records about its training data."""
         keep = ("kind", "target_hash", "num_sequences", "num_tokens", "n_per_task", "seed", "modes",
-                "max_new_tokens", "counts", "sha256", "command")
+                "max_new_tokens", "counts", "sha256", "command", "parts")
         return {k: self.manifest[k] for k in keep if k in self.manifest}
 
 

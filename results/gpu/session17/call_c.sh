@@ -6,7 +6,7 @@ export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/o/bench
 timeout -s INT ${LIMIT:-500} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 3 \
-  --methods none,ngram,draft,medusa,eagle,multi,specinfer,policy --k 1,2,4,8 --temperature 0,0.7 --batch 1,8,32 \
+  --methods none,ngram,draft,medusa,eagle,multi,specinfer,policy --k ${K:-1,2,4,8} --temperature 0,0.7 --batch 1,8,32 \
   --batch-prompts-per-task 0 --peers hf --peer-time-cap 8 --policy-min-speedup 1.1 --target $T --device cuda \
   --max-new-tokens 128 --time-budget ${BUDGET:-420} --out /tmp/o/bench 2>&1 | grep -v "it/s\]$" > /tmp/o/bench/log.txt
 tail -5 /tmp/o/bench/log.txt
