@@ -3,7 +3,7 @@
     python scripts/step_profile.py --target /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out DIR \
         --configs none:0,ngram:4,eagle:1,eagle:4,multi:2,specinfer:4
 
-For each method:k, a compiled `SpecEngine` (bfloat16, greedy) generates the eval prompts (a few per
+For each method:k (method:k:N: token trees of N nodes, e.g. eagle:6:127), a compiled `SpecEngine` (bfloat16, greedy) generates the eval prompts (a few per
 task). The loop's calls are wrapped with host timers, no added syncs: `propose` includes waiting
 for the draft's device work where the proposer copies its draft to the host, `forward` the
 verify forward's launch and host preparation, `verify` the wait for the verify step and the
@@ -71,9 +71,19 @@ def eval_prompts(tasks: list[str], per_task: int) -> list:
     return prompts
 
 
-def warm_engine(loaded, method: str, k: int, prompts, max_new: int):
+def parse_config(config: str) -> tuple[str, int, int | None]:
+    """'method:k' or 'method:k:tree_size' -> (method, k, tree_size or None: the runner's default)."""
+    method, k, *tree = config.split(":")
+    return method, int(k), int(tree[0]) if tree else None
+
+
+def config_label(method: str, k: int, tree_size: int | None) -> str:
+    return f"{method}:{k}" + (f":{tree_size}" if tree_size is not None else "")
+
+
+def warm_engine(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None):
     """(compiled greedy SpecEngine for method:k, its SamplingParams, the prompts encoded), warmed up on two."""
-    spec = SpecConfig(method=method, k=max(k, 1))
+    spec = SpecConfig(method=method, k=max(k, 1), tree_size=tree_size)
     runner, proposer = compiled_for(spec, loaded)
     engine = SpecEngine(loaded, spec, runner=runner, proposer=proposer)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
@@ -83,8 +93,8 @@ def warm_engine(loaded, method: str, k: int, prompts, max_new: int):
     return engine, params, enc
 
 
-def run_config(loaded, method: str, k: int, prompts, max_new: int) -> dict:
-    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new)
+def run_config(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None) -> dict:
+    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new, tree_size)
     runner, proposer = engine.runner, engine.proposer
     timer = PhaseTimer()
     steps = tokens = 0
@@ -112,7 +122,8 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int) -> dict:
     phases = {n: 1e3 * s / steps for n, s in timer.seconds.items()}
     phases["other"] = 1e3 * wall / steps - sum(phases.values())
     # prefill forwards are in `forward` too; per-step figures divide by the target forwards
-    out = {"method": method, "k": k, "tokens": tokens, "steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall,
+    out = {"method": method, "k": k, "tree_size": tree_size, "label": config_label(method, k, tree_size),
+           "tokens": tokens, "steps": steps, "wall_s": wall, "tokens_per_s": tokens / wall,
            "ms_per_step": 1e3 * wall / steps, "acceptance_length": tokens / steps, "phase_ms_per_step": phases,
            "calls": dict(timer.calls), "cprofile_top": text.getvalue()}
     runner.close()
@@ -199,18 +210,18 @@ def main() -> int:
     prompts = eval_prompts(args.tasks.split(","), args.per_task)
     rows = []
     for cfg in args.configs.split(","):
-        method, k = cfg.split(":")
-        row = run_config(loaded, method, int(k), prompts, args.max_new_tokens)
+        method, k, tree_size = parse_config(cfg)
+        row = run_config(loaded, method, k, prompts, args.max_new_tokens, tree_size)
         rows.append(row)
         ph = row["phase_ms_per_step"]
-        print(f"{method}:{k} {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step, acc.len "
+        print(f"{row['label']} {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step, acc.len "
               f"{row['acceptance_length']:.2f}; " + ", ".join(f"{n} {v:.3f}" for n, v in ph.items()), flush=True)
         (out / "step_profile.json").write_text(json.dumps({"device": _device_name(args.device), "rows": rows}, indent=1))
     lines = ["| config | tok/s | ms/step | acc. len | " + " | ".join(["propose", "forward", "verify", "keep", "other"]) + " |",
              "|---" * 9 + "|"]
     for r in rows:
         ph = r["phase_ms_per_step"]
-        lines.append(f"| {r['method']}:{r['k']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.3f} | {r['acceptance_length']:.2f} | "
+        lines.append(f"| {r['label']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.3f} | {r['acceptance_length']:.2f} | "
                      + " | ".join(f"{ph.get(n, 0.0):.3f}" for n in ["propose", "forward", "verify", "keep", "other"]) + " |")
     parts = eagle_parts(loaded) if args.device == "cuda" else []
     for r in parts:
@@ -218,7 +229,7 @@ def main() -> int:
     (out / "step_profile.json").write_text(json.dumps({"device": _device_name(args.device), "rows": rows, "parts": parts}, indent=1))
     lines += ["", "| part | graphs | GPU ms | kernels |", "|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['graphs']} | {r.get('ms', '')} | {r.get('kernels', '')} |" for r in parts]
-    md = "\n".join(lines) + "\n\n" + "\n\n".join(f"## {r['method']}:{r['k']}\n```\n{r['cprofile_top']}\n```" for r in rows)
+    md = "\n".join(lines) + "\n\n" + "\n\n".join(f"## {r['label']}\n```\n{r['cprofile_top']}\n```" for r in rows)
     (out / "step_profile.md").write_text(md)
     print("\n".join(lines))
     return 0

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from specdeploy.models.loader import load_model
 from specdeploy.runtime import loop as loop_module
-from step_profile import config_parser, eval_prompts, patched, warm_engine  # this folder is on sys.path when run as a script
+from step_profile import config_label, config_parser, eval_prompts, parse_config, patched, warm_engine  # this folder is on sys.path when run as a script
 
 LABEL = "sd."
 
@@ -72,8 +72,8 @@ def analyse(events, steps: int) -> dict:
             "idle_us_per_step_in_loop_code": uncovered / steps}
 
 
-def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path | None) -> dict:
-    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new)
+def run_config(loaded, method: str, k: int, tree_size: int | None, prompts, max_new: int, chrome: Path | None) -> dict:
+    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new, tree_size)
     runner, proposer = engine.runner, engine.proposer
     wraps = [(engine.proposer, "propose"), (engine.runner, "forward"), (engine.runner, "keep_path"),
              (engine.runner, "rollback"), (loop_module, "verify"), (loop_module, "_append_rows"),
@@ -89,8 +89,8 @@ def run_config(loaded, method: str, k: int, prompts, max_new: int, chrome: Path 
                 steps += engine.generate_ids(ids, params).stats.target_forwards
             torch.cuda.synchronize()
     if chrome is not None:
-        prof.export_chrome_trace(str(chrome / f"trace_{method}_{k}.json"))
-    out = {"method": method, "k": k, **analyse(prof.events(), steps)}
+        prof.export_chrome_trace(str(chrome / f"trace_{config_label(method, k, tree_size).replace(':', '_')}.json"))
+    out = {"method": method, "k": k, "tree_size": tree_size, "label": config_label(method, k, tree_size), **analyse(prof.events(), steps)}
     runner.close()
     if hasattr(proposer, "close"):
         proposer.close()
@@ -107,15 +107,14 @@ def main() -> int:
     prompts = eval_prompts(args.tasks.split(","), 1)
     rows = []
     for config in args.configs.split(","):
-        method, k = config.split(":")
-        rows.append(run_config(loaded, method, int(k), prompts, args.max_new_tokens, out if args.chrome else None))
+        rows.append(run_config(loaded, *parse_config(config), prompts, args.max_new_tokens, out if args.chrome else None))
         print(json.dumps(rows[-1]), flush=True)
     (out / "step_trace.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     lines = ["| config | µs/step (window) | GPU busy | GPU idle | idle in loop code | idle under labelled calls |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         under = ", ".join(f"{k} {v:.0f}" for k, v in r["idle_us_per_step_under"].items() if v >= 1)
-        lines.append(f"| {r['method']}:{r['k']} | {r['window_us_per_step']:.0f} | {r['gpu_busy_us_per_step']:.0f} | "
+        lines.append(f"| {r['label']} | {r['window_us_per_step']:.0f} | {r['gpu_busy_us_per_step']:.0f} | "
                      f"{r['gpu_idle_us_per_step']:.0f} | {r['idle_us_per_step_in_loop_code']:.0f} | {under} |")
     (out / "step_trace.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

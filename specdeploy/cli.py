@@ -38,7 +38,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ngram-max", type=int, default=4)
     p.add_argument("--layerskip-layers", type=int, help="layers in the layerskip draft (default: a quarter)")
     p.add_argument("--tree-size", type=int, help="nodes per token tree (medusa, eagle, multi, specinfer); 0 = a chain of k "
-                                                 "(default: medusa the artifact's tree, eagle 48, 63 on the compiled GPU runner)")
+                                                 "(default: medusa the artifact's tree, eagle 48, 63 on the compiled GPU "
+                                                 "runner; chains on a CPU, where every verified token costs)")
     p.add_argument("--tree-topk", type=int, default=SpecConfig.tree_topk, help="EAGLE-2 tree: nodes expanded per depth (1..64)")
     p.add_argument("--draft-confidence", type=float,
                    help="draft, layerskip and medusa: draft no token where the draft's probability of the path "

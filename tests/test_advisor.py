@@ -109,6 +109,16 @@ def test_recommend_picks_k_and_turns_tasks_off():
     assert d["step_times"]["layerskip"]["ratio_to_K"]["1"] == pytest.approx(3.3 / 5.4, abs=1e-4)
 
 
+def test_an_option_that_accepted_nothing_is_never_advised():
+    """A lookup that never matched decodes plain steps; timed a little faster than plain (noise), it stays off."""
+    nothing = geometric_stats({0: 10}, 4)
+    fast = {"none": StepTimes({"qa": 44.0}, {0: 1.0}), "ngram": StepTimes({"qa": 42.0}, {2: 1.0, 4: 1.0})}
+    advice = recommend({"ngram": {"qa": nothing}}, fast, [2, 4])
+    assert advice.options and all(o.expected_speedup > 1 for o in advice.options)  # what the timing alone says
+    assert advice.choice("qa")[:2] == ("none", 0) and advice.best("qa") is None
+    assert advice.policy().rule("qa").off
+
+
 def test_step_times_are_per_task_at_K_scaled_per_k():
     """A task whose steps cost more (longer prompts, costlier drafts) is charged its own step time."""
     t = StepTimes({"code": 2.0, "qa": 4.0}, {1: 0.5, 4: 1.0})

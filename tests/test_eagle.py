@@ -95,6 +95,31 @@ def test_eagle_tree_shape(smollm2):
     assert draft.tokens[0].item() == chain[0]
 
 
+def test_default_tree_size_follows_the_runner():
+    """Chains on an eager CPU runner (every verified token costs there), trees on a GPU, the compiled runner's
+    verify bucket filled, and an explicit size always wins."""
+    from specdeploy.runtime.head_proposers import default_tree_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for method in ("medusa", "eagle", "multi", "specinfer"):
+        assert default_tree_size(SpecConfig(method=method), cpu, compiled=False) == 0
+        assert default_tree_size(SpecConfig(method=method, tree_size=12), cpu, compiled=False) == 12
+        assert default_tree_size(SpecConfig(method=method, tree_size=0), gpu, compiled=True) == 0
+    assert default_tree_size(SpecConfig(method="medusa"), gpu, compiled=False) is None  # the artifact's tree
+    assert default_tree_size(SpecConfig(method="medusa"), gpu, compiled=True) is None
+    assert default_tree_size(SpecConfig(method="eagle"), gpu, compiled=False) == 48
+    for device in (cpu, gpu):  # the compiled runner runs on a CPU under test: its bucket decides there too
+        assert default_tree_size(SpecConfig(method="eagle", k=4), device, compiled=True) == 63
+        assert default_tree_size(SpecConfig(method="specinfer", k=4), device, compiled=True) == 59
+
+
+def test_eager_cpu_heads_draft_chains(smollm2):
+    """With no tree size given, the head methods draft chains on this CPU runner."""
+    assert SpecEngine(smollm2, SpecConfig(method="eagle", k=3)).proposer.tree_size == 0
+    assert SpecEngine(smollm2, SpecConfig(method="medusa", k=3)).proposer.tree is None
+    assert SpecEngine(smollm2, SpecConfig(method="eagle", k=3, tree_size=20)).proposer.tree_size == 20
+
+
 def test_vllm_style_config_for_trained_methods():
     s = SpecConfig.from_vllm({"method": "eagle", "model": "/drafts/eagle", "num_speculative_tokens": 5})
     assert (s.method, s.draft, s.k, s.tree_size) == ("eagle", "/drafts/eagle", 5, None)

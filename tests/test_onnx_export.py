@@ -227,9 +227,9 @@ def test_ort_head_proposers_draft_what_torch_heads_draft(tiny, tiny_heads):
     ids = [5, 9, 17, 33, 2, 8, 41, 7]
     with torch.no_grad():
         hidden = tiny.model(torch.tensor([ids[:-1]]), output_hidden_states=True).hidden_states[-1][0]
-    for k, size in ((3, None), (2, 0)):
+    for k, size in ((3, len(tree)), (2, 0)):  # the artifact's whole tree, a chain
         spec = SpecConfig(method="medusa", k=k, tree_size=size, draft_confidence=0)  # random heads: no cut
-        ort, ref = onnx_head_proposer(spec, root / "onnx/medusa", tiny), MedusaProposer(heads, lm_head, tree[:size] if size is not None else tree)
+        ort, ref = onnx_head_proposer(spec, root / "onnx/medusa", tiny), MedusaProposer(heads, lm_head, tree[:size])
         ctx = Context(list(ids), 4, SamplingParams(), target_hidden=hidden)
         a, b = ort.propose(ctx, k), ref.propose(ctx, k)
         assert torch.equal(a.tokens, b.tokens) and (a.parents is None) == (b.parents is None)

@@ -128,7 +128,7 @@ def test_cli_generate_with_engine(smollm2, smollm2_onnx, capsys):
 
 
 HEAD_PROMPTS = PROMPTS[:3]
-HEAD_CASES = [("medusa", 4, None), ("eagle", 4, 0), ("eagle", 4, 24), ("multi", 4, 24), ("specinfer", 3, 16)]
+HEAD_CASES = [("medusa", 4, 48), ("eagle", 4, 0), ("eagle", 4, 24), ("multi", 4, 24), ("specinfer", 3, 16)]
 
 
 @pytest.fixture(scope="module")

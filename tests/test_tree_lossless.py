@@ -39,7 +39,7 @@ CASES = [
     ("draft", 2, None),
     ("draft", 5, None),
     ("medusa", 2, 0),  # chain of the heads' top-1 guesses
-    ("medusa", 4, None),  # the artifact's sparse tree
+    ("medusa", 4, 48),  # the artifact's sparse tree (48 nodes; a CPU drafts chains by default)
     ("medusa", 3, 8),
     ("eagle", 1, 0),  # EAGLE-1 chain
     ("eagle", 4, 0),

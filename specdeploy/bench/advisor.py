@@ -271,7 +271,11 @@ class Advice:
         return list(dict.fromkeys(o.task for o in self.options))
 
     def best(self, task: str) -> Option | None:
-        opts = [o for o in self.options if o.task == task]
+        """The task's option of highest expected speedup among those that accepted any token: an option
+        that accepted none emits one token a step at no less than a plain step's cost, so a measured
+        speedup above 1 there is timing noise (results/cpu/policy_before_rule.json: qa's n-gram lookup, which never
+        matched, at 1.06x)."""
+        opts = [o for o in self.options if o.task == task and o.acceptance_length > 1]
         return max(opts, key=lambda o: o.expected_speedup, default=None)
 
     def choice(self, task: str) -> tuple[str, int, Option | None]:

@@ -294,6 +294,26 @@ class MultiDraftProposer:
 # pending token + 63 nodes = the 64-token query bucket of `CudaGraphRunner`, which a verify forward of
 # 33 to 64 tokens costs alike (results/gpu/step_profile: 1.32 ms at 64 against 1.13 at 1)
 COMPILED_TREE_NODES = 63
+EAGER_GPU_TREE_NODES = 48
+
+
+def default_tree_size(spec, device: torch.device, compiled: bool) -> int | None:
+    """Token-tree nodes a head method drafts when `spec.tree_size` is None (None: Medusa's artifact tree).
+
+    Trees pay where a verify forward costs about as much for 64 tokens as for one: on a GPU, where a
+    step is launch-bound. On a CPU every verified token costs: a 48-node EAGLE tree's verify takes
+    2.9 plain steps, and every tree method ran slower than its own chain there
+    (results/cpu/cpu_step_cost), so heads draft chains of k tokens (0 nodes) on an eager CPU runner.
+    """
+    if spec.tree_size is not None:
+        return spec.tree_size
+    if device.type == "cpu" and not compiled:  # (the compiled runner runs on a CPU only under test)
+        return 0
+    if spec.method == "medusa":
+        return None
+    if compiled:  # fill the verify forward's query bucket
+        return COMPILED_TREE_NODES - (spec.k if spec.method == "specinfer" else 0)
+    return EAGER_GPU_TREE_NODES
 
 
 def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
@@ -309,17 +329,15 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
     from specdeploy.runtime.proposers import NGramProposer
 
     embed, lm_head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    size = default_tree_size(spec, embed.weight.device, graph_max_length is not None)
     if spec.method == "medusa":
         if medusa_heads is None:
             heads, tree, _ = medusa.load(spec.draft, target)
         else:
             heads, lm_head, tree = medusa_heads
-        if spec.tree_size is not None:
-            tree = tree[: spec.tree_size]  # breadth-first: any prefix is a tree
+        if size is not None:
+            tree = tree[:size]  # breadth-first: any prefix is a tree
         return MedusaProposer(heads, lm_head, tree or None, min_confidence=spec.confidence)
-    size = spec.tree_size
-    if size is None:  # compiled: fill the verify forward's query bucket; eager runners pay per node
-        size = COMPILED_TREE_NODES - (spec.k if spec.method == "specinfer" else 0) if graph_max_length else 48
     head = None if eagle_step is not None else eagle.load(spec.draft, target)[0]
     if eagle_step is not None:
         eagle_proposer = EagleProposer(eagle_step, tree_size=size, topk=spec.tree_topk)

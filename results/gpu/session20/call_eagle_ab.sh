@@ -5,7 +5,7 @@
 # (carry .ab). First the branch's CUDA and fused-kernel tests (TESTS_S seconds at most), then scripts/step_profile.py
 # ($CONFIGS; per-step times and the EAGLE draft graphs' GPU times) for each tree, twice, each run started before
 # STOP_AFTER s. PROFILES_FIRST=1 swaps the two parts: the tests then stop at the first failure and get what is left
-# of TESTS_UNTIL s (session 21's call_eagle_ab2.sh). Writes $OUT/eagle_ab.tgz.
+# of TESTS_UNTIL s (0: no tests; session 21's call_eagle_ab2.sh). Writes $OUT/eagle_ab.tgz.
 bash scripts/device_model.sh >/dev/null || exit 3
 export SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -28,5 +28,5 @@ for tree in /tmp/newtree $PWD /tmp/newtree $PWD; do
   echo "$name at $SECONDS s"; head -6 /tmp/o/$name/step_profile.md 2>/dev/null || tail -3 /tmp/o/$name.log
 done
 left=$(( ${TESTS_UNTIL:-540} - SECONDS )); [ $left -lt 30 ] && left=30
-[ -n "$PROFILES_FIRST" ] && branch_tests $left -x
+[ -n "$PROFILES_FIRST" ] && [ "${TESTS_UNTIL:-540}" -gt 0 ] && branch_tests $left -x
 tar czf $OUT/eagle_ab.tgz -C /tmp/o .
