@@ -82,19 +82,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = [Prompt(args.task, p.prompt) for p in prompts]
     if not args.prompts and not args.prompt.strip():
         raise SpecDeployError("empty prompt")
-    if args.json or not args.prompts:
+    if args.batch < 1:
+        raise SpecDeployError(f"--batch must be >= 1, got {args.batch}")
+    if args.json or not args.prompts or args.batch > 1:
         return _generate_each(args, spec, params, prompts)
     return _generate_table(args, spec, params, prompts)
 
 
 def _generate_each(args, spec, params, prompts, engine=None, label: str | None = None) -> int:
-    """One result per prompt (JSON line, or text + a stats line on stderr); all prompts encoded first."""
+    """One result per prompt (JSON line, or text + a stats line on stderr); all prompts encoded first.
+    --batch N > 1: the prompts go through the batched engine, N at a time, then print in order."""
+    import time
+
     from specdeploy.runtime.engine import SpecEngine
 
     engine = engine or SpecEngine.load(spec, args.target, args.device, args.dtype, policy=args.policy)
     encoded = [engine.encode(p.prompt, args.raw, params.max_new_tokens) for p in prompts]
-    for p, ids in zip(prompts, encoded):
-        r = engine.generate_ids(ids, params, p.task)
+    batch = args.batch
+    start = time.perf_counter()
+    if batch > 1:
+        results = engine.generate_batch(encoded, params, [p.task for p in prompts], batch)
+    else:
+        results = (engine.generate_ids(ids, params, p.task) for p, ids in zip(prompts, encoded))  # printed as they end
+    for r in results:
         if args.json:
             print(json.dumps(r.as_json()), flush=True)
         else:
@@ -103,6 +113,10 @@ def _generate_each(args, spec, params, prompts, engine=None, label: str | None =
             alpha = "-" if s.alpha is None else f"{s.alpha:.2f}"
             print(f"[{label or spec.method}] α={alpha} acceptance_length={s.acceptance_length:.2f} "
                   f"tokens={s.emitted} tokens/s={s.tokens_per_s:.1f} finish={r.finish_reason}", file=sys.stderr)
+    if batch > 1:
+        tokens, wall = sum(len(r.token_ids) for r in results), time.perf_counter() - start
+        print(f"[{label or spec.method}] batch {batch}: {len(results)} requests, {tokens} tokens in {wall:.2f} s, "
+              f"{tokens / wall:.1f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -166,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", default="default", help="task label for stats")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--policy", help="policy.json (from `specdeploy advise`): method and k, or off, per task")
+    g.add_argument("--batch", type=int, default=1,
+                   help="N > 1: decode the prompts N at a time in the batched engine (greedy; none, ngram, layerskip, "
+                        "draft or eagle chains; fast on cuda)")
     _add_model_args(g)
     _add_spec_args(g)
     _add_sampling_args(g)

@@ -74,10 +74,8 @@ class SpecConfig:
     ngram_max: int = 4
     layerskip_layers: int | None = None  # None: a quarter of the target's layers
     # token trees (medusa, eagle, multi, specinfer): nodes per tree, 0 = a chain of k; None = the method's
-    # default, head_proposers.default_tree_size (medusa: the artifact's tree; the EAGLE tree of eagle, multi and
-    # specinfer: 48 nodes, on the compiled runner as many as fill its 64-token verify bucket; on an eager CPU
-    # runner, chains). specinfer merges it with the n-gram chain into at most tree_size + k nodes (2k for an
-    # EAGLE chain).
+    # default for the runner (head_proposers.default_tree_size). specinfer merges the EAGLE tree with the
+    # n-gram chain into at most tree_size + k nodes (2k for an EAGLE chain).
     # EAGLE trees are k deep, `tree_topk` wide.
     tree_size: int | None = None
     tree_topk: int = 8

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from specdeploy.config import SamplingParams
+from specdeploy.errors import SpecDeployError
+from specdeploy.models.eagle import EagleConfig, EagleHead
 from specdeploy.runtime.batch import BatchRequest, BatchSpeculator, greedy_accept_batch, ngram_propose_batch
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama
+from specdeploy.runtime.head_proposers import EagleProposer
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import NGramProposer, NoProposer
 from specdeploy.runtime.runner import TorchRunner
@@ -67,8 +70,19 @@ def _solo_plain(model, prompts, max_new):
             for p in prompts]
 
 
+def tiny_eagle_head(model) -> EagleHead:
+    """The target's last layer as an EAGLE head, whole: EAGLE's own initialisation zeroes its attention
+    and MLP outputs, and a head that ignores its cache would not test what the engine feeds it."""
+    torch.manual_seed(1)
+    head = EagleHead.init_from_target(model)
+    last = {k: v for k, v in model.model.layers[-1].state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    head.layer.load_state_dict(last)
+    return head.eval()
+
+
 @pytest.mark.parametrize("method,draft_layers,batch", [
-    ("none", None, 3), ("ngram", None, 1), ("ngram", None, 3), ("draft", 1, 3), ("draft", 3, 4)])
+    ("none", None, 3), ("ngram", None, 1), ("ngram", None, 3), ("draft", 1, 3), ("draft", 3, 4), ("eagle", None, 1),
+    ("eagle", None, 3)])
 def test_batch_equals_each_request_alone(method, draft_layers, batch):
     """7 requests through 1..4 slots (joins and leaves between steps), EOS and length stops."""
     model = tiny_llama()
@@ -77,7 +91,8 @@ def test_batch_equals_each_request_alone(method, draft_layers, batch):
     max_new = [30, 5, 17, 30, 1, 22, 30]
     ref = [_solo_plain(model, [p], n)[0] for p, n in zip(prompts, max_new)]
     draft = lean.truncated(draft_layers) if draft_layers else None
-    eng = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=batch, max_length=96, eos_ids=[0])
+    head = tiny_eagle_head(model) if method == "eagle" else None
+    eng = BatchSpeculator(lean, method=method, draft=draft, head=head, k=4, max_batch=batch, max_length=96, eos_ids=[0])
     res = eng.run([BatchRequest(p, n, task=str(i)) for i, (p, n) in enumerate(zip(prompts, max_new))])
     for r, want in zip(res, ref):
         assert r.token_ids == want.token_ids and r.finish_reason == want.finish_reason
@@ -101,6 +116,43 @@ def test_batch_stats_equal_the_loop():
         a, b = r.stats, g.stats
         assert (a.proposed, a.accepted, a.target_forwards, a.emitted) == (b.proposed, b.accepted, b.target_forwards, b.emitted)
         assert a.accepted_at == b.accepted_at
+
+
+@pytest.mark.parametrize("switch", [None, (2, 7), (60, 70)])  # (60, 70): plain steps after more than a catch-up pass of spec steps
+def test_batch_eagle_drafts_what_the_loops_eagle_chain_drafts(switch, monkeypatch):
+    """Batched EAGLE chains against `EagleProposer` (tree_size 0) in the loop, one request at a time:
+    the same draft tokens at every step, so the head saw the same pairs (the window of committed
+    pairs, the prefill and, with plain steps between, the catch-up from the kept features)."""
+    model = tiny_llama()
+    lean = LeanLlama.from_hf(model)
+    head = tiny_eagle_head(model)
+    prompts = _prompts(5, seed=3) + [[5]]  # and a one-token prompt: nothing to draft from at first
+    n = 100  # over a catch-up pass (64): the catch-up must start where the head's committed pairs end
+    stop = StopCondition(frozenset(), n)  # no EOS: every request runs n tokens
+    loop_switch = AlternatingSwitch(*switch) if switch else "on"
+    proposer = EagleProposer.from_head(head, model.get_input_embeddings(), model.get_output_embeddings(), tree_size=0)
+    loop, loop_drafts = [], []
+    real_propose = proposer.propose
+    monkeypatch.setattr(proposer, "propose", lambda ctx, k: (d := real_propose(ctx, k), loop_drafts.append(d.tokens.tolist()))[0])
+    for p in prompts:
+        proposer.reset()
+        loop.append(speculative_generate(CudaGraphRunner(lean, max_length=160, output_hidden=True), proposer, p,
+                                         SamplingParams(max_new_tokens=n), stop, k=3, switch=loop_switch))
+    eng = BatchSpeculator(lean, method="eagle", head=head, k=3, max_batch=1, max_length=160)
+    if switch:
+        eng.switch = AlternatingSwitch(*switch)
+    drafts = []
+    real_eagle = eng._propose_eagle
+    monkeypatch.setattr(eng, "_propose_eagle", lambda caps, kv: (
+        d := real_eagle(caps, kv), drafts.append(d[0][0, : int(d[1][0])].tolist()))[0])
+    res = eng.run([BatchRequest(p, n) for p in prompts])
+    for r, g in zip(res, loop):
+        assert r.token_ids == g.token_ids
+        a, b = r.stats, g.stats
+        assert (a.proposed, a.accepted, a.target_forwards, a.accepted_at) == (b.proposed, b.accepted, b.target_forwards, b.accepted_at)
+    assert [d for d in drafts if d] == [d for d in loop_drafts if d] and len(drafts) > 20
+    if switch:
+        assert eng.switch.plain_steps > 0
 
 
 def test_switching_speculation_off_and_on_stays_lossless():
@@ -181,35 +233,51 @@ def test_the_drafts_catch_up_is_timed_with_the_spec_step_that_needs_it(monkeypat
     assert all(sec < 0.2 for spec, sec in times if not spec)
 
 
-def test_batch_rejects_overlong_requests():
-    lean = LeanLlama.from_hf(tiny_llama())
-    eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=1, max_length=32)
-    with pytest.raises(Exception, match="max_length"):
-        eng.run([BatchRequest(list(range(1, 20)), 20)])
+@pytest.mark.parametrize("bad, needle", [
+    (BatchRequest(list(range(1, 20)), 20), "max_length"), (BatchRequest([], 4), "empty prompt"),
+    (BatchRequest([3, 64], 4), "token ids"), (BatchRequest([3], 0), "max_new_tokens"),
+    (BatchRequest([3], 4, stop_strings=("x",)), "decode")])
+def test_batch_refuses_a_bad_request_before_running_any(bad, needle):
+    lean = LeanLlama.from_hf(tiny_llama())  # vocabulary of 64
+    eng = BatchSpeculator(lean, method="ngram", k=4, max_batch=2, max_length=32)
+    with pytest.raises(SpecDeployError, match=needle):
+        eng.run([BatchRequest([1, 2, 3], 4), bad])
+    assert eng.steps == 0 and not eng.active.any() and all(s is None for s in eng.slots)
+    assert len(eng.run([BatchRequest([1, 2, 3], 4)])[0].token_ids) == 4  # and it serves the next call
 
 
-def test_smollm2_batch_equals_plain(smollm2):
+@pytest.mark.parametrize("method", ["ngram", "eagle"])
+def test_smollm2_batch_equals_plain(smollm2, method):
+    """The real target (float32) and, for eagle, its shipped head: each request's output is plain greedy's."""
+    from specdeploy.models import eagle
+
     tok = smollm2.tokenizer
-    texts = ["Write a SQL query that lists customers by total spend.", "Translate 'good morning' to French."]
+    texts = ["Write a SQL query that lists customers by total spend.", "Translate 'good morning' to French.",
+             "def fibonacci(n):"]
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
                    add_special_tokens=False)["input_ids"] for t in texts]
-    stop = StopCondition(frozenset([2]), 10)
-    ref = [speculative_generate(TorchRunner(smollm2.model), NoProposer(), p, SamplingParams(max_new_tokens=10), stop, k=0)
+    stop = StopCondition(frozenset([2]), 24)
+    ref = [speculative_generate(TorchRunner(smollm2.model), NoProposer(), p, SamplingParams(max_new_tokens=24), stop, k=0)
            for p in prompts]
     lean = LeanLlama.from_hf(smollm2.model)
-    res = BatchSpeculator(lean, method="ngram", k=4, max_batch=2, max_length=256, eos_ids=[2]).run(
-        [BatchRequest(p, 10) for p in prompts])
+    head = eagle.load(None, smollm2)[0] if method == "eagle" else None
+    res = BatchSpeculator(lean, method=method, head=head, k=4, max_batch=2, max_length=256, eos_ids=[2]).run(
+        [BatchRequest(p, 24) for p in prompts])
     assert [r.token_ids for r in res] == [g.token_ids for g in ref]
+    if method == "eagle":  # a trained head drafts what the target says, often
+        assert sum(r.stats.accepted for r in res) / sum(r.stats.proposed for r in res) > 0.3
 
 
 @needs_cuda
 def test_cuda_batch_graphs_equal_eager():
-    model = tiny_llama().to("cuda")
-    lean = LeanLlama.from_hf(model)
+    model = tiny_llama()
+    head = tiny_eagle_head(model).to("cuda")
+    lean = LeanLlama.from_hf(model.to("cuda"))
     prompts = _prompts(6, seed=7)
     reqs = [BatchRequest(p, 30) for p in prompts]
-    for method, draft in (("ngram", None), ("draft", lean.truncated(1))):
-        graphed = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=4, max_length=96, eos_ids=[0])
-        eager = BatchSpeculator(lean, method=method, draft=draft, k=4, max_batch=4, max_length=96, eos_ids=[0], use_graphs=False)
+    for method, draft in (("ngram", None), ("draft", lean.truncated(1)), ("eagle", None)):
+        kw = dict(method=method, draft=draft, head=head, k=4, max_batch=4, max_length=96, eos_ids=[0])
+        graphed = BatchSpeculator(lean, **kw)
+        eager = BatchSpeculator(lean, **kw, use_graphs=False)
         assert graphed.num_graphs > 0 and graphed.overlap
         assert [r.token_ids for r in graphed.run(reqs)] == [r.token_ids for r in eager.run(reqs)]

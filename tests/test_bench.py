@@ -22,7 +22,7 @@ def bench_dir(tmp_path_factory, smollm2):
     prompts = tmp / "p.jsonl"
     prompts.write_text('{"task": "code", "prompt": "Write x = 1 in Python."}\n{"task": "qa", "prompt": "Say hi."}\n')
     out = tmp / "out"
-    assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa,policy", "--k", "1,2", "--max-new-tokens", "4",
+    assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa,eagle,policy", "--k", "1,2", "--max-new-tokens", "4",
                  "--peers", "hf", "--batch", "1,2", "--out", str(out)]) == 0
     return out
 
@@ -43,7 +43,7 @@ def test_bench_json_schema(bench_dir):
             ("hf", "generate", 0), ("hf", "prompt_lookup", 2)} <= configs
     assert {r["task"] for r in rows} == {"code", "qa", "all"}
     batched = {(r["method"], r["batch"]) for r in rows if r["batch"] > 1}
-    assert {("none", 2), ("ngram", 2), ("ngram (auto)", 2)} <= batched  # the batched engine, switch on and auto
+    assert {("none", 2), ("ngram", 2), ("ngram (auto)", 2), ("eagle", 2)} <= batched  # the batched engine, switch on and auto
     ours = [r for r in rows if r["system"] == "specdeploy"]
     assert all(r["greedy_mismatches"] == 0 for r in ours)  # float32: lossless
     assert all(r["speedup_vs_plain"] == 1.0 for r in ours if r["method"] == "none")

@@ -41,6 +41,25 @@ def test_generate_eagle_tree_flags(capsys, smollm2, tree):
     assert plain["token_ids"] == spec["token_ids"] and spec["proposed"] > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "eagle"])
+def test_generate_batch_equals_one_at_a_time(capsys, tmp_path, smollm2, method):
+    """--batch 2: three prompts through the batched engine print what plain decoding gives, in order,
+    with a stop string cutting one of them as it would alone."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Count from 1 to 10, separated by commas.", "task": "math"}\n'
+                    '{"prompt": "Write a SQL query that counts users.", "task": "sql"}\n{"prompt": "Say hi."}\n')
+    argv = ["generate", "--prompts", str(path), "--json", "--max-new-tokens", "14", "--k", "3", "--stop", "5"]
+    assert main(argv + ["--method", "none"]) == 0
+    plain = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert main(argv + ["--method", method, "--batch", "2"]) == 0
+    out, err = capsys.readouterr()
+    batched = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["task"], r["token_ids"], r["text"], r["finish_reason"]) for r in batched] == \
+           [(r["task"], r["token_ids"], r["text"], r["finish_reason"]) for r in plain]
+    assert plain[0]["finish_reason"] == "stop" and sum(r["proposed"] for r in batched) > 0
+    assert "batch 2: 3 requests" in err
+
+
 def test_raw_skips_chat_template(capsys, smollm2):
     main(["generate", "--prompt", "The capital of France is", "--raw", "--json", "--max-new-tokens", "3", "--method", "none"])
     r = json.loads(capsys.readouterr().out)

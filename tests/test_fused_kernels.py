@@ -310,3 +310,27 @@ def test_best_nodes_kernel_matches_the_torch_ops(n, size):
             score.append((0.0 if p < 0 else score[p]) - drop)
         args = (torch.randint(0, 100, (n,), generator=g).to(DEV), torch.tensor(score, device=DEV), torch.tensor(parent, device=DEV))
         assert torch.equal(kernels.best_nodes(*args, size).cpu(), best_nodes(*args, size).cpu())
+
+
+def test_fused_batch_eagle_equals_its_torch_path(monkeypatch):
+    """The batched engine's EAGLE chains with target and head on the fused kernels (the CUDA path) draft
+    and emit what the torch path does: the head's window, chain and prefill through fused rows."""
+    from specdeploy.models import eagle
+    from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+
+    model = small_llama(layers=2, seed=5)
+    torch.manual_seed(6)
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to(DEV).eval()
+    g = torch.Generator().manual_seed(7)
+    reqs = [BatchRequest(torch.randint(1, 96, (n,), generator=g).tolist(), 6) for n in (12, 1)]
+    out = {}
+    for kernels in ("torch", "fused"):
+        monkeypatch.setenv("SPECDEPLOY_KERNELS", kernels)
+        lean = LeanLlama.from_hf(model)
+        eng = BatchSpeculator(lean, method="eagle", head=head, k=2, max_batch=2, max_length=48, use_graphs=False,
+                              prefill_buckets=(16,))
+        assert lean.kernels == eng.head.lean.kernels == kernels
+        drafts, real = [], eng._propose_eagle
+        monkeypatch.setattr(eng, "_propose_eagle", lambda caps, kv: (d := real(caps, kv), drafts.append(d[0].tolist()))[0])
+        out[kernels] = [r.token_ids for r in eng.run(reqs)], drafts
+    assert out["fused"] == out["torch"] and len(out["torch"][1]) >= 3

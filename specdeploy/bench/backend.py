@@ -85,12 +85,22 @@ class Backend:
                 raise SpecDeployError(f"{method} is not a draft-model method")
         return self._draft_hf[method]
 
-    def draft_lean(self, method: str):
-        from specdeploy.runtime.cuda_runner import LeanLlama
+    def _spec(self, method: str, k: int = 4, switch: str = "on") -> SpecConfig:
+        return SpecConfig(method=method, k=k, draft=self.draft_path if method == "draft" else None,
+                          layerskip_layers=self.layerskip_layers, switch=switch)
 
-        if method == "layerskip":
-            return self.lean.truncated(self.layerskip_layers)
-        return LeanLlama.from_hf(self.draft_hf(method))
+    def draft_lean(self, method: str):
+        from specdeploy.runtime.cuda_runner import lean_draft
+
+        return lean_draft(self._spec(method), self.loaded, self.lean, None if method == "layerskip" else self.draft_hf(method))
+
+    def batch_engine(self, method: str, k: int, batch: int, switch: str = "on"):
+        """A `BatchSpeculator` of `method` over the shared lean target (and the draft models the peers use)."""
+        from specdeploy.runtime.engine import build_batch_speculator
+
+        draft_model = self.draft_hf(method) if method == "draft" else None
+        return build_batch_speculator(self._spec(method, k, switch), self.loaded, max_batch=batch, max_length=self.max_length,
+                                      lean=self.lean, draft_model=draft_model)
 
     def draft_runner(self, method: str):
         if method not in ("layerskip", "draft"):

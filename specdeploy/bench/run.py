@@ -36,9 +36,9 @@ from specdeploy.bench.backend import Backend, _has_module, encode_all
 from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
 from specdeploy.config import METHODS, SamplingParams
 from specdeploy.errors import SpecDeployError
+from specdeploy.runtime.engine import BATCH_METHODS
 from specdeploy.runtime.stats import SpecStats
 
-BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft"}  # ours -> BatchSpeculator's
 
 
 # ---- prompts and progress ------------------------------------------------------------------
@@ -144,11 +144,9 @@ class Bench:
     # specdeploy, batch > 1
     def _batch_engine(self, method: str, k: int, batch: int, switch: str):
         """A warmed-up batched engine."""
-        from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+        from specdeploy.runtime.batch import BatchRequest
 
-        draft = self.backend.draft_lean(method) if BATCH_METHODS[method] == "draft" else None
-        eng = BatchSpeculator(self.backend.lean, method=BATCH_METHODS[method], draft=draft, k=max(k, 1), max_batch=batch,
-                              max_length=self.backend.max_length, eos_ids=self.eos, switch=switch)
+        eng = self.backend.batch_engine(method, max(k, 1), batch, switch)
         eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
         return eng
 
@@ -501,7 +499,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             if peers:
                 jobs.append((f"hf generate batch {b}", len(bprompts), lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
             for m in (x for x in available if x not in BATCH_METHODS):
-                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram or a draft model only")
+                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
     for t in (x for x in temps if x > 0):
         loop_jobs(t)
         peer_jobs(t)

@@ -143,6 +143,8 @@ def _generate_engine(args: argparse.Namespace) -> int:
     from specdeploy.cli import _generate_each, _sampling, _spec
 
     params, spec = _sampling(args), _spec(args)
+    if args.batch != 1:  # the batched engine runs the torch target, not these artifacts
+        raise SpecDeployError("--engine artifacts decode one request at a time: leave out --batch")
     prompts = load_prompts(args.prompts) if args.prompts else [Prompt(args.task, args.prompt)]
     if not args.prompts and not args.prompt.strip():
         raise SpecDeployError("empty prompt")

@@ -4,7 +4,8 @@ Each of `max_batch` slots holds one request at its own length (ragged positions 
 cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at once,
 
 1. drafts k tokens: the n-gram lookup of `NGramProposer` run on the GPU over the slot's token
-   history, or a draft model (a layerskip draft or a trained one) decoding k tokens greedily;
+   history, a draft model (a layerskip draft or a trained one) decoding k tokens greedily, or
+   an EAGLE head drafting a chain (`EagleProposer` with tree_size 0) from the target's features;
 2. verifies them with one target forward of [pending, d_1 .. d_k] per slot;
 3. accepts by the greedy rule of verify.py (longest draft prefix equal to the target's argmax,
    then the target's argmax: `greedy_accept_batch`, tested equal to `verify`);
@@ -17,6 +18,13 @@ so the GPU never waits for Python. A slot that finished at step t computes one m
 step. Requests join and leave between steps: a join prefills its slot and resets its state. A
 draft model is prefilled with the prompt only while the engine speculates; one that joins during
 plain steps catches up over the prompt when speculation resumes.
+
+EAGLE: the target's final hidden state at every committed position is kept per slot (`hidden`,
+written by prefills and verify steps). The head's cache holds the pairs (feature at p, token at
+p + 1) for p below the slot's `draft_valid`; a spec step feeds the last k + 1 committed pairs
+again (those the previous step committed, and some known ones: same values), whose last output
+is the feature predicted at the pending position, then drafts the chain from it. The head
+catches up over plain steps from `hidden` like a draft model.
 Greedy only: sampled requests go through `speculative_generate`.
 
 Per-request output equals the request run alone (the target argmax at each position does not
@@ -37,12 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
+from specdeploy.runtime.eagle_graphs import LeanEagleHead
 from specdeploy.runtime.loop import StopCondition
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
 
-METHODS = ("none", "ngram", "draft")  # "draft": any LeanLlama draft (layerskip or trained)
+METHODS = ("none", "ngram", "draft", "eagle")  # "draft": any LeanLlama draft (layerskip or trained)
 PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
 CATCHUP = 64  # tokens per slot fed to a draft model per catch-up pass (after plain steps)
 
@@ -110,6 +120,7 @@ class BatchRequest:
     prompt_ids: Sequence[int]
     max_new_tokens: int
     task: str = "default"
+    stop_strings: tuple[str, ...] = ()  # end the request once its text holds one (needs the engine's `decode`)
 
 
 @dataclass(frozen=True)
@@ -117,7 +128,7 @@ class BatchResult:
     index: int  # position of the request in the list given to `run`
     task: str
     token_ids: list[int]  # generated tokens only (EOS included when it ended the text)
-    finish_reason: str  # "eos" | "length"
+    finish_reason: str  # "eos" | "stop" | "length"
     stats: SpecStats  # wall_s: from the request's join to its last token
 
 
@@ -146,18 +157,22 @@ class _Launched:
 class BatchSpeculator:
     """Greedy speculative decoding of up to `max_batch` requests at once (see module docstring)."""
 
-    def __init__(self, target: LeanLlama, *, method: str = "ngram", draft: LeanLlama | None = None, k: int = 4,
-                 max_batch: int = 1, max_length: int = 1024, eos_ids: Sequence[int] = (), ngram_min: int = 1,
-                 ngram_max: int = 4, switch: str = "on", overlap: bool = True, use_graphs: bool | None = None,
-                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS) -> None:
+    def __init__(self, target: LeanLlama, *, method: str = "ngram", draft: LeanLlama | None = None,
+                 head: EagleHead | None = None, k: int = 4, max_batch: int = 1, max_length: int = 1024,
+                 eos_ids: Sequence[int] = (), ngram_min: int = 1, ngram_max: int = 4, switch: str = "on",
+                 overlap: bool = True, use_graphs: bool | None = None,
+                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS, decode: Callable[[list[int]], str] | None = None) -> None:
         if method not in METHODS:
             raise SpecDeployError(f"batched method must be one of {', '.join(METHODS)}, not {method!r}")
         if method == "draft" and draft is None:
             raise SpecDeployError("method 'draft' needs a draft LeanLlama")
+        if method == "eagle" and head is None:
+            raise SpecDeployError("method 'eagle' needs an EAGLE head")
         self.target, self.method, self.draft = target, method, (draft if method == "draft" else None)
         self.k = 0 if method == "none" else int(k)
         self.B, self.max_length = int(max_batch), int(max_length)
         self.eos_ids = frozenset(int(e) for e in eos_ids)
+        self.decode = decode  # token ids -> text, for requests with stop strings
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
         self.switch = SpecSwitch(switch if self.k else "off")
         self.device = target.device
@@ -168,7 +183,10 @@ class BatchSpeculator:
         self.scratch = self.positions - 1
         self.kv_buckets = kv_buckets_for(self.positions)
         self.tcache = target.new_cache(self.B, self.positions)
-        self.dcache = self.draft.new_cache(self.B, self.positions) if self.draft is not None else None
+        self.head = LeanEagleHead(head, target.embed, target.lm_head, self.positions) if method == "eagle" else None
+        self.dcache = (self.draft.new_cache(self.B, self.positions) if self.draft is not None
+                       else self.head.new_cache(self.B, self.positions) if self.head is not None else None)
+        self.cached_drafter = self.dcache is not None  # a draft model or head with a KV cache of its own
         dev, B, k, long = self.device, self.B, self.k, torch.long
         # per-slot state, on the device: only graphs and joins change it
         self.lengths = torch.zeros(B, dtype=long, device=dev)  # [B] target cache entries (committed - pending)
@@ -179,12 +197,17 @@ class BatchSpeculator:
         self.active = torch.zeros(B, dtype=torch.bool, device=dev)  # [B]
         self.draft_valid = torch.zeros(B, dtype=long, device=dev)  # [B] draft cache entries known good
         self.hist = torch.zeros(B, self.positions, dtype=long, device=dev)  # [B, positions] token at each position
+        # [B, positions, H] the target's final hidden state at each position (EAGLE's features)
+        self.hidden = (torch.zeros(B, self.positions, target.dims.hidden, dtype=target.dtype, device=dev)
+                       if self.head is not None else None)
         self.result = torch.zeros(B, k + 3, dtype=long, device=dev)  # [B, k+3]: accepted, proposed, k+1 tokens
         maxq = self.prefill_buckets[-1]
         self._pf_tokens = torch.zeros(1, maxq, dtype=long, device=dev)  # [1, maxq] prefill input
         self._pf_pos = torch.zeros(1, maxq, dtype=long, device=dev)  # [1, maxq]
         self._pf_row = torch.zeros(1, dtype=long, device=dev)  # [1] slot being prefilled
         self._offsets = torch.arange(max(maxq, k + 1, CATCHUP), device=dev)
+        self._keys = torch.arange(self.positions, device=dev)
+        self._rows = torch.arange(B, device=dev)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._stream = torch.cuda.Stream(self.device) if self.use_graphs else None  # warm-up and capture
         self._fns: dict[tuple, CapturedFn] = {}
@@ -213,12 +236,12 @@ class BatchSpeculator:
             self._step_fn(False, kv)
             if self.k:
                 self._step_fn(True, kv)
-            if self.draft is not None:
+            if self.cached_drafter:
                 self._catchup_fn(kv)
             for q in self.prefill_buckets:
                 if q <= kv:
                     self._prefill_fn(q, kv, draft=False)
-                    if self.draft is not None:
+                    if self.cached_drafter:
                         self._prefill_fn(q, kv, draft=True)
         self._clear_state()
 
@@ -237,19 +260,43 @@ class BatchSpeculator:
         self._fns.clear()
 
     def _prefill_fn(self, q: int, kv: int, draft: bool) -> CapturedFn:
-        """A chunk of a joining prompt into the target's cache, or the draft's."""
-        model, cache = (self.draft, self.dcache) if draft else (self.target, self.tcache)
+        """A chunk of a joining prompt into the target's cache (and its hidden states, for EAGLE), or the
+        drafter's (the head's pairs need the target's chunk first)."""
+        tokens, pos, row = self._pf_tokens[:, :q], self._pf_pos[:, :q], self._pf_row
 
         def make():
-            return lambda: model.forward(cache, self._pf_tokens[:, :q], self._pf_pos[:, :q], self._pf_row, kv, logits="none")
+            if draft and self.head is not None:
+                return lambda: self._head_pairs(pos, kv, row)
+            if draft:
+                return lambda: self.draft.forward(self.dcache, tokens, pos, row, kv, logits="none")
+            if self.hidden is None:
+                return lambda: self.target.forward(self.tcache, tokens, pos, row, kv, logits="none")
+
+            def prefill():
+                _, hidden = self.target.forward(self.tcache, tokens, pos, row, kv, logits="none", want_hidden=True)
+                self.hidden.index_put_((row[:, None], pos), hidden)
+            return prefill
         return self._fn(("prefill", draft, q, kv), make)
 
+    def _head_pairs(self, pos: torch.Tensor, kv: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The EAGLE head over the committed pairs at `pos` [R, m] (feature at p, token at p + 1) of cache
+        rows `rows` [R] (None: every slot), causal; returns the predicted features [R, m, H]."""
+        R, m = pos.shape
+        at = self._rows if rows is None else rows  # [R] slots
+        feats = self.hidden[at[:, None], pos]  # [R, m, H]
+        tokens = self.hist[at[:, None], (pos + 1).clamp(max=self.scratch)]  # [R, m]
+        allowed = self._keys[None, None, :kv] <= pos[:, :, None]
+        return self.head(self.dcache, feats, tokens, pos, pos, allowed, rows).view(R, m, -1)
+
     def _catchup_fn(self, kv: int) -> CapturedFn:
-        """Feed the draft model the committed tokens it missed during plain steps (CATCHUP a pass)."""
+        """Feed the drafter the committed tokens it missed during plain steps (CATCHUP a pass)."""
         def make():
             def catchup():
                 pos = (self.draft_valid[:, None] + self._offsets[None, :CATCHUP]).clamp(max=self.scratch - 1)
-                self.draft.forward(self.dcache, self.hist.gather(1, pos), pos, None, kv, logits="none")
+                if self.head is not None:
+                    self._head_pairs(pos, kv)
+                else:
+                    self.draft.forward(self.dcache, self.hist.gather(1, pos), pos, None, kv, logits="none")
                 good = torch.minimum(self.draft_valid + CATCHUP, (self.lengths - 1).clamp(min=0))
                 self.draft_valid.copy_(torch.where(self.active, torch.maximum(good, self.draft_valid), self.draft_valid))
             return catchup
@@ -265,6 +312,8 @@ class BatchSpeculator:
         k, L = self.k, self.lengths
         if self.method == "ngram":
             return ngram_propose_batch(self.hist, L, caps, k, self.ngram_min, self.ngram_max)
+        if self.head is not None:
+            return self._propose_eagle(caps, kv)
         # draft model: re-feed the token before pending (its entry may be missing after a full
         # accept), then pending, then its own drafts; one graph, no host round trip
         prev_pos = torch.where(L > 0, L - 1, torch.full_like(L, self.scratch))
@@ -277,6 +326,24 @@ class BatchSpeculator:
             feed, pos = tok[:, None], (L + i + 1)[:, None]
         return torch.stack(tokens, 1), caps.clamp(min=0, max=k)
 
+    def _propose_eagle(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """EAGLE chains: the last k + 1 committed pairs again (every pair the previous step committed;
+        clamped at position 0, where the same pair is simply fed twice), then k - 1 head steps from the
+        feature predicted at the pending position, each drafting the argmax of its LM head."""
+        k, L = self.k, self.lengths
+        window = (L[:, None] - (k + 1) + self._offsets[None, : k + 1]).clamp(min=0)  # [B, k+1]
+        feature = self._head_pairs(window, kv)[:, -1]  # [B, H] at the pending position
+        tokens = []
+        for i in range(k):
+            tok = F.linear(feature, self.target.lm_head).argmax(-1)  # [B]
+            tokens.append(tok)
+            if i < k - 1:
+                pos = (L + i)[:, None]  # the pair (feature at L + i, d_{i+1})
+                feature = self.head(self.dcache, feature[:, None], tok[:, None], pos, pos,
+                                    self._keys[None, None, :kv] <= pos[:, :, None])
+        self.draft_valid.copy_(torch.where(self.active, L, self.draft_valid))  # pairs below L: committed ones
+        return torch.stack(tokens, 1), torch.where(L > 0, caps, 0)  # no pair before a one-token prompt
+
     def _step_body(self, spec: bool, kv: int) -> None:
         k = self.k if spec else 0
         L, act = self.lengths, self.active
@@ -288,7 +355,10 @@ class BatchSpeculator:
             draft, lens = L.new_zeros(self.B, 0), L.new_zeros(self.B)
         feed = torch.cat([self.pending[:, None], draft], 1)  # [B, k+1]
         pos = L[:, None] + self._offsets[None, : k + 1]
-        logits, _ = self.target.forward(self.tcache, feed, pos, None, kv, logits="all")  # [B, k+1, vocab]
+        logits, hidden = self.target.forward(self.tcache, feed, pos, None, kv, logits="all",
+                                             want_hidden=self.hidden is not None)  # [B, k+1, vocab]
+        if hidden is not None:  # rows past the accepted ones are rewritten before a pair reads them
+            self.hidden.scatter_(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]), hidden)
         n, nxt = greedy_accept_batch(draft, lens, logits.argmax(-1))
         emitted = torch.where(self._offsets[None, : k + 1] < n[:, None], feed.roll(-1, dims=1), nxt[:, None])  # [B, k+1]
         if k:
@@ -298,7 +368,7 @@ class BatchSpeculator:
         new_len = L + n + 1
         hist_pos = (L[:, None] + 1 + self._offsets[None, : k + 1]).clamp(max=self.scratch)
         self.hist.scatter_(1, hist_pos, torch.where(act[:, None], emitted, self.hist.gather(1, hist_pos)))
-        if spec and self.draft is not None:
+        if spec and self.draft is not None:  # (EAGLE's: set by its draft)
             self.draft_valid.copy_(torch.where(act, new_len - 1, self.draft_valid))
         self.prev.copy_(torch.where(act, prev, self.prev))
         self.pending.copy_(torch.where(act, nxt, self.pending))
@@ -309,22 +379,34 @@ class BatchSpeculator:
         self.result[:, 2 : k + 3].copy_(emitted)
 
     # ---- requests -----------------------------------------------------------------------
-    def _join(self, slot: int, index: int, req: BatchRequest) -> None:
-        ids = [int(t) for t in req.prompt_ids]
-        P = len(ids)
+    def check(self, req: BatchRequest) -> None:
+        """SpecDeployError if this engine cannot run the request."""
+        P = len(req.prompt_ids)
         if P == 0:
             raise SpecDeployError("empty prompt")
+        vocab = self.target.dims.vocab
+        if any(not 0 <= int(t) < vocab for t in req.prompt_ids):  # on a GPU, a device-side assert would end the process
+            raise SpecDeployError(f"prompt token ids must be in [0, {vocab})")
+        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            raise SpecDeployError(f"max_new_tokens must be an integer >= 1, got {req.max_new_tokens!r}")
         if P + req.max_new_tokens + self.k + 1 > self.max_length:
             raise SpecDeployError(f"prompt ({P} tokens) + max_new_tokens ({req.max_new_tokens}) + k + 1 exceeds the "
                                   f"batch engine's max_length of {self.max_length}")
+        if req.stop_strings and self.decode is None:
+            raise SpecDeployError("stop strings need the engine's decode function (a tokenizer)")
+
+    def _join(self, slot: int, index: int, req: BatchRequest) -> None:
+        ids = [int(t) for t in req.prompt_ids]
+        P = len(ids)
         pre = ids[:-1]
         maxq = self.prefill_buckets[-1]
         # a draft that will not draft soon is not prefilled: the switch, off at large batches, would pay for it
         # at every join; the catch-up before the next spec step feeds it the prompt instead
-        with_draft = self.draft is not None and self.switch.expects_spec()
-        if self.draft is not None and not with_draft:
+        with_draft = self.cached_drafter and self.switch.expects_spec()
+        if self.cached_drafter and not with_draft:
             self._draft_behind = max(self._draft_behind, P)
         self._pf_row.fill_(slot)
+        self.hist[slot, :P].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)  # the head's pairs read it
         for start in range(0, len(pre), maxq):
             chunk = pre[start : start + maxq]
             q = bucket(len(chunk), self.prefill_buckets)
@@ -334,7 +416,6 @@ class BatchSpeculator:
             self._prefill_fn(q, kv, draft=False)()
             if with_draft:
                 self._prefill_fn(q, kv, draft=True)()
-        self.hist[slot, :P].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
         self.lengths[slot] = P - 1
         self.pending[slot] = ids[-1]
         self.prev[slot] = ids[-2] if P > 1 else ids[-1]
@@ -342,7 +423,7 @@ class BatchSpeculator:
         self.max_new[slot] = req.max_new_tokens
         self.draft_valid[slot] = P - 1 if with_draft else 0
         self.active[slot] = True
-        stop = StopCondition(self.eos_ids, req.max_new_tokens)
+        stop = StopCondition(self.eos_ids, req.max_new_tokens, tuple(req.stop_strings), self.decode)
         self.slots[slot] = _Slot(index, req, list(ids), first_step=self.steps, start=time.perf_counter(), stop=stop)
 
     def _leave(self, slot: int) -> None:
@@ -353,7 +434,7 @@ class BatchSpeculator:
         live = [s for s in self.slots if s is not None]
         spec = bool(self.k) and self.switch.choose(len(live))
         width = self.k + 1 if spec else 1  # cache positions this step writes per slot
-        catchup = spec and self.draft is not None and self._draft_behind > 0
+        catchup = spec and self.cached_drafter and self._draft_behind > 0
         # Attention reads the cache below kv, which must pass every position an active slot writes. A slot
         # whose host knows T tokens holds T - 1 + a cache entries on the device, a <= `ahead` being what
         # the step in flight adds (overlap), and writes `width` more (a catch-up pass: CATCHUP from the
@@ -424,7 +505,10 @@ class BatchSpeculator:
         return done
 
     def run(self, requests: Sequence[BatchRequest], on_done: Callable[[BatchResult], None] | None = None) -> list[BatchResult]:
-        """Generate every request, up to max_batch at a time (continuous batching); results in request order."""
+        """Generate every request, up to max_batch at a time (continuous batching); results in request order.
+        Every request is checked before any starts: a bad one raises and changes nothing."""
+        for req in requests:
+            self.check(req)
         queue = deque(enumerate(requests))
         results: list[BatchResult | None] = [None] * len(requests)
         in_flight: _Launched | None = None

@@ -708,19 +708,25 @@ def compiled_for(spec, target, draft=None, max_length: int | None = None):
         return runner, NoProposer()
     if spec.method == "ngram":
         return runner, NGramProposer(spec.ngram_min, spec.ngram_max)
-    if spec.method == "layerskip":
-        from specdeploy.models.layerskip import layerskip_layers
-
-        n = layerskip_layers(lean.num_layers, spec.layerskip_layers)
-        return runner, DraftModelProposer(CudaGraphRunner(lean.truncated(n), max_length=runner.max_length), spec.confidence)
-    if draft is None:
-        from specdeploy.models import draft_lm
-
-        draft_model = draft_lm.load(spec.draft, target)
-    else:
+    draft_model = None
+    if spec.method == "draft" and draft is not None:
         from specdeploy.models.tokenizers import check_compatible
 
         check_compatible(target.tokenizer, draft.tokenizer)
         draft_model = draft.model
-    return runner, DraftModelProposer(CudaGraphRunner.from_hf(draft_model, max_length=runner.max_length),
+    return runner, DraftModelProposer(CudaGraphRunner(lean_draft(spec, target, lean, draft_model), max_length=runner.max_length),
                                       spec.confidence)
+
+
+def lean_draft(spec, target, lean: LeanLlama, draft_model: nn.Module | None = None) -> LeanLlama:
+    """The draft of a layerskip or draft SpecConfig as a `LeanLlama`: the first layers of the target's
+    `lean`, or `draft_model` (an HF model; None: the DraftLM artifact `spec.draft`, default the shipped one)."""
+    if spec.method == "layerskip":
+        from specdeploy.models.layerskip import layerskip_layers
+
+        return lean.truncated(layerskip_layers(lean.num_layers, spec.layerskip_layers))
+    if draft_model is None:
+        from specdeploy.models import draft_lm
+
+        draft_model = draft_lm.load(spec.draft, target)
+    return LeanLlama.from_hf(draft_model)

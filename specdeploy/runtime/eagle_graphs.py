@@ -46,6 +46,42 @@ from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import DeviceVerdict
 
 
+class LeanEagleHead:
+    """An EAGLE head over a static KV cache: fc([feature, embed(token)]), then the head's decoder layer
+    as a one-layer `LeanLlama` (weights fused like the target's) with the head's own rotary table
+    over `positions`. The fc weights, embedding and LM head are the head's and target's tensors,
+    never copied. Shared by `GraphEagleProposer` (one request, trees) and the batched engine (chains)."""
+
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor, positions: int) -> None:
+        c = head.config
+        self.hidden = c.hidden_size
+        self.fc_weight, self.fc_bias = head.fc.weight, head.fc.bias  # [H, 2H], [H]
+        dims = LlamaDims(num_layers=1, hidden=c.hidden_size, num_heads=c.num_attention_heads,
+                         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab=int(lm_head.shape[0]),
+                         eps=c.rms_norm_eps, max_positions=positions)
+        # the head's own rotary embedding (models/eagle.py `rope`): plain theta, float32 angles
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=embed.device, dtype=torch.float32) / c.head_dim))
+        cos, sin = rope_tables(inv_freq, positions, embed.dtype)
+        norm = torch.ones(c.hidden_size, device=embed.device, dtype=embed.dtype)  # unused: the head has no final norm
+        self.lean = LeanLlama(dims, embed, [fuse_layer(head.layer)], norm, lm_head, cos, sin)
+
+    def new_cache(self, batch: int, positions: int):
+        return self.lean.new_cache(batch, positions)
+
+    def __call__(self, cache, features: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, rope_pos: torch.Tensor,
+                 allowed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Pairs (features [R, m, H] or [R*m, H], the token after each: tokens [R, m]) written at cache
+        slots `pos` [R, m], rotated at `rope_pos` [R, m], attending `allowed` [R, m, kv_len];
+        rows: [R] cache rows, None for every row in order. Returns the predicted features [R*m, H]."""
+        features, tokens = features.reshape(-1, self.hidden), tokens.reshape(-1)
+        if self.lean.kernels == "fused":
+            x = fused_kernels.eagle_input(features, tokens, self.lean.embed, self.fc_weight, self.fc_bias)
+        else:
+            x = torch.cat([features, F.embedding(tokens, self.lean.embed).to(features.dtype)], dim=-1)
+            x = F.linear(x, self.fc_weight, self.fc_bias)
+        return self.lean.run_layers(cache, x, pos, rope_pos, allowed, rows)
+
+
 class GraphEagleProposer:
     """EAGLE-2 token trees (deterministic, `probs is None`) from static buffers and captured steps.
 
@@ -65,21 +101,14 @@ class GraphEagleProposer:
         self.tree_size, self.topk, self.max_depth = tree_size, topk, max_depth
         self.max_nodes = tree_size  # largest tree drafted
         self.device, self.dtype = embed.device, embed.dtype
-        self.fc_weight, self.fc_bias = head.fc.weight, head.fc.bias  # [H, 2H], [H]
         self.lm_head = lm_head  # [vocab, H]
         self.query_buckets = tuple(sorted(set(query_buckets)))
         k, maxq = topk, self.query_buckets[-1]
         self.scratch = (max_depth - 1) * k  # cache slots of the tree levels, after the committed pairs
         self.max_length = max_length
         positions = max_length + max(self.scratch, maxq)
-        dims = LlamaDims(num_layers=1, hidden=c.hidden_size, num_heads=c.num_attention_heads,
-                         num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab=int(lm_head.shape[0]),
-                         eps=c.rms_norm_eps, max_positions=positions)
-        # the head's own rotary embedding (models/eagle.py `rope`): plain theta, float32 angles
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, device=self.device, dtype=torch.float32) / c.head_dim))
-        cos, sin = rope_tables(inv_freq, positions, self.dtype)
-        norm = torch.ones(c.hidden_size, device=self.device, dtype=self.dtype)  # unused: the head has no final norm
-        self.lean = LeanLlama(dims, embed, [fuse_layer(head.layer)], norm, lm_head, cos, sin)
+        self.head = LeanEagleHead(head, embed, lm_head, positions)
+        self.lean = self.head.lean
         self.cache = self.lean.new_cache(1, positions)
         self.kv_buckets = kv_buckets_for(positions)
         H, D, S = c.hidden_size, max_depth, max(self.scratch, 1)
@@ -155,12 +184,7 @@ class GraphEagleProposer:
     def _head(self, features: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor, rope_pos: torch.Tensor,
               allowed: torch.Tensor) -> torch.Tensor:
         """features [n, H], tokens [n], slots / rope_pos [n], allowed [n, kv_len] -> predicted features [n, H]."""
-        if self.lean.kernels == "fused":
-            x = fused_kernels.eagle_input(features, tokens, self.lean.embed, self.fc_weight, self.fc_bias)
-        else:
-            x = torch.cat([features, F.embedding(tokens, self.lean.embed).to(features.dtype)], dim=-1)
-            x = F.linear(x, self.fc_weight, self.fc_bias)
-        return self.lean.run_layers(self.cache, x, slots[None], rope_pos[None], allowed[None])
+        return self.head(self.cache, features, tokens[None], slots[None], rope_pos[None], allowed[None])
 
     def _sync_step(self, q: int, kv: int) -> torch.Tensor:
         slots = self._fed + self._offsets[:q]  # [q]

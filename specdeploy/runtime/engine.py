@@ -23,6 +23,8 @@ from specdeploy.runtime.stats import SpecStats, TaskStats
 from specdeploy.runtime.switch import SwitchBook
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# methods the batched engine (runtime/batch.py) drafts with -> its own name for them
+BATCH_METHODS = {"none": "none", "ngram": "ngram", "layerskip": "draft", "draft": "draft", "eagle": "eagle"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,29 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
     raise SpecDeployError(f"unknown method {spec.method!r}")
 
 
+def build_batch_speculator(spec: SpecConfig, target: LoadedModel, *, max_batch: int, max_length: int,
+                           lean=None, draft_model=None, decode=None):
+    """A `BatchSpeculator` drafting as `spec` says (greedy; chains of spec.k tokens, EAGLE's too) over the
+    target's lean forward (`lean`: one already built over it); draft_model: the HF draft of method draft
+    (None: the DraftLM artifact spec.draft, default the shipped one). Draft confidence does not apply."""
+    from specdeploy.runtime.batch import BatchSpeculator
+    from specdeploy.runtime.cuda_runner import LeanLlama, lean_draft
+
+    if spec.method not in BATCH_METHODS:
+        raise SpecDeployError(f"the batched engine drafts with {', '.join(BATCH_METHODS)}; {spec.method} runs one "
+                              f"request at a time (batch 1)")
+    lean = lean or LeanLlama.from_hf(target.model)
+    draft = lean_draft(spec, target, lean, draft_model) if BATCH_METHODS[spec.method] == "draft" else None
+    head = None
+    if spec.method == "eagle":
+        from specdeploy.models import eagle
+
+        head = eagle.load(spec.draft, target)[0]
+    return BatchSpeculator(lean, method=BATCH_METHODS[spec.method], draft=draft, head=head, k=spec.k,
+                           max_batch=max_batch, max_length=max_length, eos_ids=target.stop_ids(),
+                           ngram_min=spec.ngram_min, ngram_max=spec.ngram_max, switch=spec.switch, decode=decode)
+
+
 class SpecEngine:
     """Speculative generation for one target and one proposer, with per-task stats.
 
@@ -117,6 +142,7 @@ class SpecEngine:
         self.task_stats = TaskStats()
         self.switches = SwitchBook()  # auto switches, per (task, proposer, k, greedy)
         self.eos_ids = frozenset(target.stop_ids())
+        self._batch = None  # the batched engine, built at the first generate_batch
 
     @classmethod
     def load(cls, spec: SpecConfig, target: str = "smollm2", device: str = "cpu", dtype: str | None = None,
@@ -161,6 +187,42 @@ class SpecEngine:
         self.task_stats.add(task, gen.stats)
         return RequestResult(task, self._final_text(gen.token_ids, params.stop), gen.token_ids, gen.finish_reason,
                              gen.stats, decision)
+
+    def generate_batch(self, prompts_ids: list[list[int]], params: SamplingParams, tasks: list[str] | None = None,
+                       max_batch: int = 8) -> list[RequestResult]:
+        """Greedy generation of many prompts, up to `max_batch` advancing together (runtime/batch.py: one
+        step drafts and verifies for every request; requests join and leave between steps). Each output
+        equals the request generated alone. Results in prompt order; every prompt is checked first."""
+        from specdeploy.runtime.batch import BatchRequest
+
+        if not params.greedy:
+            raise SpecDeployError("the batched engine is greedy only: use temperature 0, or batch 1 to sample")
+        if self.policy is not None:
+            raise SpecDeployError("a policy picks the method per task; the batched engine runs one method for all")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise SpecDeployError(f"batch must be an integer >= 1, got {max_batch!r}")
+        tasks = tasks or ["default"] * len(prompts_ids)
+        if len(tasks) != len(prompts_ids):
+            raise SpecDeployError(f"{len(prompts_ids)} prompts but {len(tasks)} task labels")
+        if not prompts_ids:
+            return []
+        # the caches hold max_batch x max_length positions: sized to these prompts, not the model's whole context
+        need = max(len(ids) for ids in prompts_ids) + params.max_new_tokens + self.spec.k + 1
+        if need > self.runner.max_length:
+            raise SpecDeployError(f"a prompt + max_new_tokens ({params.max_new_tokens}) + k + 1 = {need} tokens exceeds "
+                                  f"the context window of {self.runner.max_length} tokens")
+        if self._batch is None or self._batch.B != max_batch or self._batch.max_length < need:
+            from specdeploy.runtime.cuda_runner import CudaGraphRunner
+
+            lean = self.runner.model if isinstance(self.runner, CudaGraphRunner) else None  # share its fused weights
+            self._batch = build_batch_speculator(self.spec, self.target, max_batch=max_batch, lean=lean, decode=self._decode,
+                                                 max_length=min(self.runner.max_length, -(-need // 256) * 256))
+        reqs = [BatchRequest(ids, params.max_new_tokens, task, params.stop) for ids, task in zip(prompts_ids, tasks)]
+        out = []
+        for r in self._batch.run(reqs):
+            self.task_stats.add(r.task, r.stats)
+            out.append(RequestResult(r.task, self._final_text(r.token_ids, params.stop), r.token_ids, r.finish_reason, r.stats))
+        return out
 
     def add_proposer(self, method: str, proposer: Proposer) -> None:
         """Use `proposer` whenever the policy names `method` (e.g. one over a compiled draft runner)."""

@@ -36,6 +36,12 @@ from specdeploy.runtime.types import Context, Draft
 from specdeploy.runtime.verify import sample, sampling_probs
 
 
+# pending token + 63 nodes = the 64-token query bucket of `CudaGraphRunner`, which a verify forward of
+# 33 to 64 tokens costs alike (results/gpu/step_profile: 1.32 ms at 64 against 1.13 at 1)
+COMPILED_TREE_NODES = 63
+EAGER_GPU_TREE_NODES = 48
+
+
 def _last_feature(ctx: Context) -> torch.Tensor | None:
     h = ctx.target_hidden
     return None if h is None or h.shape[0] == 0 else h[-1]
@@ -124,7 +130,7 @@ class EagleProposer:
 
     needs_hidden = True
 
-    def __init__(self, step: EagleStep, tree_size: int = 48, topk: int = 8) -> None:
+    def __init__(self, step: EagleStep, tree_size: int = EAGER_GPU_TREE_NODES, topk: int = 8) -> None:
         self.step = step
         self.tree_size, self.topk = tree_size, topk  # tree_size 0: chains
         self.max_nodes = max(tree_size, 0)  # largest tree drafted (0: chains)
@@ -291,10 +297,6 @@ class MultiDraftProposer:
                 p.close()
 
 
-# pending token + 63 nodes = the 64-token query bucket of `CudaGraphRunner`, which a verify forward of
-# 33 to 64 tokens costs alike (results/gpu/step_profile: 1.32 ms at 64 against 1.13 at 1)
-COMPILED_TREE_NODES = 63
-EAGER_GPU_TREE_NODES = 48
 
 
 def default_tree_size(spec, device: torch.device, compiled: bool) -> int | None:

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from specdeploy.bench.compare import compare_methods
 from specdeploy.bench.tasks import builtin_prompts
 from specdeploy.config import SamplingParams, SpecConfig
 from specdeploy.models import eagle
@@ -75,23 +76,19 @@ class CastEagleStep:
 
 
 def end_to_end(loaded, proposers: dict, prompts, max_new: int) -> dict:
-    """Per engine name: seconds, acceptance lengths and greedy outputs different from plain (the first engine)."""
-    engines = {name: SpecEngine(loaded, SpecConfig(method="none" if p is None else "eagle", k=4), proposer=p)
-               for name, p in proposers.items()}
-    params = SamplingParams(max_new_tokens=max_new)
-    res = {name: {"s": 0.0, "acc": [], "mismatches": 0} for name in engines}
-    for pr in prompts:
-        ref = None
-        for name, e in engines.items():  # the engines take turns on each prompt
-            t = time.perf_counter()
-            g = e.generate(pr.prompt, params)
-            res[name]["s"] += time.perf_counter() - t
-            res[name]["acc"].append(g.stats.acceptance_length)
-            ref = g.token_ids if ref is None else ref
-            res[name]["mismatches"] += g.token_ids != ref
-    plain = next(iter(res.values()))["s"]
-    return {name: {"speedup": plain / r["s"], "acceptance_length": sum(r["acc"]) / len(r["acc"]),
-                   "greedy_mismatches": r["mismatches"], "seconds": r["s"]} for name, r in res.items()}
+    """Per engine name: speedup over plain (the first engine), acceptance length and greedy outputs
+    different from plain; the engines take turns on each prompt (`bench.compare.compare_methods`)."""
+    engines = [(name, SpecEngine(loaded, SpecConfig(method="none" if p is None else "eagle", k=4), proposer=p))
+               for name, p in proposers.items()]
+    runs = compare_methods(engines, prompts, SamplingParams(max_new_tokens=max_new))
+    plain = runs[0]
+    out = {}
+    for run in runs:
+        s = run.stats.total()
+        out[run.name] = {"speedup": s.tokens_per_s / plain.stats.total().tokens_per_s,
+                         "acceptance_length": s.acceptance_length, "seconds": s.wall_s,
+                         "greedy_mismatches": sum(a.token_ids != b.token_ids for a, b in zip(run.results, plain.results))}
+    return out
 
 
 def main() -> int:

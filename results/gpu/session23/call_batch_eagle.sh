@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Session 23 (written, not run: no machine was lent): the batched engine's EAGLE chains on the GPU. Right after
+# the GGUF parts on a warm machine. First tests/test_batch.py on CUDA (CUDA graphs against eager for the n-gram
+# lookup, a draft model and EAGLE chains; the real model's batched output equals plain greedy, float32). Then,
+# for each k in $KS, the bench's batch rows at 8 and 32 (all 80 eval prompts, three passes on one engine, each
+# speculative row paired pass by pass with a plain engine): plain, ngram, the DraftLM and EAGLE chains, switch
+# on and auto; the batch-1 loop rows of the same methods on one prompt a task. Writes $OUT/batch_eagle.tgz.
+# About 2 min a k after the tests.
+bash scripts/device_model.sh >/dev/null || exit 3
+export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/o/batch_eagle
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_batch.py 2>&1 | tail -3 > /tmp/o/batch_eagle/cuda_test_batch.log
+cat /tmp/o/batch_eagle/cuda_test_batch.log
+for K in ${KS:-2 4}; do
+  [ $SECONDS -gt ${STOP_AFTER:-400} ] && break
+  timeout -s INT ${LIMIT:-180} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 1 \
+    --methods none,ngram,draft,eagle --k $K --peer-k $K --temperature 0 --batch 8,32 --batch-prompts-per-task 0 \
+    --target $T --device cuda --max-new-tokens 128 --out /tmp/o/batch_eagle/k$K 2>&1 | grep -v "it/s\]$" \
+    > /tmp/o/batch_eagle/k$K.log
+  python3 - /tmp/o/batch_eagle/k$K/bench.json <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1]))
+print(sys.argv[1])
+for r in b["rows"]:
+    if r["batch"] > 1 or r["task"] == "all":
+        print(f"  b{r['batch']:<3d} {r['method']:14s} k={r['k']} {r['tokens_per_s']:9.1f} tok/s {r['speedup_vs_plain']:.3f}x "
+              f"alpha {r['alpha']} greedy != plain {r['greedy_mismatches']}")
+PY
+done
+tar czf $OUT/batch_eagle.tgz -C /tmp/o batch_eagle
