@@ -192,15 +192,17 @@ def test_a_draft_joining_during_plain_steps_catches_up_over_its_prompt(monkeypat
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_every_step_reads_exactly_the_keys_it_needs(overlap):
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_every_step_reads_exactly_the_keys_it_needs(overlap, method):
     """With a KV bucket of every length, each step reads only as many cache positions as its margin says:
-    one too few and a slot would not see its own key. Plain and spec steps, the draft's catch-up, joins
+    one too few and a slot would not see its own key. Plain and spec steps, the drafter's catch-up, joins
     and leaves, and (forced on CPU, where the device state is always ahead of the host) the step in flight."""
     model = tiny_llama()
     lean = LeanLlama.from_hf(model)
     prompts = _prompts(5, seed=7)
     ref = _solo_plain(model, prompts, 45)
-    eng = BatchSpeculator(lean, method="draft", draft=lean.truncated(1), k=3, max_batch=3, max_length=96, eos_ids=[0])
+    drafter = dict(draft=lean.truncated(1)) if method == "draft" else dict(head=tiny_eagle_head(model))
+    eng = BatchSpeculator(lean, method=method, **drafter, k=3, max_batch=3, max_length=96, eos_ids=[0])
     eng.kv_buckets, eng.overlap = tuple(range(1, eng.positions + 1)), overlap
     eng.switch = AlternatingSwitch(2, 5)
     res = eng.run([BatchRequest(p, 45) for p in prompts])

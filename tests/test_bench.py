@@ -84,6 +84,9 @@ def test_batched_rows_are_timed_paired_with_plain(bench_dir):
         else:
             assert isinstance(r["plain_drift"], float) and r["plain_drift"] > -1 and r["greedy_mismatches"] == 0
     assert any(r["method"] != "none" for r in rows) and "paired plain" in (bench_dir / "bench.md").read_text()
+    # each batched row reports its engine's caches; EAGLE's add the head's cache and the kept hidden states
+    mib = {r["method"]: float(r["notes"].split("caches ")[1].split(" MiB")[0]) for r in rows if r["task"] == "all"}
+    assert 0 < mib["none"] <= mib["ngram"] < mib["eagle"]
 
 
 def test_bench_md_and_plots(bench_dir):

@@ -206,3 +206,11 @@ def test_off_and_hidden_free_methods_use_the_plain_runner(engines, smollm2):
         calls.clear()
         assert spec.generate_ids(ids, SamplingParams(max_new_tokens=6), task).token_ids == ref
         assert calls and not any(calls), task
+
+
+def test_batched_generation_refuses_a_policy(engines):
+    """A policy picks a method per task; the batched engine runs one for all: refused, not ignored."""
+    _, engine = engines
+    with pytest.raises(SpecDeployError, match="policy"):
+        engine.generate_batch([[1, 2, 3]], SamplingParams(max_new_tokens=4), max_batch=2)
+    assert engine._batch is None

@@ -174,6 +174,9 @@ class Bench:
             engines = {"run": self._batch_engine(method, k, batch, switch), "plain": self._plain_batch_engine(batch)}
         walls: dict[str, list[float]] = {name: [] for name in engines}
         res: dict[str, list] = {}
+        cuda = self.backend.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(self.args.batch_passes):
             for name in reversed(engines):  # plain first
                 _sync(self.backend.device)
@@ -187,6 +190,9 @@ class Bench:
                        [r.token_ids for r in res[name]], [r.stats for r in res[name]], wall_s=median(walls[name]))
 
         run = as_run("run", label, k)
+        run.notes = f"caches {engines['run'].cache_bytes / 2**20:.0f} MiB"
+        if cuda:  # everything the process holds: the model, both engines, activations
+            run.notes += f", process peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
         if "plain" in engines:
             run.baseline = as_run("plain", "none", 0)
         self.runs.append(run)

@@ -252,6 +252,14 @@ class BatchSpeculator:
         self._draft_behind = 0
 
     @property
+    def cache_bytes(self) -> int:
+        """Device memory of the per-slot state that grows with max_batch x max_length: KV caches (target,
+        draft or head), token history and, for EAGLE, the kept hidden states."""
+        tensors = [t for t in (self.hist, self.hidden) if t is not None]
+        return (self.tcache.nbytes + (self.dcache.nbytes if self.dcache is not None else 0)
+                + sum(t.numel() * t.element_size() for t in tensors))
+
+    @property
     def num_graphs(self) -> int:
         return sum(f.graph is not None for f in self._fns.values())
 

@@ -211,6 +211,7 @@ class SpecEngine:
         if need > self.runner.max_length:
             raise SpecDeployError(f"a prompt + max_new_tokens ({params.max_new_tokens}) + k + 1 = {need} tokens exceeds "
                                   f"the context window of {self.runner.max_length} tokens")
+        max_batch = min(max_batch, len(prompts_ids))  # no slot that would stay empty
         if self._batch is None or self._batch.B != max_batch or self._batch.max_length < need:
             from specdeploy.runtime.cuda_runner import CudaGraphRunner
 
