@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     g.add_argument("--policy", help="policy.json (from `specdeploy advise`): method and k, or off, per task")
     g.add_argument("--batch", type=int, default=1,
-                   help="N > 1: decode the prompts N at a time in the batched engine (greedy; none, ngram, layerskip, "
-                        "draft or eagle chains; fast on cuda)")
+                   help="N > 1: decode the prompts N at a time in the batched engine (none, ngram, layerskip, draft or "
+                        "eagle chains; greedy or sampled, --seed seeding the whole run; fast on cuda)")
     _add_model_args(g)
     _add_spec_args(g)
     _add_sampling_args(g)

@@ -23,7 +23,7 @@ def bench_dir(tmp_path_factory, smollm2):
     prompts.write_text('{"task": "code", "prompt": "Write x = 1 in Python."}\n{"task": "qa", "prompt": "Say hi."}\n')
     out = tmp / "out"
     assert main(["bench", "--prompts", str(prompts), "--methods", "none,ngram,medusa,eagle,policy", "--k", "1,2", "--max-new-tokens", "4",
-                 "--peers", "hf", "--batch", "1,2", "--out", str(out)]) == 0
+                 "--peers", "hf", "--batch", "1,2", "--temperature", "0,0.7", "--out", str(out)]) == 0
     return out
 
 
@@ -44,6 +44,8 @@ def test_bench_json_schema(bench_dir):
     assert {r["task"] for r in rows} == {"code", "qa", "all"}
     batched = {(r["method"], r["batch"]) for r in rows if r["batch"] > 1}
     assert {("none", 2), ("ngram", 2), ("ngram (auto)", 2), ("eagle", 2)} <= batched  # the batched engine, switch on and auto
+    sampled = {(r["method"], r["batch"]) for r in rows if r["batch"] > 1 and r["temperature"] == 0.7}
+    assert {("none", 2), ("ngram", 2), ("eagle", 2)} <= sampled  # and sampling
     ours = [r for r in rows if r["system"] == "specdeploy"]
     assert all(r["greedy_mismatches"] == 0 for r in ours)  # float32: lossless
     assert all(r["speedup_vs_plain"] == 1.0 for r in ours if r["method"] == "none")

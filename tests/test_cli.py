@@ -60,6 +60,20 @@ def test_generate_batch_equals_one_at_a_time(capsys, tmp_path, smollm2, method):
     assert "batch 2: 3 requests" in err
 
 
+def test_generate_batch_samples_reproducibly(capsys, tmp_path, smollm2):
+    """--batch 2 with --temperature: the batched engine samples (speculative sampling on the device); the
+    same --seed gives the same texts, another seed other texts."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Write a short poem about the sea."}\n{"prompt": "Name a fruit."}\n{"prompt": "Say hi."}\n')
+    argv = ["generate", "--prompts", str(path), "--json", "--max-new-tokens", "10", "--k", "2", "--method", "eagle",
+            "--batch", "2", "--temperature", "1.0"]
+    runs = []
+    for seed in ("1", "1", "2"):
+        assert main(argv + ["--seed", seed]) == 0
+        runs.append([json.loads(line)["token_ids"] for line in capsys.readouterr().out.strip().splitlines()])
+    assert runs[0] == runs[1] and runs[0] != runs[2] and all(len(r) == 3 for r in runs)
+
+
 def test_raw_skips_chat_template(capsys, smollm2):
     main(["generate", "--prompt", "The capital of France is", "--raw", "--json", "--max-new-tokens", "3", "--method", "none"])
     r = json.loads(capsys.readouterr().out)

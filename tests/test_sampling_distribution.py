@@ -140,3 +140,79 @@ def test_real_model_first_token_follows_target(smollm2):
         counts[(speculative_generate(target, proposer, prompt, p, stop, k=1).token_ids[0],)] += 1
     exact = {(t,): float(exact_probs[t]) for t in torch.nonzero(exact_probs).flatten().tolist()}
     assert chi_square_pvalue(counts, exact, n) > 1e-3
+
+
+# ---- the batched engine (runtime/batch.py): the same check, many requests advancing together ----------
+def _batch_target():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.3)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _exact_model(model, prompt: list[int], params: SamplingParams, vocab: int = 8) -> dict[tuple[int, ...], float]:
+    """Probability of every NEW-token continuation under the model's sampling distribution."""
+    seqs = list(itertools.product(range(vocab), repeat=NEW))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + list(s) for s in seqs])).logits[:, len(prompt) - 1 : -1]  # [seqs, NEW, vocab]
+    probs = sampling_probs(logits.reshape(-1, vocab), params).view(len(seqs), NEW, vocab)
+    picked = probs.gather(-1, torch.tensor(seqs)[..., None])[..., 0].prod(-1)  # [seqs]
+    return dict(zip(seqs, picked.tolist()))
+
+
+def _batch_counts(model, method: str, prompt: list[int], params: SamplingParams, n: int, device: str = "cpu") -> Counter:
+    """n samples of one prompt through the batched engine (on CUDA: its captured step graphs)."""
+    from specdeploy.models.eagle import EagleHead
+    from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
+    from specdeploy.runtime.cuda_runner import LeanLlama
+
+    head = EagleHead.init_from_target(model).eval().to(device)
+    lean = LeanLlama.from_hf(model.to(device))
+    drafter = {"draft": dict(draft=lean.truncated(1)), "ngram": {}, "eagle": dict(head=head)}[method]
+    eng = BatchSpeculator(lean, method=method, **drafter, k=2, max_batch=64, max_length=48, sampling=params)
+    assert eng.num_graphs > 0 if device == "cuda" else True
+    torch.manual_seed(3)
+    res = eng.run([BatchRequest(prompt, NEW) for _ in range(n)])
+    assert sum(r.stats.proposed for r in res) > 0
+    return Counter(tuple(r.token_ids) for r in res)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("draft", SamplingParams(temperature=1.0)), ("ngram", SamplingParams(temperature=1.0)),
+    ("eagle", SamplingParams(temperature=0.8, top_k=5)), ("draft", SamplingParams(temperature=1.2, top_p=0.8))])
+def test_batched_sampling_matches_target(method, params):
+    model = _batch_target()
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats: the n-gram lookup drafts
+    counts = _batch_counts(model, method, prompt, params, N)
+    assert chi_square_pvalue(counts, _exact_model(model, prompt, params), N) > 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_batched_sampling_in_cuda_graphs_matches_target(method):
+    """The step graphs draw fresh randoms at every replay: the same check, on the GPU (float32)."""
+    model = _batch_target()
+    params = SamplingParams(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    exact = _exact_model(model, prompt, params)
+    counts = _batch_counts(model, method, prompt, params, N, device="cuda")
+    assert chi_square_pvalue(counts, exact, N) > 1e-3
+
+
+def test_batched_wrong_rule_is_caught(monkeypatch):
+    """The batched rule with the residual replaced by the target distribution: the same check rejects it."""
+    import specdeploy.runtime.batch as batch_module
+
+    def wrong(draft_tokens, draft_lens, draft_probs, target_probs):
+        k = draft_tokens.shape[1]
+        return real(draft_tokens, draft_lens, None if draft_probs is None else target_probs[:, :k], target_probs)
+
+    real = batch_module.sampled_accept_batch
+    monkeypatch.setattr(batch_module, "sampled_accept_batch", wrong)
+    model = _batch_target()
+    params = SamplingParams(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    counts = _batch_counts(model, "draft", prompt, params, N)
+    assert chi_square_pvalue(counts, _exact_model(model, prompt, params), N) < 1e-6

@@ -94,13 +94,14 @@ class Backend:
 
         return lean_draft(self._spec(method), self.loaded, self.lean, None if method == "layerskip" else self.draft_hf(method))
 
-    def batch_engine(self, method: str, k: int, batch: int, switch: str = "on"):
-        """A `BatchSpeculator` of `method` over the shared lean target (and the draft models the peers use)."""
+    def batch_engine(self, method: str, k: int, batch: int, switch: str = "on", sampling=None):
+        """A `BatchSpeculator` of `method` over the shared lean target (and the draft models the peers use);
+        sampling: SamplingParams (None or greedy: greedy)."""
         from specdeploy.runtime.engine import build_batch_speculator
 
         draft_model = self.draft_hf(method) if method == "draft" else None
         return build_batch_speculator(self._spec(method, k, switch), self.loaded, max_batch=batch, max_length=self.max_length,
-                                      lean=self.lean, draft_model=draft_model)
+                                      lean=self.lean, draft_model=draft_model, sampling=sampling)
 
     def draft_runner(self, method: str):
         if method not in ("layerskip", "draft"):

@@ -186,11 +186,11 @@ def _vs_k(result: dict) -> list[str]:
 
 
 def _batch(result: dict) -> list[str]:
-    rows = [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == 0]
+    rows = [r for r in result["rows"] if r["task"] == "all"]
     batches = sorted({r["batch"] for r in rows})
     if len(batches) < 2:
         return []
-    out = ["## Throughput against batch size (greedy, all tasks)", "",
+    out = ["## Throughput against batch size (all tasks)", "",
            "batch 1: per-request loop; batch > 1: the batched engine (all prompts through that many slots, as many "
            "passes on one engine as the command's `--batch-passes`, one where it has none; the median pass timed) "
            "and HF `generate` on left-padded batches. Where a row notes its paired plain, its passes alternated with "
@@ -201,11 +201,11 @@ def _batch(result: dict) -> list[str]:
         paired = f"paired plain {100 * r['plain_drift']:+.1f}%" if r.get("plain_drift") is not None and r["batch"] > 1 else ""
         return "; ".join(x for x in (paired, r.get("notes", "")) if x)
 
-    body = [[str(r["batch"]), label(r), f"{r['tokens_per_s']:.1f}", _x(r["speedup_vs_plain"]), _f(r["alpha"]),
-             f"{r['greedy_mismatches']}/{r['prompts']}" if r.get("mismatch_checked") else "-", notes(r)]
-            for r in sorted(rows, key=lambda r: (r["batch"], r["system"], r["method"], r["k"]))
+    body = [[f"{r['temperature']:g}", str(r["batch"]), label(r), f"{r['tokens_per_s']:.1f}", _x(r["speedup_vs_plain"]),
+             _f(r["alpha"]), f"{r['greedy_mismatches']}/{r['prompts']}" if r.get("mismatch_checked") else "-", notes(r)]
+            for r in sorted(rows, key=lambda r: (r["temperature"], r["batch"], r["system"], r["method"], r["k"]))
             if r["batch"] > 1 or r["method"] in ("none", "generate") or r["k"] == result.get("peer_k")]
-    return out + _table(["batch", "config", "tokens/s", "speedup vs plain", "α", "greedy ≠ plain", "notes"], body)
+    return out + _table(["T", "batch", "config", "tokens/s", "speedup vs plain", "α", "greedy ≠ plain", "notes"], body)
 
 
 def _costs(result: dict) -> list[str]:

@@ -4,7 +4,7 @@ Rows, per task (and "all") × method × k × temperature × batch:
 - specdeploy, batch 1: `speculative_generate` over one shared target runner (eager torch on
   CPU; CUDA graphs, `CudaGraphRunner`, on a GPU), each method's proposer; "none" is plain
   decoding through the same runner: the baseline of `speedup_vs_plain`;
-- specdeploy, batch > 1 (greedy): `specdeploy.runtime.batch.BatchSpeculator` when that module
+- specdeploy, batch > 1 (greedy and sampled): `specdeploy.runtime.batch.BatchSpeculator` when that module
   exists (recorded as skipped otherwise), against its own plain rows at the same batch;
 - peers (`--peers hf`): Hugging Face `generate` eager, assisted generation with the same draft
   models (`assistant_model=`), prompt lookup (`prompt_lookup_num_tokens=`);
@@ -142,36 +142,36 @@ class Bench:
         return run
 
     # specdeploy, batch > 1
-    def _batch_engine(self, method: str, k: int, batch: int, switch: str):
-        """A warmed-up batched engine."""
+    def _batch_engine(self, method: str, k: int, batch: int, switch: str, temperature: float):
+        """A warmed-up batched engine (sampling at `temperature` > 0)."""
         from specdeploy.runtime.batch import BatchRequest
 
-        eng = self.backend.batch_engine(method, max(k, 1), batch, switch)
+        eng = self.backend.batch_engine(method, max(k, 1), batch, switch, sampling=self.params(temperature))
         eng.run([BatchRequest(self.batch_encoded[0], 4)])  # warm-up
         return eng
 
-    def _plain_batch_engine(self, batch: int):
-        """The plain batched engine of this batch size, made once and shared by the plain row and the paired passes."""
-        if batch not in self._plain_engines:
-            self._plain_engines[batch] = self._batch_engine("none", 0, batch, "on")
-        return self._plain_engines[batch]
+    def _plain_batch_engine(self, batch: int, temperature: float):
+        """The plain batched engine of this batch size and temperature, made once and shared by the plain row
+        and the paired passes."""
+        if (batch, temperature) not in self._plain_engines:
+            self._plain_engines[batch, temperature] = self._batch_engine("none", 0, batch, "on", temperature)
+        return self._plain_engines[batch, temperature]
 
-    def fused(self, method: str, k: int, batch: int, switch: str = "on") -> None:
+    def fused(self, method: str, k: int, batch: int, switch: str = "on", temperature: float = 0.0) -> None:
         """switch "auto": the batch decodes plain steps where speculation does not pay (row "METHOD (auto)").
         A speculative row alternates its passes with a plain engine's, kept as its `baseline`."""
         from specdeploy.runtime.batch import BatchRequest
 
         label = method if switch == "on" else f"{method} ({switch})"
-        self._describe(f"specdeploy {label} k={k} batch {batch}")
+        self._describe(f"specdeploy {label} k={k} T={temperature:g} batch {batch}")
         reqs = [BatchRequest(enc, self.args.max_new_tokens, p.task) for p, enc in zip(self.batch_prompts, self.batch_encoded)]
         # A pass over the prompts is ~0.5 s on a GPU: one pass measures mostly the switch's first decisions and
         # the machine's noise. Passes on one engine measure what a long-lived server sees; outputs and
         # acceptance are the last pass's, the time the median pass's. The machine's speed drifts by a few
         # percent between rows timed seconds apart, so plain runs pass by pass beside each speculative row.
-        if method == "none":
-            engines = {"run": self._plain_batch_engine(batch)}
-        else:
-            engines = {"run": self._batch_engine(method, k, batch, switch), "plain": self._plain_batch_engine(batch)}
+        plain = self._plain_batch_engine(batch, temperature)
+        engines = {"run": plain} if method == "none" else {"run": self._batch_engine(method, k, batch, switch, temperature),
+                                                           "plain": plain}
         walls: dict[str, list[float]] = {name: [] for name in engines}
         res: dict[str, list] = {}
         cuda = self.backend.device.startswith("cuda")
@@ -186,7 +186,7 @@ class Bench:
                 walls[name].append(time.perf_counter() - t)
 
         def as_run(name: str, run_label: str, run_k: int) -> Run:
-            return Run("specdeploy", run_label, run_k, 0.0, batch, "fused", self.batch_prompts,
+            return Run("specdeploy", run_label, run_k, temperature, batch, "fused", self.batch_prompts,
                        [r.token_ids for r in res[name]], [r.stats for r in res[name]], wall_s=median(walls[name]))
 
         run = as_run("run", label, k)
@@ -492,25 +492,28 @@ def run_bench(args: argparse.Namespace) -> dict:
     for t in [x for x in temps if x == 0] or []:
         loop_jobs(t)
         peer_jobs(t)
-    if 0.0 in temps:
+    def fused_jobs(t: float) -> None:
         for b in fused_sizes:
             if not batch_ok:
                 bench.skip(f"specdeploy batch {b}", "specdeploy.runtime.batch is not available")
                 continue
             for m in (x for x in available if x in BATCH_METHODS):
-                jobs.append((f"specdeploy {m} batch {b}", len(bprompts), lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b)))
+                jobs.append((f"specdeploy {m} T={t:g} batch {b}", len(bprompts),
+                             lambda m=m, b=b: bench.fused(m, 0 if m == "none" else peer_k, b, temperature=t)))
                 if m != "none":  # what a server would run: speculation switched off where it does not pay
-                    jobs.append((f"specdeploy {m} (auto) batch {b}", len(bprompts),
-                                 lambda m=m, b=b: bench.fused(m, peer_k, b, switch="auto")))
-            if peers:
+                    jobs.append((f"specdeploy {m} (auto) T={t:g} batch {b}", len(bprompts),
+                                 lambda m=m, b=b: bench.fused(m, peer_k, b, switch="auto", temperature=t)))
+            if peers and t == 0:
                 jobs.append((f"hf generate batch {b}", len(bprompts), lambda b=b: bench.hf("generate", 0.0, {}, batch=b)))
             for m in (x for x in available if x not in BATCH_METHODS):
-                bench.skip(f"specdeploy {m} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
+                bench.skip(f"specdeploy {m} T={t:g} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
+
+    if 0.0 in temps:
+        fused_jobs(0.0)
     for t in (x for x in temps if x > 0):
         loop_jobs(t)
         peer_jobs(t)
-        for b in fused_sizes:
-            bench.skip(f"batch {b} at temperature {t:g}", "the batched engine is greedy only")
+        fused_jobs(t)
 
     def write() -> dict:
         result = {"device": _device_name(backend.device), "dtype": backend.dtype,

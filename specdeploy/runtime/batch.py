@@ -1,4 +1,4 @@
-"""Batched greedy speculation on the GPU: many requests advance together, one host sync a step.
+"""Batched speculation on the GPU: many requests advance together, one host sync a step.
 
 Each of `max_batch` slots holds one request at its own length (ragged positions in a static KV
 cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at once,
@@ -7,8 +7,10 @@ cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at onc
    history, a draft model (a layerskip draft or a trained one) decoding k tokens greedily, or
    an EAGLE head drafting a chain (`EagleProposer` with tree_size 0) from the target's features;
 2. verifies them with one target forward of [pending, d_1 .. d_k] per slot;
-3. accepts by the greedy rule of verify.py (longest draft prefix equal to the target's argmax,
-   then the target's argmax: `greedy_accept_batch`, tested equal to `verify`);
+3. accepts by the rules of verify.py: greedy (longest draft prefix equal to the target's argmax,
+   then the target's argmax: `greedy_accept_batch`, tested equal to `verify`), or, where the engine
+   samples, speculative sampling (`sampled_accept_batch`: drafts kept with probability min(1, p/q),
+   the residual or the target drawn after them; tested to follow the target's distribution);
 4. commits: lengths, pending tokens and histories are updated on the device; rolling back is
    a length update.
 
@@ -25,9 +27,11 @@ p + 1) for p below the slot's `draft_valid`; a spec step feeds the last k + 1 co
 again (those the previous step committed, and some known ones: same values), whose last output
 is the feature predicted at the pending position, then drafts the chain from it. The head
 catches up over plain steps from `hidden` like a draft model.
-Greedy only: sampled requests go through `speculative_generate`.
+Sampling parameters (temperature, top-k, top-p) are the engine's, shared by its requests: they are
+part of the captured step. Draws come from torch's default generator, so a seed fixes a whole run,
+not each request alone.
 
-Per-request output equals the request run alone (the target argmax at each position does not
+Greedy, per-request output equals the request run alone (the target argmax at each position does not
 depend on other slots), up to GEMM-shape rounding in low precision; tests check it in fp32.
 
 `SpecSwitch` turns speculation off for the whole batch when it does not pay (large batches,
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
@@ -51,6 +56,7 @@ from specdeploy.runtime.eagle_graphs import LeanEagleHead
 from specdeploy.runtime.loop import StopCondition
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
+from specdeploy.runtime.verify import sample, sampling_probs
 
 METHODS = ("none", "ngram", "draft", "eagle")  # "draft": any LeanLlama draft (layerskip or trained)
 PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
@@ -80,6 +86,34 @@ def greedy_accept_batch(
     ok = (draft_tokens == target_tokens[:, :k]) & usable
     n = ok.long().cumprod(dim=1).sum(dim=1)
     return n, target_tokens.gather(1, n[:, None])[:, 0]
+
+
+def sampled_accept_batch(
+    draft_tokens: torch.Tensor,  # [B, k] int64 (entries past draft_lens are ignored)
+    draft_lens: torch.Tensor,  # [B] int64 usable draft tokens per row, <= k
+    draft_probs: torch.Tensor | None,  # [B, k, vocab] the distribution each draft token was drawn from; None: point masses
+    target_probs: torch.Tensor,  # [B, k + 1, vocab] the target's sampling distribution after pending, d_1 .. d_k
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verify.py's speculative sampling rule for a batch, on the device: (num_accepted [B], next_token [B]).
+
+    d_i is kept with probability min(1, p(d_i) / q(d_i)) until the first rejection; the next token is
+    drawn from the residual norm(max(0, p - q)) at a rejection, from p after the row's last usable draft
+    token. The draws for every position are made before n is known, as `verify` makes them.
+    """
+    B, k = draft_tokens.shape
+    if k == 0:
+        return torch.zeros_like(draft_lens), sample(target_probs[:, 0])
+    p = target_probs[:, :k]  # [B, k, vocab]
+    q = draft_probs if draft_probs is not None else torch.zeros_like(p).scatter_(-1, draft_tokens[..., None], 1.0)
+    p_tok = p.gather(-1, draft_tokens[..., None])[..., 0]  # [B, k]
+    q_tok = q.gather(-1, draft_tokens[..., None])[..., 0]
+    usable = torch.arange(k, device=draft_tokens.device)[None, :] < draft_lens[:, None]
+    ok = (torch.rand(B, k, device=p.device) * q_tok < p_tok) & usable  # accept iff u < p/q
+    n = ok.long().cumprod(dim=1).sum(dim=1)
+    residual = torch.where(usable[..., None], (p - q).clamp_min(0.0), p)  # past the draft: p itself
+    dist = torch.cat([residual, target_probs[:, k:]], 1)
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0.0, dist, target_probs)  # p == q up to rounding: keep p
+    return n, sample(dist).gather(1, n[:, None])[:, 0]
 
 
 def ngram_propose_batch(
@@ -161,7 +195,8 @@ class BatchSpeculator:
                  head: EagleHead | None = None, k: int = 4, max_batch: int = 1, max_length: int = 1024,
                  eos_ids: Sequence[int] = (), ngram_min: int = 1, ngram_max: int = 4, switch: str = "on",
                  overlap: bool = True, use_graphs: bool | None = None,
-                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS, decode: Callable[[list[int]], str] | None = None) -> None:
+                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS, decode: Callable[[list[int]], str] | None = None,
+                 sampling: SamplingParams | None = None) -> None:
         if method not in METHODS:
             raise SpecDeployError(f"batched method must be one of {', '.join(METHODS)}, not {method!r}")
         if method == "draft" and draft is None:
@@ -173,6 +208,8 @@ class BatchSpeculator:
         self.B, self.max_length = int(max_batch), int(max_length)
         self.eos_ids = frozenset(int(e) for e in eos_ids)
         self.decode = decode  # token ids -> text, for requests with stop strings
+        # temperature / top-k / top-p of every request (baked into the step graphs); None: greedy
+        self.sampling = sampling if sampling is not None and not sampling.greedy else None
         self.ngram_min, self.ngram_max = ngram_min, ngram_max
         self.switch = SpecSwitch(switch if self.k else "off")
         self.device = target.device
@@ -315,42 +352,53 @@ class BatchSpeculator:
             return lambda: self._step_body(spec, kv)
         return self._fn(("step", spec, kv), make)
 
-    def _propose(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft tokens [B, k] and usable lengths [B] for every slot."""
+    def _draw(self, logits: torch.Tensor, probs: list[torch.Tensor]) -> torch.Tensor:
+        """A drafter's next token per row from its logits [B, vocab]: the argmax, or (sampling) a draw
+        from its sampling distribution, which is appended to `probs`."""
+        if self.sampling is None:
+            return logits.argmax(-1)
+        q = sampling_probs(logits, self.sampling)
+        probs.append(q)
+        return sample(q)
+
+    def _propose(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Draft tokens [B, k], usable lengths [B] and the draft distributions [B, k, vocab] (None: greedy,
+        or point masses) for every slot."""
         k, L = self.k, self.lengths
         if self.method == "ngram":
-            return ngram_propose_batch(self.hist, L, caps, k, self.ngram_min, self.ngram_max)
+            return (*ngram_propose_batch(self.hist, L, caps, k, self.ngram_min, self.ngram_max), None)
         if self.head is not None:
             return self._propose_eagle(caps, kv)
         # draft model: re-feed the token before pending (its entry may be missing after a full
         # accept), then pending, then its own drafts; one graph, no host round trip
         prev_pos = torch.where(L > 0, L - 1, torch.full_like(L, self.scratch))
         feed, pos = torch.stack([self.prev, self.pending], 1), torch.stack([prev_pos, L], 1)
-        tokens = []
+        tokens, probs = [], []
         for i in range(k):
             logits, _ = self.draft.forward(self.dcache, feed, pos, None, kv, logits="last")  # [B, 1, vocab]
-            tok = logits[:, 0].argmax(-1)
+            tok = self._draw(logits[:, 0], probs)
             tokens.append(tok)
             feed, pos = tok[:, None], (L + i + 1)[:, None]
-        return torch.stack(tokens, 1), caps.clamp(min=0, max=k)
+        return torch.stack(tokens, 1), caps.clamp(min=0, max=k), torch.stack(probs, 1) if probs else None
 
-    def _propose_eagle(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _propose_eagle(self, caps: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """EAGLE chains: the last k + 1 committed pairs again (every pair the previous step committed;
         clamped at position 0, where the same pair is simply fed twice), then k - 1 head steps from the
-        feature predicted at the pending position, each drafting the argmax of its LM head."""
+        feature predicted at the pending position, each drafting from its LM head (`_draw`)."""
         k, L = self.k, self.lengths
         window = (L[:, None] - (k + 1) + self._offsets[None, : k + 1]).clamp(min=0)  # [B, k+1]
         feature = self._head_pairs(window, kv)[:, -1]  # [B, H] at the pending position
-        tokens = []
+        tokens, probs = [], []
         for i in range(k):
-            tok = F.linear(feature, self.target.lm_head).argmax(-1)  # [B]
+            tok = self._draw(F.linear(feature, self.target.lm_head), probs)  # [B]
             tokens.append(tok)
             if i < k - 1:
                 pos = (L + i)[:, None]  # the pair (feature at L + i, d_{i+1})
                 feature = self.head(self.dcache, feature[:, None], tok[:, None], pos, pos,
                                     self._keys[None, None, :kv] <= pos[:, :, None])
         self.draft_valid.copy_(torch.where(self.active, L, self.draft_valid))  # pairs below L: committed ones
-        return torch.stack(tokens, 1), torch.where(L > 0, caps, 0)  # no pair before a one-token prompt
+        lens = torch.where(L > 0, caps, 0)  # no pair before a one-token prompt
+        return torch.stack(tokens, 1), lens, torch.stack(probs, 1) if probs else None
 
     def _step_body(self, spec: bool, kv: int) -> None:
         k = self.k if spec else 0
@@ -358,16 +406,20 @@ class BatchSpeculator:
         # the loop's budget: never past max_new_tokens or the context window
         caps = torch.minimum(self.max_new - self.generated - 1, self.max_length - L - 1).clamp(min=0, max=k)
         if k:
-            draft, lens = self._propose(caps, kv)  # [B, k], [B]
+            draft, lens, draft_probs = self._propose(caps, kv)  # [B, k], [B], [B, k, vocab] or None
         else:
-            draft, lens = L.new_zeros(self.B, 0), L.new_zeros(self.B)
+            draft, lens, draft_probs = L.new_zeros(self.B, 0), L.new_zeros(self.B), None
         feed = torch.cat([self.pending[:, None], draft], 1)  # [B, k+1]
         pos = L[:, None] + self._offsets[None, : k + 1]
         logits, hidden = self.target.forward(self.tcache, feed, pos, None, kv, logits="all",
                                              want_hidden=self.hidden is not None)  # [B, k+1, vocab]
         if hidden is not None:  # rows past the accepted ones are rewritten before a pair reads them
             self.hidden.scatter_(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]), hidden)
-        n, nxt = greedy_accept_batch(draft, lens, logits.argmax(-1))
+        if self.sampling is None:
+            n, nxt = greedy_accept_batch(draft, lens, logits.argmax(-1))
+        else:
+            probs = sampling_probs(logits.reshape(-1, logits.shape[-1]), self.sampling).view(logits.shape)
+            n, nxt = sampled_accept_batch(draft, lens, draft_probs, probs)
         emitted = torch.where(self._offsets[None, : k + 1] < n[:, None], feed.roll(-1, dims=1), nxt[:, None])  # [B, k+1]
         if k:
             prev = torch.where(n > 0, draft.gather(1, (n - 1).clamp(min=0)[:, None])[:, 0], self.pending)

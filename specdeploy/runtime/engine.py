@@ -91,10 +91,11 @@ def build_proposer(spec: SpecConfig, target: LoadedModel, draft: LoadedModel | N
 
 
 def build_batch_speculator(spec: SpecConfig, target: LoadedModel, *, max_batch: int, max_length: int,
-                           lean=None, draft_model=None, decode=None):
-    """A `BatchSpeculator` drafting as `spec` says (greedy; chains of spec.k tokens, EAGLE's too) over the
-    target's lean forward (`lean`: one already built over it); draft_model: the HF draft of method draft
-    (None: the DraftLM artifact spec.draft, default the shipped one). Draft confidence does not apply."""
+                           lean=None, draft_model=None, decode=None, sampling: SamplingParams | None = None):
+    """A `BatchSpeculator` drafting as `spec` says (chains of spec.k tokens, EAGLE's too) over the target's
+    lean forward (`lean`: one already built over it), greedy or sampling as `sampling` says; draft_model:
+    the HF draft of method draft (None: the DraftLM artifact spec.draft, default the shipped one). Draft
+    confidence does not apply."""
     from specdeploy.runtime.batch import BatchSpeculator
     from specdeploy.runtime.cuda_runner import LeanLlama, lean_draft
 
@@ -110,7 +111,8 @@ def build_batch_speculator(spec: SpecConfig, target: LoadedModel, *, max_batch: 
         head = eagle.load(spec.draft, target)[0]
     return BatchSpeculator(lean, method=BATCH_METHODS[spec.method], draft=draft, head=head, k=spec.k,
                            max_batch=max_batch, max_length=max_length, eos_ids=target.stop_ids(),
-                           ngram_min=spec.ngram_min, ngram_max=spec.ngram_max, switch=spec.switch, decode=decode)
+                           ngram_min=spec.ngram_min, ngram_max=spec.ngram_max, switch=spec.switch, decode=decode,
+                           sampling=sampling)
 
 
 class SpecEngine:
@@ -190,13 +192,12 @@ class SpecEngine:
 
     def generate_batch(self, prompts_ids: list[list[int]], params: SamplingParams, tasks: list[str] | None = None,
                        max_batch: int = 8) -> list[RequestResult]:
-        """Greedy generation of many prompts, up to `max_batch` advancing together (runtime/batch.py: one
-        step drafts and verifies for every request; requests join and leave between steps). Each output
-        equals the request generated alone. Results in prompt order; every prompt is checked first."""
+        """Generation of many prompts, up to `max_batch` advancing together (runtime/batch.py: one step drafts
+        and verifies for every request; requests join and leave between steps). Greedy, each output equals
+        the request generated alone; sampled, each follows the target's distribution, and params.seed
+        seeds the whole run. Results in prompt order; every prompt is checked first."""
         from specdeploy.runtime.batch import BatchRequest
 
-        if not params.greedy:
-            raise SpecDeployError("the batched engine is greedy only: use temperature 0, or batch 1 to sample")
         if self.policy is not None:
             raise SpecDeployError("a policy picks the method per task; the batched engine runs one method for all")
         if not isinstance(max_batch, int) or max_batch < 1:
@@ -212,12 +213,17 @@ class SpecEngine:
             raise SpecDeployError(f"a prompt + max_new_tokens ({params.max_new_tokens}) + k + 1 = {need} tokens exceeds "
                                   f"the context window of {self.runner.max_length} tokens")
         max_batch = min(max_batch, len(prompts_ids))  # no slot that would stay empty
-        if self._batch is None or self._batch.B != max_batch or self._batch.max_length < need:
+        sampling = None if params.greedy else replace(params, seed=None, max_new_tokens=1, stop=())  # what the graphs bake in
+        if (self._batch is None or self._batch.B != max_batch or self._batch.max_length < need
+                or self._batch.sampling != sampling):
             from specdeploy.runtime.cuda_runner import CudaGraphRunner
 
             lean = self.runner.model if isinstance(self.runner, CudaGraphRunner) else None  # share its fused weights
             self._batch = build_batch_speculator(self.spec, self.target, max_batch=max_batch, lean=lean, decode=self._decode,
-                                                 max_length=min(self.runner.max_length, -(-need // 256) * 256))
+                                                 max_length=min(self.runner.max_length, -(-need // 256) * 256),
+                                                 sampling=sampling)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
         reqs = [BatchRequest(ids, params.max_new_tokens, task, params.stop) for ids, task in zip(prompts_ids, tasks)]
         out = []
         for r in self._batch.run(reqs):

@@ -4,18 +4,19 @@
 # lookup, a draft model and EAGLE chains; the real model's batched output equals plain greedy, float32). Then,
 # for each k in $KS, the bench's batch rows at 8 and 32 (all 80 eval prompts, three passes on one engine, each
 # speculative row paired pass by pass with a plain engine): plain, ngram, the DraftLM and EAGLE chains, switch
-# on and auto; the batch-1 loop rows of the same methods on one prompt a task. Then `specdeploy generate --batch 8`
+# on and auto, greedy and T=0.7 (speculative sampling in the batched engine, new this session); the batch-1 loop rows of the same methods on one prompt a task. Then `specdeploy generate --batch 8`
 # against --batch 1 on 20 eval prompts (EAGLE k=3). Writes $OUT/batch_eagle.tgz. About 2 min a k after the tests.
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 T=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p /tmp/o/batch_eagle
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_batch.py 2>&1 | tail -3 > /tmp/o/batch_eagle/cuda_test_batch.log
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_batch.py tests/test_sampling_distribution.py -k "batch" 2>&1 \
+  | tail -3 > /tmp/o/batch_eagle/cuda_test_batch.log
 cat /tmp/o/batch_eagle/cuda_test_batch.log
 for K in ${KS:-2 4}; do
   [ $SECONDS -gt ${STOP_AFTER:-400} ] && break
   timeout -s INT ${LIMIT:-180} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 1 \
-    --methods none,ngram,draft,eagle --k $K --peer-k $K --temperature 0 --batch 8,32 --batch-prompts-per-task 0 \
+    --methods none,ngram,draft,eagle --k $K --peer-k $K --temperature 0,0.7 --batch 8,32 --batch-prompts-per-task 0 \
     --target $T --device cuda --max-new-tokens 128 --out /tmp/o/batch_eagle/k$K 2>&1 | grep -v "it/s\]$" \
     > /tmp/o/batch_eagle/k$K.log
   python3 - /tmp/o/batch_eagle/k$K/bench.json <<'PY'
@@ -23,8 +24,8 @@ import json, sys
 b = json.load(open(sys.argv[1]))
 print(sys.argv[1])
 for r in b["rows"]:
-    if r["batch"] > 1 or r["task"] == "all":
-        print(f"  b{r['batch']:<3d} {r['method']:14s} k={r['k']} {r['tokens_per_s']:9.1f} tok/s {r['speedup_vs_plain']:.3f}x "
+    if r["task"] == "all":
+        print(f"  T{r['temperature']:g} b{r['batch']:<3d} {r['method']:14s} k={r['k']} {r['tokens_per_s']:9.1f} tok/s {r['speedup_vs_plain']:.3f}x "
               f"alpha {r['alpha']} greedy != plain {r['greedy_mismatches']}")
 PY
 done
