@@ -40,7 +40,6 @@ from specdeploy.runtime.engine import BATCH_METHODS
 from specdeploy.runtime.stats import SpecStats
 
 
-
 # ---- prompts and progress ------------------------------------------------------------------
 def select_prompts(source: str, per_task: int = 0, skip: int = 0) -> list[Prompt]:
     """Prompts from a JSONL file or a built-in set ('eval', 'demo'); per task, skip `skip` then keep `per_task` (0: all)."""
@@ -489,13 +488,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         for m in (x for x in available if x in ("layerskip", "draft")):
             jobs.append((f"hf assisted_{m} T={t:g}", n, lambda m=m: bench.hf(f"assisted_{m}", t, {"assistant_model": _assistant(backend, m, peer_k)}, k=peer_k)))
 
-    for t in [x for x in temps if x == 0] or []:
-        loop_jobs(t)
-        peer_jobs(t)
     def fused_jobs(t: float) -> None:
         for b in fused_sizes:
             if not batch_ok:
-                bench.skip(f"specdeploy batch {b}", "specdeploy.runtime.batch is not available")
+                bench.skip(f"specdeploy T={t:g} batch {b}", "specdeploy.runtime.batch is not available")
                 continue
             for m in (x for x in available if x in BATCH_METHODS):
                 jobs.append((f"specdeploy {m} T={t:g} batch {b}", len(bprompts),
@@ -508,9 +504,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             for m in (x for x in available if x not in BATCH_METHODS):
                 bench.skip(f"specdeploy {m} T={t:g} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
 
-    if 0.0 in temps:
-        fused_jobs(0.0)
-    for t in (x for x in temps if x > 0):
+    for t in sorted(temps, key=lambda t: t > 0):  # greedy first, then the sampled temperatures in the order given
         loop_jobs(t)
         peer_jobs(t)
         fused_jobs(t)

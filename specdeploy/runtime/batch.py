@@ -9,8 +9,8 @@ cache, see cuda_runner.py). A step is one CUDA graph that, for every slot at onc
 2. verifies them with one target forward of [pending, d_1 .. d_k] per slot;
 3. accepts by the rules of verify.py: greedy (longest draft prefix equal to the target's argmax,
    then the target's argmax: `greedy_accept_batch`, tested equal to `verify`), or, where the engine
-   samples, speculative sampling (`sampled_accept_batch`: drafts kept with probability min(1, p/q),
-   the residual or the target drawn after them; tested to follow the target's distribution);
+   samples, speculative sampling (`verify.sampled_accept_batch`, which `verify` runs for one row:
+   drafts kept with probability min(1, p/q), the residual or the target drawn after them);
 4. commits: lengths, pending tokens and histories are updated on the device; rolling back is
    a length update.
 
@@ -56,7 +56,7 @@ from specdeploy.runtime.eagle_graphs import LeanEagleHead
 from specdeploy.runtime.loop import StopCondition
 from specdeploy.runtime.stats import SpecStats
 from specdeploy.runtime.switch import SpecSwitch
-from specdeploy.runtime.verify import sample, sampling_probs
+from specdeploy.runtime.verify import sample, sampled_accept_batch, sampling_probs
 
 METHODS = ("none", "ngram", "draft", "eagle")  # "draft": any LeanLlama draft (layerskip or trained)
 PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
@@ -86,34 +86,6 @@ def greedy_accept_batch(
     ok = (draft_tokens == target_tokens[:, :k]) & usable
     n = ok.long().cumprod(dim=1).sum(dim=1)
     return n, target_tokens.gather(1, n[:, None])[:, 0]
-
-
-def sampled_accept_batch(
-    draft_tokens: torch.Tensor,  # [B, k] int64 (entries past draft_lens are ignored)
-    draft_lens: torch.Tensor,  # [B] int64 usable draft tokens per row, <= k
-    draft_probs: torch.Tensor | None,  # [B, k, vocab] the distribution each draft token was drawn from; None: point masses
-    target_probs: torch.Tensor,  # [B, k + 1, vocab] the target's sampling distribution after pending, d_1 .. d_k
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verify.py's speculative sampling rule for a batch, on the device: (num_accepted [B], next_token [B]).
-
-    d_i is kept with probability min(1, p(d_i) / q(d_i)) until the first rejection; the next token is
-    drawn from the residual norm(max(0, p - q)) at a rejection, from p after the row's last usable draft
-    token. The draws for every position are made before n is known, as `verify` makes them.
-    """
-    B, k = draft_tokens.shape
-    if k == 0:
-        return torch.zeros_like(draft_lens), sample(target_probs[:, 0])
-    p = target_probs[:, :k]  # [B, k, vocab]
-    q = draft_probs if draft_probs is not None else torch.zeros_like(p).scatter_(-1, draft_tokens[..., None], 1.0)
-    p_tok = p.gather(-1, draft_tokens[..., None])[..., 0]  # [B, k]
-    q_tok = q.gather(-1, draft_tokens[..., None])[..., 0]
-    usable = torch.arange(k, device=draft_tokens.device)[None, :] < draft_lens[:, None]
-    ok = (torch.rand(B, k, device=p.device) * q_tok < p_tok) & usable  # accept iff u < p/q
-    n = ok.long().cumprod(dim=1).sum(dim=1)
-    residual = torch.where(usable[..., None], (p - q).clamp_min(0.0), p)  # past the draft: p itself
-    dist = torch.cat([residual, target_probs[:, k:]], 1)
-    dist = torch.where(dist.sum(-1, keepdim=True) > 0.0, dist, target_probs)  # p == q up to rounding: keep p
-    return n, sample(dist).gather(1, n[:, None])[:, 0]
 
 
 def ngram_propose_batch(
@@ -223,7 +195,6 @@ class BatchSpeculator:
         self.head = LeanEagleHead(head, target.embed, target.lm_head, self.positions) if method == "eagle" else None
         self.dcache = (self.draft.new_cache(self.B, self.positions) if self.draft is not None
                        else self.head.new_cache(self.B, self.positions) if self.head is not None else None)
-        self.cached_drafter = self.dcache is not None  # a draft model or head with a KV cache of its own
         dev, B, k, long = self.device, self.B, self.k, torch.long
         # per-slot state, on the device: only graphs and joins change it
         self.lengths = torch.zeros(B, dtype=long, device=dev)  # [B] target cache entries (committed - pending)
@@ -289,6 +260,11 @@ class BatchSpeculator:
         self._draft_behind = 0
 
     @property
+    def cached_drafter(self) -> bool:
+        """A draft model or EAGLE head with a KV cache of its own (prefilled, caught up after plain steps)."""
+        return self.dcache is not None
+
+    @property
     def cache_bytes(self) -> int:
         """Device memory of the per-slot state that grows with max_batch x max_length: KV caches (target,
         draft or head), token history and, for EAGLE, the kept hidden states."""
@@ -326,12 +302,18 @@ class BatchSpeculator:
     def _head_pairs(self, pos: torch.Tensor, kv: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The EAGLE head over the committed pairs at `pos` [R, m] (feature at p, token at p + 1) of cache
         rows `rows` [R] (None: every slot), causal; returns the predicted features [R, m, H]."""
-        R, m = pos.shape
         at = self._rows if rows is None else rows  # [R] slots
         feats = self.hidden[at[:, None], pos]  # [R, m, H]
         tokens = self.hist[at[:, None], (pos + 1).clamp(max=self.scratch)]  # [R, m]
+        return self._head(feats, tokens, pos, kv, rows)
+
+    def _head(self, features: torch.Tensor, tokens: torch.Tensor, pos: torch.Tensor, kv: int,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Pairs (features [R, m, H], tokens [R, m]) through the EAGLE head at cache positions `pos` [R, m],
+        each seeing the positions up to its own; returns the predicted features [R, m, H]."""
+        R, m = pos.shape
         allowed = self._keys[None, None, :kv] <= pos[:, :, None]
-        return self.head(self.dcache, feats, tokens, pos, pos, allowed, rows).view(R, m, -1)
+        return self.head(self.dcache, features, tokens, pos, pos, allowed, rows).view(R, m, -1)
 
     def _catchup_fn(self, kv: int) -> CapturedFn:
         """Feed the drafter the committed tokens it missed during plain steps (CATCHUP a pass)."""
@@ -394,8 +376,7 @@ class BatchSpeculator:
             tokens.append(tok)
             if i < k - 1:
                 pos = (L + i)[:, None]  # the pair (feature at L + i, d_{i+1})
-                feature = self.head(self.dcache, feature[:, None], tok[:, None], pos, pos,
-                                    self._keys[None, None, :kv] <= pos[:, :, None])
+                feature = self._head(feature[:, None], tok[:, None], pos, kv)[:, 0]
         self.draft_valid.copy_(torch.where(self.active, L, self.draft_valid))  # pairs below L: committed ones
         lens = torch.where(L > 0, caps, 0)  # no pair before a one-token prompt
         return torch.stack(tokens, 1), lens, torch.stack(probs, 1) if probs else None

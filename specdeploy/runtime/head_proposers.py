@@ -297,8 +297,6 @@ class MultiDraftProposer:
                 p.close()
 
 
-
-
 def default_tree_size(spec, device: torch.device, compiled: bool) -> int | None:
     """Token-tree nodes a head method drafts when `spec.tree_size` is None (None: Medusa's artifact tree).
 

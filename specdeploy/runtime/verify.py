@@ -82,23 +82,43 @@ def verify(
         return Verdict(num_accepted=n, next_token=next_token, proposed=k)
 
     target_probs = sampling_probs(target_logits, params)  # [k + 1, vocab]
-    if draft.probs is None:
-        draft_probs = torch.zeros_like(target_probs[:k]).scatter_(-1, tokens[:, None], 1.0)
-    else:
-        draft_probs = draft.probs.to(target_probs)  # [k, vocab]
-    rows = torch.arange(k, device=target_probs.device)
-    p_tok = target_probs[rows, tokens]  # [k]
-    q_tok = draft_probs[rows, tokens]  # [k]
-    u = torch.rand(k, generator=generator, device=target_probs.device)
-    rejected = (u * q_tok >= p_tok).to(torch.int8)  # accept iff u < p/q
-    n = torch.cat([rejected, rejected.new_ones(1)]).argmax()
-    # the token after each possible n, drawn before n is known, so that one host copy ends the step:
-    # the residual norm(max(0, p - q)) after a rejection, p itself after the whole draft
-    dist = torch.cat([(target_probs[:k] - draft_probs).clamp_min(0.0), target_probs[k:]])
-    dist = torch.where(dist.sum(-1, keepdim=True) > 0.0, dist, target_probs)  # p == q up to rounding: keep p
-    after = sample(dist, generator)  # [k + 1]
-    n, next_token = torch.stack([n, after[n]]).tolist()  # the one host sync
+    draft_probs = None if draft.probs is None else draft.probs.to(target_probs)[None]  # [1, k, vocab]
+    n, next_token = sampled_accept_batch(tokens[None], None, draft_probs, target_probs[None], generator)
+    n, next_token = torch.cat([n, next_token]).tolist()  # the one host sync
     return Verdict(num_accepted=n, next_token=next_token, proposed=k)
+
+
+def sampled_accept_batch(
+    draft_tokens: torch.Tensor,  # [B, k] int64 (entries past draft_lens are ignored)
+    draft_lens: torch.Tensor | None,  # [B] int64 usable draft tokens per row, <= k; None: all k
+    draft_probs: torch.Tensor | None,  # [B, k, vocab] the distribution each draft token was drawn from; None: point masses
+    target_probs: torch.Tensor,  # [B, k + 1, vocab] the target's sampling distribution after pending, d_1 .. d_k
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for rows of chains, on the device: (num_accepted [B], next_token [B]).
+
+    d_i is kept with probability min(1, p(d_i) / q(d_i)) until the first rejection; the next token is
+    drawn from the residual norm(max(0, p - q)) at a rejection, from p after the row's last usable draft
+    token. The token after each possible n is drawn before n is known, so that one host copy (or none,
+    in the batched engine's graphs) ends the step.
+    """
+    B, k = draft_tokens.shape
+    if k == 0:
+        return torch.zeros(B, dtype=torch.long, device=target_probs.device), sample(target_probs[:, 0], generator)
+    p = target_probs[:, :k]  # [B, k, vocab]
+    q = draft_probs if draft_probs is not None else torch.zeros_like(p).scatter_(-1, draft_tokens[..., None], 1.0)
+    p_tok = p.gather(-1, draft_tokens[..., None])[..., 0]  # [B, k]
+    q_tok = q.gather(-1, draft_tokens[..., None])[..., 0]
+    ok = torch.rand(B, k, generator=generator, device=p.device) * q_tok < p_tok  # accept iff u < p/q
+    residual = (p - q).clamp_min(0.0)
+    if draft_lens is not None:
+        usable = torch.arange(k, device=p.device)[None, :] < draft_lens[:, None]
+        ok &= usable
+        residual = torch.where(usable[..., None], residual, p)  # past the row's draft: p itself
+    n = ok.long().cumprod(dim=1).sum(dim=1)
+    dist = torch.cat([residual, target_probs[:, k:]], 1)
+    dist = torch.where(dist.sum(-1, keepdim=True) > 0.0, dist, target_probs)  # p == q up to rounding: keep p
+    return n, sample(dist, generator).gather(1, n[:, None])[:, 0]
 
 
 def verify_tree(

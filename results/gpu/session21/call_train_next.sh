@@ -4,8 +4,8 @@
 # segments (session 21's first pass over the data ran at 0.21 s a step against 0.065 later: compare steps 1-425
 # in the new manifest's loss curve with session 21's), and unrolled 3 passes deep (was 2: the bench's acceptance by
 # position at k=6 falls from 0.69 at the third drafted token to 0.29 at the sixth; UNROLL=2 keeps the old
-# recipe). Carry .carry/pae, .whl and .carry/data after the four
-# other parts; then collect with session 21's call_b.sh and bench with session 19's call_bench.sh (K=1,2,4,6,8).
+# recipe). Carry the last GGUF part (.carry/paf since session 23), .whl and .carry/data after the
+# others; then collect with session 21's call_b.sh and bench with session 19's call_bench.sh (K=1,2,4,6,8).
 bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p /tmp/seed5 && tar xzf .carry/data/seed5.tgz -C /tmp/seed5 || exit 4
