@@ -234,6 +234,46 @@ def test_eagle_frontier_matches_the_torch_ops(k, hidden, slots):
     assert torch.equal(out[4], feats[best // k]) and torch.equal(out[5], anc[best // k])
 
 
+@pytest.mark.parametrize("m, hidden", [(1, 128), (8, 576), (19, 64)])
+def test_eagle_input_matches_the_torch_ops(m, hidden):
+    """`eagle_input` is GraphEagleProposer's input layer: the features and the tokens' embeddings,
+    concatenated, through a linear layer with bias."""
+    from specdeploy.runtime import kernels
+
+    g = torch.Generator().manual_seed(m)
+    feats = torch.randn(m, hidden, generator=g).to(DEV)
+    tokens = torch.randint(0, 300, (m,), generator=g).to(DEV)
+    embed = torch.randn(300, hidden, generator=g).to(DEV)
+    w = torch.randn(hidden, 2 * hidden, generator=g).to(DEV) / hidden**0.5
+    b = torch.randn(hidden, generator=g).to(DEV)
+    want = F.linear(torch.cat([feats, F.embedding(tokens, embed)], -1), w, b)
+    torch.testing.assert_close(kernels.eagle_input(feats, tokens, embed, w, b), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="eagle_input"):
+        kernels.eagle_input(feats, tokens, embed, w[:, 1:], b)
+
+
+@pytest.mark.parametrize("k, slots, kv", [(3, 6, 40), (8, 56, 512), (8, 56, 300)])
+def test_tree_level_mask_matches_the_torch_ops(k, slots, kv):
+    """`tree_level_mask` writes the ancestor-or-self flags and the attention mask of GraphEagleProposer's
+    torch ops: the committed positions, and the scratch slots a row flags."""
+    from specdeploy.runtime import kernels
+
+    g = torch.Generator().manual_seed(kv)
+    anc = (torch.rand(k, slots, generator=g) < 0.4).to(DEV)
+    own = torch.zeros(k, slots, dtype=torch.bool, device=DEV)
+    own[:, slots - k :] = torch.eye(k, dtype=torch.bool, device=DEV)
+    for fed in (0, 5, kv - slots, kv - slots // 2):  # the last: scratch slots past kv_len are never read
+        fed_t = torch.tensor([fed], device=DEV)
+        want_anc = anc | own
+        want = torch.arange(kv, device=DEV).expand(k, kv) < fed_t
+        want = torch.cat([want, torch.zeros(k, slots, dtype=torch.bool, device=DEV)], 1)  # room for the scatter
+        want.scatter_(1, (fed_t + torch.arange(slots, device=DEV)).expand(k, -1), want_anc)
+        got_anc = torch.zeros(k, slots, dtype=torch.bool, device=DEV)
+        got = torch.ones(k, kv, dtype=torch.bool, device=DEV)
+        kernels.tree_level_mask(anc, own, fed_t, got_anc, got)
+        assert torch.equal(got_anc, want_anc) and torch.equal(got, want[:, :kv]), fed
+
+
 @pytest.mark.parametrize("q", [1, 5, 16, 64, 128])
 def test_tree_ancestry_matches_ancestor_matrix(q):
     """`kernels.tree_ancestry` writes `tree.ancestor_matrix` and the depths into the runner's static

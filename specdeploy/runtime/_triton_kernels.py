@@ -380,3 +380,44 @@ def best_nodes_kernel(tok_ptr, score_ptr, parent_ptr, renumber_ptr, out_ptr, n, 
     new_par = tl.load(renumber_ptr + tl.maximum(par, 0), mask=kept & (par >= 0), other=-1)
     tl.store(out_ptr + new, tl.load(tok_ptr + i, mask=kept, other=0), mask=kept)
     tl.store(out_ptr + size + new, tl.where(par >= 0, new_par, -1), mask=kept)
+
+
+@triton.jit(do_not_specialize=["M"])
+def eagle_input_kernel(feat_ptr, tok_ptr, emb_ptr, w_ptr, b_ptr, out_ptr, M, N, H,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """[feat | emb[tok]] @ wᵀ + b for w [N, 2H]: the two halves of the input read in place, no concatenation."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    tok = tl.load(tok_ptr + rows, mask=row_ok, other=0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, 2 * H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        in_feat, in_emb = ks < H, (ks >= H) & (ks < 2 * H)
+        x = tl.load(feat_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & in_feat[None, :], other=0.0)
+        x += tl.load(emb_ptr + tok[:, None] * H + (ks - H)[None, :], mask=row_ok[:, None] & in_emb[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * (2 * H) + ks[None, :], mask=col_ok[:, None] & (ks[None, :] < 2 * H), other=0.0)
+        acc = _dot(x, tl.trans(w), acc, IEEE)
+    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def tree_level_mask_kernel(anc_ptr, own_ptr, fed_ptr, anc_out_ptr, allowed_ptr, S, kv_len,
+                           BLOCK_S: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """Row i of an EAGLE tree level (one program): its ancestor-or-self flags over the scratch slots
+    [S] (anc | own), and which of kv_len cache positions it attends to: every committed one (< fed),
+    and scratch slot s (position fed + s) where it flags s."""
+    i = tl.program_id(0)
+    fed = tl.load(fed_ptr)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < S
+    flags = tl.load(anc_ptr + i * S + s, mask=s_ok, other=0) | tl.load(own_ptr + i * S + s, mask=s_ok, other=0)
+    tl.store(anc_out_ptr + i * S + s, flags, mask=s_ok)
+    for j0 in range(0, kv_len, BLOCK_KV):
+        j = j0 + tl.arange(0, BLOCK_KV)
+        t = j - fed
+        in_tree = (t >= 0) & (t < S)
+        f = tl.load(anc_ptr + i * S + t, mask=in_tree, other=0) | tl.load(own_ptr + i * S + t, mask=in_tree, other=0)
+        tl.store(allowed_ptr + i * kv_len + j, ((j < fed) | (in_tree & (f != 0))).to(tl.uint8), mask=j < kv_len)

@@ -195,6 +195,8 @@ class StaticKVCache:
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.batch, self.positions = batch, positions
         self.kv = torch.zeros(num_layers, batch, dims.num_kv_heads, 2, positions, dims.head_dim, device=device, dtype=dtype)
+        # the rows in order, made here and not per forward: a kernel less in every captured step
+        self.row_ids = torch.arange(batch, device=device)
 
     @property
     def nbytes(self) -> int:
@@ -341,7 +343,7 @@ class LeanLlama:
         """The decoder layers alone (no embedding, no final norm): h -> [R*m, hidden]. Capturable."""
         d = self.dims
         R, m = pos.shape
-        cache_rows = rows if rows is not None else torch.arange(R, device=h.device)  # [R]
+        cache_rows = rows if rows is not None else cache.row_ids[:R]  # [R]
         if self.kernels == "fused":
             return self._fused_layers(cache, h, pos, rope_pos, allowed, cache_rows)
         kv_len = allowed.shape[-1]

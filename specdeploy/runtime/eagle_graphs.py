@@ -73,8 +73,12 @@ class LeanEagleHead:
         """Pairs (features [R, m, H] or [R*m, H], the token after each: tokens [R, m]) written at cache
         slots `pos` [R, m], rotated at `rope_pos` [R, m], attending `allowed` [R, m, kv_len];
         rows: [R] cache rows, None for every row in order. Returns the predicted features [R*m, H]."""
-        x = torch.cat([features.reshape(-1, self.hidden), F.embedding(tokens.reshape(-1), self.lean.embed).to(features.dtype)], dim=-1)
-        x = F.linear(x, self.fc_weight, self.fc_bias)
+        features, tokens = features.reshape(-1, self.hidden), tokens.reshape(-1)
+        if self.lean.kernels == "fused":
+            x = fused_kernels.eagle_input(features, tokens, self.lean.embed, self.fc_weight, self.fc_bias)
+        else:
+            x = torch.cat([features, F.embedding(tokens, self.lean.embed).to(features.dtype)], dim=-1)
+            x = F.linear(x, self.fc_weight, self.fc_bias)
         return self.lean.run_layers(cache, x, pos, rope_pos, allowed, rows)
 
 
@@ -202,9 +206,14 @@ class GraphEagleProposer:
         per-level state is read and written through views."""
         k = self.topk
         feats, tok, score, ids = self._front_feat[d - 1], self._front_tok[d - 1], self._front_score[d - 1], self._front_id[d - 1]
-        anc = self._front_anc[d - 1] | self._own[d - 1]  # [k, S]: ancestors + self
-        allowed = self._keys[:kv].expand(k, kv) < self._fed  # [k, kv] the committed pairs
-        allowed.scatter_(1, self._slots.expand(k, -1), anc)  # and the tree's slots
+        if self.lean.kernels == "fused":  # one launch
+            anc = torch.empty_like(self._own[d - 1])
+            allowed = torch.empty(k, kv, dtype=torch.bool, device=self.device)
+            fused_kernels.tree_level_mask(self._front_anc[d - 1], self._own[d - 1], self._fed, anc, allowed)
+        else:
+            anc = self._front_anc[d - 1] | self._own[d - 1]  # [k, S]: ancestors + self
+            allowed = self._keys[:kv].expand(k, kv) < self._fed  # [k, kv] the committed pairs
+            allowed.scatter_(1, self._slots.expand(k, -1), anc)  # and the tree's slots
         own = self._slots[(d - 1) * k : d * k]  # [k] this level's cache slots
         out = self._head(feats, tok, own, self._rope[d], allowed)  # [k, H]
         at = slice(k + (d - 1) * k * k, k + d * k * k)  # node numbers of the children

@@ -14,8 +14,8 @@ These kernels do one layer in six launches over `StaticKVCache`'s layout:
 5. `linear(residual=h)`: the down projection.
 
 `linear(norm=...)` also serves the LM head. The rest are a speculative step's bookkeeping, each one
-launch where the torch ops take ten or more: EAGLE drafting (`logits_topk`, `eagle_frontier`,
-`best_nodes`), the verify's tree ancestry (`tree_ancestry`) and the verdict (`tree_accept`).
+launch where the torch ops take several: EAGLE drafting (`eagle_input`, `tree_level_mask`, `logits_topk`,
+`eagle_frontier`, `best_nodes`), the verify's tree ancestry (`tree_ancestry`) and the verdict (`tree_accept`).
 
 Row independence: every matrix product tiles the token rows by 16 with a fixed reduction order over the inner dimension, and attention splits keys
 at fixed 64-key boundaries (extra all-masked blocks add exact zeros), so a token's outputs do not
@@ -287,3 +287,36 @@ LOGITS_BLOCK_V = 128  # vocabulary entries per program of `logits_topk`
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def eagle_input(features: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor, w: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+    """EAGLE's input layer in one launch (embedding, concatenation and a linear layer take three):
+    [features | embed[tokens]] @ wᵀ + b for features [M, H], tokens [M] int64, embed [vocab, H],
+    w [N, 2H], b [N] -> [M, N]."""
+    features = features.contiguous()
+    M, H = features.shape
+    N = w.shape[0]
+    if w.shape[1] != 2 * H or embed.shape[1] != H:
+        raise ValueError(f"eagle_input: w must be [N, {2 * H}] and embed [vocab, {H}]")
+    out = torch.empty(M, N, device=features.device, dtype=features.dtype)
+    t = TILES["linear"]
+    _kernels().eagle_input_kernel[(_cdiv(M, BLOCK_M), _cdiv(N, t.block_n))](
+        features, tokens.contiguous(), embed, w, b, out, M, N, H,
+        BLOCK_M=BLOCK_M, BLOCK_N=t.block_n, BLOCK_K=t.block_k, IEEE=_ieee(features.dtype),
+        num_warps=t.warps, num_stages=t.stages)
+    return out
+
+
+def tree_level_mask(anc: torch.Tensor, own: torch.Tensor, fed: torch.Tensor, anc_out: torch.Tensor,
+                    allowed: torch.Tensor) -> None:
+    """One EAGLE tree level's attention mask, one launch (an or, a compare and a scatter in torch):
+    anc / own [k, S] bool (ancestor flags and each row's own scratch slot), fed [1] int64 (the first
+    scratch position). Writes anc_out = anc | own, and allowed [k, kv_len] bool: positions < fed, and
+    fed + s where anc_out flags s. Every tensor contiguous."""
+    if not all(t.is_contiguous() for t in (anc, own, anc_out, allowed)):
+        raise ValueError("tree_level_mask: every tensor must be contiguous")
+    k, S = anc.shape
+    _kernels().tree_level_mask_kernel[(k,)](
+        anc.view(torch.uint8), own.view(torch.uint8), fed, anc_out.view(torch.uint8), allowed.view(torch.uint8),
+        S, allowed.shape[1], BLOCK_S=_pow2(S), BLOCK_KV=256, num_warps=4)
