@@ -38,7 +38,7 @@ from specdeploy.runtime.verify import sample, sampling_probs
 
 # pending token + 63 nodes = the 64-token query bucket of `CudaGraphRunner`, which a verify forward of
 # 33 to 64 tokens costs alike (results/gpu/step_profile: 1.32 ms at 64 against 1.13 at 1). 127 nodes accept
-# 18% more at depth 6 but cost 21-25% more a step: fewer tokens/s (results/gpu/session24/eagle_ab)
+# 18% more at depth 6 but cost 21-24% more a step: fewer tokens/s (results/gpu/session24/eagle_ab)
 COMPILED_TREE_NODES = 63
 EAGER_GPU_TREE_NODES = 48
 
