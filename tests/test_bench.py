@@ -91,6 +91,18 @@ def test_batched_rows_are_timed_paired_with_plain(bench_dir):
     assert 0 < mib["none"] <= mib["ngram"] < mib["eagle"]
 
 
+def test_k_sweep_runs_after_the_peers_and_batched_rows(bench_dir):
+    """A time budget cuts the last jobs: at each temperature the k values other than peer_k run after every
+    method at peer_k, the HF peers and the batched rows, so a budget takes the sweep before those."""
+    result = json.loads((bench_dir / "bench.json").read_text())
+    rows = [r for r in result["rows"] if r["task"] == "all"]
+    for t in (0.0, 0.7):
+        at = [r for r in rows if r["temperature"] == t]
+        sweep = [i for i, r in enumerate(at) if r["system"] == "specdeploy" and r["k"] not in (0, result["peer_k"])]
+        rest = [i for i, r in enumerate(at) if r["system"] == "hf" or r["batch"] > 1 or r["method"] == "policy"]
+        assert sweep and rest and max(rest) < min(sweep), (t, [(r["system"], r["method"], r["k"], r["batch"]) for r in at])
+
+
 def test_bench_md_and_plots(bench_dir):
     md = (bench_dir / "bench.md").read_text()
     assert "| task | plain tok/s |" in md and "ngram k=" in md and "HF generate" in md

@@ -460,24 +460,22 @@ def run_bench(args: argparse.Namespace) -> dict:
     console.print(f"step costs measured ({time.perf_counter() - t0:.1f}s): " +
                   ", ".join(f"{m} c={c.c:.3f}" for m, c in costs.items() if m != "none"))
 
-    # the jobs, most important first: greedy batch 1, peers, batch > 1, then sampling
+    # the jobs, most important first
     n = len(prompts)
     jobs: list[tuple[str, int, object]] = []
     fused_sizes = [b for b in batches if b > 1]
     batch_ok = _has_module("specdeploy.runtime.batch")
     policy_box: dict = {}
 
-    def loop_jobs(t: float) -> None:
-        # every method at peer_k first, then the other k values (a time budget cuts those first)
-        configs = [(m, k) for m in available for k in ([0] if m == "none" else ks)]
+    def loop_jobs(t: float, main_k: bool) -> None:
+        # main_k: every method at peer_k (and the policy); else the other k values, which a budget cuts first
+        configs = [(m, k) for m in available for k in ([0] if m == "none" else ks) if (k in (0, peer_k)) == main_k]
         cheap = {m: (costs[m].c if m in costs else 0.0) for m in available}  # cheaper drafting first
-        configs.sort(key=lambda mk: (mk[1] not in (0, peer_k), cheap[mk[0]], ks.index(mk[1]) if mk[1] in ks else -1))
-        loop = [(f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t))
-                for m, k in configs]
-        if "policy" in methods:  # after the runs at peer_k, before the other k values: a budget cuts those first
-            loop.insert(sum(k in (0, peer_k) for _, k in configs),
-                        (f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
-        jobs.extend(loop)
+        configs.sort(key=lambda mk: (cheap[mk[0]], ks.index(mk[1]) if mk[1] in ks else -1))
+        jobs.extend((f"specdeploy {m} k={k} T={t:g}", n, lambda m=m, k=k, t=t: bench.loop(backend.engine(m, k), m, k, t))
+                    for m, k in configs)
+        if main_k and "policy" in methods:
+            jobs.append((f"specdeploy policy T={t:g}", n, lambda t=t: _policy_run(bench, backend, policy_box, available, ks, t, console)))
 
     def peer_jobs(t: float) -> None:
         if not peers:
@@ -504,10 +502,13 @@ def run_bench(args: argparse.Namespace) -> dict:
             for m in (x for x in available if x not in BATCH_METHODS):
                 bench.skip(f"specdeploy {m} T={t:g} batch {b}", "the batched engine drafts with n-gram, a draft model or EAGLE chains only")
 
-    for t in sorted(temps, key=lambda t: t > 0):  # greedy first, then the sampled temperatures in the order given
-        loop_jobs(t)
+    # greedy first, then the sampled temperatures in the order given; at each, what the tables need
+    # (every method at peer_k, the peers, batch > 1) before the k sweep
+    for t in sorted(temps, key=lambda t: t > 0):
+        loop_jobs(t, main_k=True)
         peer_jobs(t)
         fused_jobs(t)
+        loop_jobs(t, main_k=False)
 
     def write() -> dict:
         result = {"device": _device_name(backend.device), "dtype": backend.dtype,
