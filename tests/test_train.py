@@ -149,7 +149,7 @@ def test_train_loop_reads_metrics_in_batches_with_the_same_averages():
 
     def loss_fn(batch):
         loss = (w - batch.ids.float().mean() / 40) ** 2
-        seen.append(float(loss))
+        seen.append(float(loss.detach()))
         return loss, {"loss": loss, "const": 0.5}
 
     cfg = TrainConfig(steps=7, batch_size=2, seq_len=8, log_every=3, val_fraction=0.25, warmup=1)
