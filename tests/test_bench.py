@@ -91,6 +91,19 @@ def test_batched_rows_are_timed_paired_with_plain(bench_dir):
     assert 0 < mib["none"] <= mib["ngram"] < mib["eagle"]
 
 
+def test_failed_graph_captures_are_recorded_and_reported(bench_dir):
+    """A capture that fails leaves its function running eagerly: the bench records each failure and bench.md
+    says so above the results (none on a CPU)."""
+    from specdeploy.bench.report import render_markdown
+
+    result = json.loads((bench_dir / "bench.json").read_text())
+    assert result["graph_capture_failures"] == []
+    result["graph_capture_failures"] = ["beginAllocateToPool: already recording to mempool_id"] * 2
+    md = render_markdown(result)
+    assert "**2 CUDA graph capture(s) failed in this run**" in md and "already recording" in md
+    assert md.index("capture(s) failed") < md.index("## Summary")
+
+
 def test_k_sweep_runs_after_the_peers_and_batched_rows(bench_dir):
     """A time budget cuts the last jobs: at each temperature the k values other than peer_k run after every
     method at peer_k, the HF peers and the batched rows, so a budget takes the sweep before those."""
@@ -106,6 +119,7 @@ def test_k_sweep_runs_after_the_peers_and_batched_rows(bench_dir):
 def test_bench_md_and_plots(bench_dir):
     md = (bench_dir / "bench.md").read_text()
     assert "| task | plain tok/s |" in md and "ngram k=" in md and "HF generate" in md
+    assert "capture(s) failed" not in md
     for name in ("speedup_by_task", "alpha_by_task", "speedup_vs_k", "speedup_vs_batch"):
         assert (bench_dir / f"{name}.png").stat().st_size > 1000
 

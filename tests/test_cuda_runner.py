@@ -2,13 +2,16 @@
 greedy equality through `speculative_generate`. CUDA-graph parts run only where CUDA exists."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdeploy.config import SamplingParams
 from specdeploy.models.layerskip import layerskip_model
-from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, attention, bucket, kv_buckets_for
+from specdeploy.runtime.cuda_runner import (CapturedFn, CudaGraphRunner, LeanLlama, attention, bucket, kv_buckets_for,
+                                            no_collection)
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
 from specdeploy.runtime.runner import Runner, TorchRunner
@@ -31,6 +34,55 @@ def test_buckets():
         bucket(5, (1, 2, 4))
     assert kv_buckets_for(641) == (256, 512, 641)
     assert kv_buckets_for(200) == (200,)
+
+
+def test_no_collection_pauses_the_collector_and_restores_it():
+    """Captures run with the cyclic collector paused (a dropped engine's graph freed mid-capture breaks the
+    capture), and leave it as they found it: on, off, and after an exception."""
+    assert gc.isenabled()
+    with no_collection():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), no_collection():
+        raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_collection():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@needs_cuda
+def test_capture_runs_with_the_collector_paused_beside_dead_graphs():
+    """A graph captured while an engine's graphs lie in a dead reference cycle: the collector is off during
+    the capture itself (not the warm-up), the capture succeeds, and a later pass frees the dead graphs."""
+    class Owner:
+        pass
+
+    def dead_owner() -> None:
+        owner, x = Owner(), torch.zeros(4, device="cuda")
+        owner.fn, owner.me = CapturedFn(lambda: x.add_(1), True), owner  # a cycle: only a collection frees it
+        assert owner.fn.graph is not None
+
+    dead_owner()
+    y, seen = torch.zeros(4, device="cuda"), []
+
+    def fn():
+        if torch.cuda.is_current_stream_capturing():
+            seen.append(gc.isenabled())
+            _ = [[] for _ in range(4 * gc.get_threshold()[0])]  # allocations that would start a collection
+        return y.add_(1)
+
+    captured = CapturedFn(fn, True)
+    assert seen == [False] and gc.isenabled()
+    assert captured.error is None and captured.graph is not None
+    captured()
+    torch.cuda.synchronize()
+    assert y.tolist() == [3.0] * 4  # two warm-up runs, one replay
+    gc.collect()
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -73,6 +73,7 @@ def render_markdown(result: dict) -> str:
              "at batch > 1: all tokens over the run's wall time. speedup = tokens/s over specdeploy plain decoding "
              "(method none) through the same runner at the same temperature and batch. α = accepted / proposed "
              "draft tokens; acc. len = tokens per target forward (bonus token included).", ""]
+    lines += _capture_failures(result)
     lines += _aims(result)
     for t in temps:
         lines += _per_task(result, t)
@@ -84,6 +85,14 @@ def render_markdown(result: dict) -> str:
         lines += ["## Skipped", ""] + [f"- {s['what']}: {s['reason']}" for s in result["skipped"]] + [""]
     lines += _all_rows(result)
     return "\n".join(lines)
+
+
+def _capture_failures(result: dict) -> list[str]:
+    failed = result.get("graph_capture_failures") or []
+    if not failed:
+        return []
+    return [f"**{len(failed)} CUDA graph capture(s) failed in this run**; their steps ran eagerly, so some rows "
+            f"are slower than the runtime is. First error: `{failed[0]}`", ""]
 
 
 def _aims(result: dict) -> list[str]:

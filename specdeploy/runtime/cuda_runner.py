@@ -27,10 +27,12 @@ the Hugging Face model's logits and through ``speculative_generate``. The batche
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -400,6 +402,26 @@ class LeanLlama:
         return h
 
 
+CAPTURE_FAILURES: list[str] = []  # why each failed capture of this process failed (its function runs eagerly)
+
+
+@contextmanager
+def no_collection() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (as it was before, afterwards). Engines hold their
+    graphs in reference cycles, so a dropped engine's graphs are freed by a collection pass; one that
+    runs during another graph's capture destroys a CUDA graph mid-capture, which invalidates that
+    capture and leaves its memory pool recording, so later captures in the pool fail too, and their
+    functions run eagerly. Seen in the bench logs of sessions 14, 21 and 25, each while the advisor
+    built its engines; in session 25 the advisor's EAGLE engine then ran 3x slower a step."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class CapturedFn:
     """A zero-argument function over static buffers, captured once as a CUDA graph and replayed
     per call; off CUDA, or with graphs off, it is simply called.
@@ -407,6 +429,7 @@ class CapturedFn:
     Warm-up runs the function twice (on a side stream, as CUDA graph capture requires), so it
     must tolerate running on whatever its buffers hold. Tensors the function returns live in the
     graph's memory: read or copy them before the next replay of any graph of the same pool.
+    The garbage collector is paused while capturing (`no_collection`).
     """
 
     def __init__(self, fn: Callable[[], object], use_graph: bool, pool=None, stream=None) -> None:
@@ -426,12 +449,13 @@ class CapturedFn:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.no_grad(), torch.cuda.graph(graph, pool=pool, stream=stream):
+                with no_collection(), torch.no_grad(), torch.cuda.graph(graph, pool=pool, stream=stream):
                     self.out = fn()
                 self.graph = graph
             except RuntimeError as e:  # a kernel that cannot be captured: stay correct, run eagerly
                 self.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 self.out = None
+                CAPTURE_FAILURES.append(self.error)
                 log.warning("CUDA graph capture failed, running eagerly: %s", self.error)
                 torch.cuda.synchronize()
 
