@@ -412,7 +412,7 @@ def no_collection() -> Iterator[None]:
     runs during another graph's capture destroys a CUDA graph mid-capture, which invalidates that
     capture and leaves its memory pool recording, so later captures in the pool fail too, and their
     functions run eagerly. Seen in the bench logs of sessions 14, 21 and 25, each while the advisor
-    built its engines; in session 25 the advisor's EAGLE engine then ran 3x slower a step."""
+    built its engines; in sessions 14 and 25 the advisor's EAGLE engine then ran 2-3x slower a step."""
     was = gc.isenabled()
     gc.disable()
     try:
