@@ -107,7 +107,7 @@ def test_failed_graph_captures_are_recorded_and_reported(bench_dir):
 
 def test_jobs_run_with_the_collector_paused(tmp_path, monkeypatch, smollm2):
     """Each job runs with Python's cyclic collector paused (collected between jobs): a pass that frees a dropped
-    engine's CUDA graphs costs milliseconds, which must not land in a timed run; the collector is back on after."""
+    engine's CUDA graphs must not land in a timed run; the collector is back on after."""
     from specdeploy.bench import run as bench_run
 
     seen, loop = [], bench_run.Bench.loop

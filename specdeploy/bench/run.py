@@ -533,7 +533,7 @@ def run_bench(args: argparse.Namespace) -> dict:
                 continue
             done = bar.tasks[0].completed
             # the engines of earlier jobs hold CUDA graphs in reference cycles: free them here, and keep the
-            # collector (a pass that frees graphs costs milliseconds) out of the job's timed runs, as timeit does
+            # collector (a pass that destroys CUDA graphs, not timed here) out of the job's timed runs, as timeit does
             gc.collect()
             try:
                 with no_collection():
