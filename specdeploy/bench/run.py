@@ -511,17 +511,17 @@ def run_bench(args: argparse.Namespace) -> dict:
         fused_jobs(t)
         loop_jobs(t, main_k=False)
 
+    from specdeploy.runtime.cuda_runner import CAPTURE_FAILURES, no_collection
+
     def write() -> dict:
         result = {"device": _device_name(backend.device), "dtype": backend.dtype,
                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command_line(args),
                   "rows": build_rows(bench.runs, costs), **meta, "skipped": bench.skipped,
-                  "wall_s": round(time.perf_counter() - t0, 1), "graph_capture_failures": _capture_failures()}
+                  "wall_s": round(time.perf_counter() - t0, 1), "graph_capture_failures": list(CAPTURE_FAILURES)}
         if "policy" in policy_box:
             result["policy"] = policy_box["policy"].to_dict()
         _write_json(out / "bench.json", result)
         return result
-
-    from specdeploy.runtime.cuda_runner import no_collection
 
     budget = args.time_budget
     with progress_bar() as bar:
@@ -615,13 +615,6 @@ def _bench_policy(args, backend: Backend, methods: list[str], ks: list[int], con
         console.print(advice.table(f"advisor at temperature {advice.temperature:g} (policy row)"))
     policy.extra["advised_on"] = f"{len(held)} {note}"
     return policy
-
-
-def _capture_failures() -> list[str]:
-    """Why each CUDA graph capture of this process failed (those functions ran eagerly, slower)."""
-    from specdeploy.runtime.cuda_runner import CAPTURE_FAILURES
-
-    return list(CAPTURE_FAILURES)
 
 
 def _device_name(device: str) -> str:
