@@ -81,9 +81,11 @@ def config_label(method: str, k: int, tree_size: int | None) -> str:
     return f"{method}:{k}" + (f":{tree_size}" if tree_size is not None else "")
 
 
-def warm_engine(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None):
-    """(compiled greedy SpecEngine for method:k, its SamplingParams, the prompts encoded), warmed up on two."""
-    spec = SpecConfig(method=method, k=max(k, 1), tree_size=tree_size)
+def warm_engine(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None,
+                draft: str | None = None):
+    """(compiled greedy SpecEngine for method:k, its SamplingParams, the prompts encoded), warmed up on two;
+    draft: the head or draft artifact (None: the shipped one)."""
+    spec = SpecConfig(method=method, k=max(k, 1), tree_size=tree_size, draft=draft if method != "none" else None)
     runner, proposer = compiled_for(spec, loaded)
     engine = SpecEngine(loaded, spec, runner=runner, proposer=proposer)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
@@ -93,8 +95,9 @@ def warm_engine(loaded, method: str, k: int, prompts, max_new: int, tree_size: i
     return engine, params, enc
 
 
-def run_config(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None) -> dict:
-    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new, tree_size)
+def run_config(loaded, method: str, k: int, prompts, max_new: int, tree_size: int | None = None,
+               draft: str | None = None) -> dict:
+    engine, params, enc = warm_engine(loaded, method, k, prompts, max_new, tree_size, draft)
     runner, proposer = engine.runner, engine.proposer
     timer = PhaseTimer()
     steps = tokens = 0
@@ -145,7 +148,7 @@ def kernels_of(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def eagle_parts(loaded, depth: int = 4) -> list[dict]:
+def eagle_parts(loaded, depth: int = 4, draft: str | None = None) -> list[dict]:
     """GPU ms of each captured EAGLE drafting step and of the target's verify graphs (CUDA events), and the
     kernels each launches."""
     from specdeploy.bench.gpu_bench import gpu_time_ms
@@ -154,7 +157,7 @@ def eagle_parts(loaded, depth: int = 4) -> list[dict]:
     from specdeploy.runtime.eagle_graphs import GraphEagleProposer
     from specdeploy.runtime.types import Context
 
-    head, _ = eagle.load(None, loaded)
+    head, _ = eagle.load(draft, loaded)
     embed, lm_head = loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()
     ids = torch.randint(0, 1000, (100,))
     with torch.no_grad():
@@ -202,6 +205,7 @@ def main() -> int:
                       "code,sql,api_call,math,qa,creative_writing", 128)
     p.add_argument("--per-task", type=int, default=2)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--draft", help="the EAGLE (or draft) artifact of the speculative configs (default: the shipped one)")
     args = p.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +215,7 @@ def main() -> int:
     rows = []
     for cfg in args.configs.split(","):
         method, k, tree_size = parse_config(cfg)
-        row = run_config(loaded, method, k, prompts, args.max_new_tokens, tree_size)
+        row = run_config(loaded, method, k, prompts, args.max_new_tokens, tree_size, args.draft)
         rows.append(row)
         ph = row["phase_ms_per_step"]
         print(f"{row['label']} {row['tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.3f} ms/step, acc.len "
@@ -223,7 +227,7 @@ def main() -> int:
         ph = r["phase_ms_per_step"]
         lines.append(f"| {r['label']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.3f} | {r['acceptance_length']:.2f} | "
                      + " | ".join(f"{ph.get(n, 0.0):.3f}" for n in ["propose", "forward", "verify", "keep", "other"]) + " |")
-    parts = eagle_parts(loaded) if args.device == "cuda" else []
+    parts = eagle_parts(loaded, draft=args.draft) if args.device == "cuda" else []
     for r in parts:
         print(r, flush=True)
     (out / "step_profile.json").write_text(json.dumps({"device": _device_name(args.device), "rows": rows, "parts": parts}, indent=1))

@@ -173,6 +173,21 @@ def test_logits_topk_matches_log_softmax_topk(rows, vocab, hidden, k):
         kernels.logits_topk(x, w, k, out=(out[0][:-1], out[1][:-1]))
 
 
+def test_logits_topk_maps_rows_to_the_draft_vocabulary_ids():
+    """Over a draft vocabulary's rows of an LM head, the kernel returns token ids, not row numbers."""
+    from specdeploy.runtime import kernels
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 64, generator=g).to(DEV), torch.randn(1000, 64, generator=g).to(DEV)
+    ids = torch.randperm(1000, generator=g)[:300].sort().values.to(DEV)
+    ref = torch.log_softmax(F.linear(x, w[ids]).float(), -1).topk(8)
+    values, indices = kernels.logits_topk(x, w[ids], 8, ids=ids)
+    assert torch.equal(indices, ids[ref.indices])
+    torch.testing.assert_close(values, ref.values, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="token ids"):
+        kernels.logits_topk(x, w[ids], 8, ids=ids[:-1])
+
+
 def test_logits_topk_breaks_ties_to_the_lowest_index():
     from specdeploy.runtime import kernels
 
@@ -183,16 +198,18 @@ def test_logits_topk_breaks_ties_to_the_lowest_index():
     assert values[0, :4].tolist() == [values[0, 0].item()] * 4
 
 
-def test_fused_graph_eagle_drafts_the_torch_trees(monkeypatch):
+@pytest.mark.parametrize("vocab_step", [None, 2], ids=["whole-vocab", "draft-vocab"])
+def test_fused_graph_eagle_drafts_the_torch_trees(monkeypatch, vocab_step):
     """GraphEagleProposer over the fused kernels (the CUDA path: fused layer, `logits_topk`) drafts the
-    trees of its torch path."""
+    trees of its torch path, over the whole vocabulary or a draft vocabulary (every other id)."""
     from specdeploy.models import eagle
     from specdeploy.runtime.eagle_graphs import GraphEagleProposer
     from specdeploy.runtime.types import Context
 
     model = small_llama(layers=2, seed=3)
     torch.manual_seed(4)
-    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config)).to(DEV).eval()
+    vocab = None if vocab_step is None else torch.arange(1, model.config.vocab_size, vocab_step)
+    head = eagle.EagleHead(eagle.EagleConfig.from_target(model.config), vocab).to(DEV).eval()
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
     kw = dict(tree_size=10, topk=3, max_depth=3, max_length=64, query_buckets=(1, 4, 16), use_graphs=False)
     proposers = {}
@@ -207,6 +224,7 @@ def test_fused_graph_eagle_drafts_the_torch_trees(monkeypatch):
         ctx = Context(token_ids=ids[:n], prompt_len=20, params=SamplingParams(), target_hidden=hidden[: n - 1])
         a, b = (p.propose(ctx, k) for p in proposers.values())
         assert a.tokens.tolist() == b.tokens.tolist() and a.parents.tolist() == b.parents.tolist(), (n, k)
+        assert vocab is None or set(b.tokens.tolist()) <= set(vocab.tolist())
 
 
 @pytest.mark.parametrize("k, hidden, slots", [(3, 128, 6), (8, 576, 56)])

@@ -165,7 +165,8 @@ MEDUSA_TREE = [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
 
 @pytest.fixture(scope="module")
 def tiny_heads(tiny, tmp_path_factory):
-    """Random (non-zero) Medusa heads and an EAGLE head saved as artifacts for the tiny target, and their export."""
+    """Random (non-zero) Medusa heads and an EAGLE head (with a draft vocabulary) saved as artifacts for the
+    tiny target, and their export."""
     from specdeploy.export.onnx_heads import export_heads
     from specdeploy.models import artifacts, eagle, medusa
 
@@ -177,6 +178,7 @@ def tiny_heads(tiny, tmp_path_factory):
     head = eagle.EagleHead.init_from_target(tiny.model)
     for p in head.parameters():
         p.data += 0.05 * torch.randn_like(p)
+    head.draft_vocab = torch.arange(1, tiny.model.config.vocab_size, 2)  # its graph scores these rows only
     meta = {"target_hash": tiny.source_hash, "tokenizer_hash": artifacts.tokenizer_hash(tiny.tokenizer)}
     medusa.save(heads, root / "medusa-artifact", meta, MEDUSA_TREE)
     eagle.save(head, root / "eagle-artifact", meta)

@@ -1,14 +1,17 @@
-"""`specdeploy train data|draft|medusa|eagle` end to end at toy size (CPU): data with a manifest,
+"""`specdeploy train data|draft|medusa|eagle|vocab` end to end at toy size (CPU): data with a manifest,
 artifacts with manifests and loss curves, and each trained draft decoding losslessly."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from specdeploy.bench.tasks import Prompt
 from specdeploy.cli import main
 from specdeploy.config import SamplingParams, SpecConfig
+from specdeploy.models import artifacts, eagle
 from specdeploy.runtime.engine import SpecEngine
 from specdeploy.training.common import DistillData
 
@@ -57,12 +60,44 @@ def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method,
     m2 = json.loads((more / "manifest.json").read_text())
     assert m2["init_from"]["steps_before"] == 2 and m2["init_from"]["path"] == str(out) and m2["training"]["steps_done"] == 1
     assert (more / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()  # lr 0: unchanged
+    if kind == "eagle":  # a draft vocabulary by default: the ids of the data's answers, ascending
+        vocab = m["draft_vocab"]
+        assert 0 < vocab["size"] <= 4 * 6 and vocab["covered"] >= vocab["coverage"] == 0.995
     for folder in (out, more):
         engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(folder)))
         ids = engine.encode("What is 2 + 2?")
         got = engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
         plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
         assert got == plain
+
+
+def test_train_vocab_sets_and_removes_a_heads_draft_vocabulary(data_dir, tmp_path, smollm2):
+    """`specdeploy train vocab` rewrites a trained head's draft vocabulary in place, weights untouched;
+    coverage 0 gives the whole vocabulary back. Decoding stays the target's own."""
+    from safetensors.torch import load_file
+
+    head_dir = tmp_path / "eagle"
+    shutil.copytree(artifacts.resolve("eagle"), head_dir)
+    before = load_file(str(head_dir / "weights.safetensors"))
+    before.pop("draft_vocab", None)
+    counts = DistillData.load(data_dir).answer_counts(smollm2.model.config.vocab_size)
+    for coverage in ("1", "0.5", "0"):
+        assert main(["train", "vocab", "--head", str(head_dir), "--data", str(data_dir), "--draft-vocab-coverage", coverage]) == 0
+        vocab = json.loads((head_dir / "manifest.json").read_text())["draft_vocab"]
+        head, _ = eagle.load(head_dir, smollm2)
+        if coverage == "0":
+            assert vocab is None and head.draft_vocab is None
+        else:
+            assert head.draft_vocab.tolist() == sorted(head.draft_vocab.tolist()) and vocab["size"] == head.draft_vocab.numel()
+            assert int(counts[head.draft_vocab].sum()) >= float(coverage) * int(counts.sum())
+        after = load_file(str(head_dir / "weights.safetensors"))
+        after.pop("draft_vocab", None)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        engine = SpecEngine(smollm2, SpecConfig(method="eagle", k=3, draft=str(head_dir)))
+        ids = engine.encode("Write a Python function that adds two numbers.")
+        plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8))
+        assert engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids == plain.token_ids
+    assert main(["train", "vocab", "--head", str(head_dir), "--data", str(data_dir), "--draft-vocab-coverage", "1.5"]) == 2
 
 
 def test_train_refuses_data_of_another_target(data_dir, tmp_path):

@@ -15,12 +15,14 @@ eagle/model.onnx (a prefill of committed pairs, or one level of a draft tree, is
              past_key_values.0.key / .value  [batch, kv_heads, past, head_dim] the head's own KV cache
     outputs  predicted_hidden_states       [batch, seq, hidden] predicted next features
              logits                        [batch, seq, vocab] float32: the target's lm_head on them
+                                           (-inf outside the head's draft vocabulary, if it has one)
              present.0.key / .value        [batch, kv_heads, past + seq, head_dim]
 
 Each graph carries the target's lm_head (EAGLE also its token embedding: tied, so stored once
 in that graph), so drafting needs no torch weights and one ORT call gives a tree level's
 logits; the price is one more copy of the vocabulary matrix per head graph (113 MB for
-SmolLM2 in float32). The Medusa tree shape travels in the manifest (`info.tree`).
+SmolLM2 in float32; an EAGLE head with a draft vocabulary stores its rows of it besides).
+The Medusa tree shape travels in the manifest (`info.tree`).
 Parity with the torch head (max abs difference of logits and features) is in the manifest.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ from specdeploy.build.manifest import Manifest, now, tokenizer_hash, versions, w
 from specdeploy.errors import SpecDeployError
 from specdeploy.export.onnx import GRAPH_FILE, OnnxExportConfig, param_bytes, save_graph
 from specdeploy.models.artifacts import WEIGHTS
-from specdeploy.models.eagle import EagleHead
+from specdeploy.models.eagle import EagleHead, draft_lm_head
 from specdeploy.models.loader import LoadedModel, file_sha256
 from specdeploy.models.medusa import MedusaHeads
 
@@ -61,7 +63,7 @@ class EagleGraph(nn.Module):
 
     def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module) -> None:
         super().__init__()
-        self.head, self.embed, self.lm_head = head, embed, lm_head
+        self.head, self.embed, self.lm_head = head, embed, draft_lm_head(head, lm_head)
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor) -> tuple[torch.Tensor, ...]:

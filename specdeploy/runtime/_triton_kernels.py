@@ -228,12 +228,12 @@ def logits_topk_partial_kernel(x_ptr, w_ptr, part_val_ptr, part_idx_ptr, part_ml
 
 
 @triton.jit
-def logits_topk_combine_kernel(part_val_ptr, part_idx_ptr, part_ml_ptr, bias_ptr, val_ptr, idx_ptr, NB,
-                               TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
-                               BLOCK_NB: tl.constexpr):
+def logits_topk_combine_kernel(part_val_ptr, part_idx_ptr, part_ml_ptr, bias_ptr, ids_ptr, val_ptr, idx_ptr, NB,
+                               TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr):
     """One row: log-softmax normaliser over the slices, and the TOPK best of the slices' candidates
     (stored slice by slice in vocabulary order, so ties still go to the lowest index), plus the
-    row's bias."""
+    row's bias; with HAS_IDS, each index i stored as ids[i] (the token id of weight row i)."""
     row = tl.program_id(0)
     b = tl.arange(0, BLOCK_NB)
     b_ok = b < NB
@@ -250,7 +250,10 @@ def logits_topk_combine_kernel(part_val_ptr, part_idx_ptr, part_ml_ptr, bias_ptr
     for t in tl.static_range(TOPK):
         best = tl.argmax(vals, axis=0, tie_break_left=True)
         tl.store(val_ptr + row * TOPK + t, bias + (tl.max(vals, axis=0) - lse))
-        tl.store(idx_ptr + row * TOPK + t, tl.load(part_idx_ptr + row * NB * TOPK + best).to(tl.int64))
+        idx = tl.load(part_idx_ptr + row * NB * TOPK + best).to(tl.int64)
+        if HAS_IDS:
+            idx = tl.load(ids_ptr + idx)
+        tl.store(idx_ptr + row * TOPK + t, idx)
         vals = tl.where(c == best, float("-inf"), vals)
 
 

@@ -44,13 +44,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
-from specdeploy.models.eagle import EagleHead
+from specdeploy.models.eagle import DraftVocabLMHead, EagleHead
 from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
 from specdeploy.runtime.eagle_graphs import LeanEagleHead
 from specdeploy.runtime.loop import StopCondition
@@ -193,6 +194,8 @@ class BatchSpeculator:
         self.kv_buckets = kv_buckets_for(self.positions)
         self.tcache = target.new_cache(self.B, self.positions)
         self.head = LeanEagleHead(head, target.embed, target.lm_head, self.positions) if method == "eagle" else None
+        vocab = head.draft_vocab if self.head is not None else None  # the head drafts from these ids only
+        self.draft_lm = DraftVocabLMHead(target.lm_head, vocab) if vocab is not None else partial(F.linear, weight=target.lm_head)
         self.dcache = (self.draft.new_cache(self.B, self.positions) if self.draft is not None
                        else self.head.new_cache(self.B, self.positions) if self.head is not None else None)
         dev, B, k, long = self.device, self.B, self.k, torch.long
@@ -372,7 +375,7 @@ class BatchSpeculator:
         feature = self._head_pairs(window, kv)[:, -1]  # [B, H] at the pending position
         tokens, probs = [], []
         for i in range(k):
-            tok = self._draw(F.linear(feature, self.target.lm_head), probs)  # [B]
+            tok = self._draw(self.draft_lm(feature), probs)  # [B]
             tokens.append(tok)
             if i < k - 1:
                 pos = (L + i)[:, None]  # the pair (feature at L + i, d_{i+1})

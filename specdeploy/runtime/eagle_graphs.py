@@ -101,7 +101,9 @@ class GraphEagleProposer:
         self.tree_size, self.topk, self.max_depth = tree_size, topk, max_depth
         self.max_nodes = tree_size  # largest tree drafted
         self.device, self.dtype = embed.device, embed.dtype
-        self.lm_head = lm_head  # [vocab, H]
+        # the head's draft vocabulary (its rows of the LM head, and their ids), or the whole LM head
+        self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(self.device)  # [N]
+        self.lm_head = lm_head if self.vocab_ids is None else lm_head[self.vocab_ids].contiguous()  # [N or vocab, H]
         self.query_buckets = tuple(sorted(set(query_buckets)))
         k, maxq = topk, self.query_buckets[-1]
         self.scratch = (max_depth - 1) * k  # cache slots of the tree levels, after the committed pairs
@@ -237,12 +239,12 @@ class GraphEagleProposer:
         """The `topk` best next tokens of each row of h [n, H] by draft log-probability (+ the row's
         cumulative `score` [n]) into out = (scores, tokens), [n * topk] each, row by row."""
         if self.lean.kernels == "fused":
-            fused_kernels.logits_topk(h, self.lm_head, self.topk, bias=score, out=out)
+            fused_kernels.logits_topk(h, self.lm_head, self.topk, bias=score, out=out, ids=self.vocab_ids)
             return
         top = torch.log_softmax(F.linear(h, self.lm_head).float(), -1).topk(self.topk, dim=-1)  # [n, topk]
         values = top.values if score is None else score[:, None] + top.values
         out[0].copy_(values.view(-1))
-        out[1].copy_(top.indices.view(-1))
+        out[1].copy_((top.indices if self.vocab_ids is None else self.vocab_ids[top.indices]).view(-1))
 
     def _select_step(self, depth: int) -> torch.Tensor:
         """[2, nodes]: tokens and parents of the `tree_size` best nodes of a `depth`-deep draft."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from specdeploy.config import check_confidence
-from specdeploy.models.eagle import EagleHead
+from specdeploy.models.eagle import EagleHead, draft_lm_head
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
@@ -116,7 +116,7 @@ class TorchEagleStep:
     """`EagleStep` of the torch head: features ++ embed(tokens) -> head -> features; lm_head -> logits."""
 
     def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module) -> None:
-        self.head, self.embed, self.lm_head = head, embed, lm_head
+        self.head, self.embed, self.lm_head = head, embed, draft_lm_head(head, lm_head)
 
     def __call__(self, features, tokens, positions, allowed, cache, last_only=False):
         out, cache = self.head(features[None], self.embed(tokens)[None], positions, allowed, cache)

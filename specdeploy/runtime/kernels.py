@@ -170,10 +170,12 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def logits_topk(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | None = None,
-                out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of log_softmax(x @ wᵀ) per row, plus bias: x [M, K], w [V, K], bias [M] float32 ->
     (values [M, k] float32, indices [M, k] int64), best first, ties to the lowest index; into `out`
-    (contiguous, M * k elements each) if given.
+    (contiguous, M * k elements each) if given. ids [V] int64 (contiguous): the token id of each row
+    of w (a draft vocabulary's rows of an LM head), returned instead of the row index.
 
     Two launches, where `torch.log_softmax(F.linear(x, w).float(), -1).topk(k)` takes a dozen (the
     multi-block top-k alone is most of them): each program scores one BLOCK_V slice of the
@@ -194,9 +196,12 @@ def logits_topk(x: torch.Tensor, w: torch.Tensor, k: int, bias: torch.Tensor | N
                                                    torch.empty(M, k, device=x.device, dtype=torch.long))
     if not (values.is_contiguous() and indices.is_contiguous() and values.numel() == indices.numel() == M * k):
         raise ValueError("logits_topk: out must be two contiguous tensors of M * k elements")
+    if ids is not None and not (ids.is_contiguous() and ids.dtype == torch.long and ids.numel() == V):
+        raise ValueError(f"logits_topk: ids must be a contiguous int64 tensor of {V} token ids")
     kern.logits_topk_combine_kernel[(M,)](
-        part_val, part_idx, part_ml, bias if bias is not None else part_ml, values, indices, nb,
-        TOPK=k, HAS_BIAS=bias is not None, BLOCK_C=_pow2(nb * k), BLOCK_NB=_pow2(nb), num_warps=8)
+        part_val, part_idx, part_ml, bias if bias is not None else part_ml, ids if ids is not None else part_idx,
+        values, indices, nb, TOPK=k, HAS_BIAS=bias is not None, HAS_IDS=ids is not None,
+        BLOCK_C=_pow2(nb * k), BLOCK_NB=_pow2(nb), num_warps=8)
     return values, indices
 
 

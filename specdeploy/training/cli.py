@@ -1,4 +1,4 @@
-"""`specdeploy train data|draft|medusa|eagle`: self-distillation data and trained drafts.
+"""`specdeploy train data|draft|medusa|eagle|vocab`: self-distillation data and trained drafts.
 
 Typical run for the embedded target (on a GPU; see docs/training.md):
 
@@ -66,6 +66,22 @@ def add_cli(sub) -> None:
             p.add_argument("--noise", type=float, default=0.2, help="uniform noise width on input features")
             p.add_argument("--unroll", type=int, default=2,
                            help="passes per batch: 2 or more also trains on the head's own predictions (HASS)")
+            _vocab_arg(p)
+
+    v = tsub.add_parser("vocab", help="give a trained EAGLE head a draft vocabulary from distillation data (no training)")
+    _model_args(v)
+    v.add_argument("--data", nargs="+", default=[DEFAULT_DATA], help="folder(s) made by `specdeploy train data`")
+    v.add_argument("--head", help="EAGLE artifact folder, rewritten in place (default: the shipped one)")
+    _vocab_arg(v)
+    v.set_defaults(func=cmd_vocab)
+
+
+def _vocab_arg(p: argparse.ArgumentParser) -> None:
+    from specdeploy.training.eagle import DRAFT_VOCAB_COVERAGE
+
+    p.add_argument("--draft-vocab-coverage", type=float, default=DRAFT_VOCAB_COVERAGE,
+                   help="the head drafts from the fewest ids covering this share of the data's answer tokens "
+                        f"(FR-Spec; default {DRAFT_VOCAB_COVERAGE}); 0: from the whole vocabulary")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -116,9 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SpecDeployError("--out is required when the target is not the embedded default")
     data = DistillData.load_all(args.data)
     target = _load_target(args, "float32")  # fp32 weights; autocast runs bf16 matmuls on GPU
-    if data.manifest.get("target_hash") != target.source_hash:
-        raise SpecDeployError(f"{' '.join(args.data)} was made by another target ({str(data.manifest.get('target_hash'))[:12]}); "
-                              f"make data with this target first")
+    _check_data(data, target, args.data)
     cfg = TrainConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, seed=args.seed)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -134,9 +148,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from specdeploy.training.eagle import train_eagle
 
-        m = train_eagle(target, data, out, cfg, args.ce_weight, args.noise, args.unroll, _command(), log, init=args.init)
+        m = train_eagle(target, data, out, cfg, args.ce_weight, args.noise, args.unroll, _command(), log, init=args.init,
+                        draft_vocab_coverage=args.draft_vocab_coverage)
     print(f"{args.kind}: {m['training']['steps_done']} steps, final {m['final_losses']} -> {out}")
     return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from specdeploy.models import artifacts
+    from specdeploy.training.common import DistillData
+    from specdeploy.training.eagle import set_draft_vocab
+
+    folder = artifacts.resolve("eagle", args.head)
+    data = DistillData.load_all(args.data)
+    target = _load_target(args, "float32")
+    _check_data(data, target, args.data)
+    m = set_draft_vocab(folder, target, data, args.draft_vocab_coverage, _command())
+    vocab = m["draft_vocab"]
+    print(f"eagle: draft vocabulary of {vocab['size']} ids, {vocab['covered']:.2%} of {vocab['answer_tokens']} answer tokens"
+          if vocab else "eagle: drafts from the whole vocabulary", f"-> {folder}")
+    return 0
+
+
+def _check_data(data, target, folders: list[str]) -> None:
+    if data.manifest.get("target_hash") != target.source_hash:
+        raise SpecDeployError(f"{' '.join(folders)} was made by another target ({str(data.manifest.get('target_hash'))[:12]}); "
+                              f"make data with this target first")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,16 @@ class DistillData:
     def sequence(self, i: int) -> torch.Tensor:
         return self.ids[int(self.offsets[i]) : int(self.offsets[i + 1])].long()
 
+    def answer_counts(self, vocab_size: int) -> torch.Tensor:
+        """[vocab_size] int64: how often the target emitted each id in the answers (prompts left out)."""
+        pos = torch.arange(int(self.offsets[-1]))
+        seq = torch.searchsorted(self.offsets, pos, right=True) - 1
+        answer = pos - self.offsets[seq] >= self.prompt_lens.long()[seq]
+        ids = self.ids[answer].long()
+        if ids.numel() and int(ids.max()) >= vocab_size:
+            raise SpecDeployError(f"the data holds token id {int(ids.max())}, over the target's vocabulary of {vocab_size}")
+        return torch.bincount(ids, minlength=vocab_size)
+
     def split(self, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
         """Train and validation sequence indices (at least one validation sequence)."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()

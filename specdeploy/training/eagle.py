@@ -8,6 +8,10 @@ With `unroll=s > 1` (as HASS / EAGLE-3's "training-time test"), pass p = 2 .. s 
 its own pass p - 1 prediction with the next token, attending to the true-feature entries of
 pass 1, its ancestors in passes 2 .. p - 1 and itself: exactly what the head sees when drafting
 its p-th token of a chain or tree path. Pass p's loss is weighted 0.8^(p - 1).
+
+The head is trained over the whole vocabulary; its draft vocabulary (FR-Spec: the ids the target
+emits most often in the data's answers, `draft_vocab_coverage` of them) is chosen afterwards, and
+`set_draft_vocab` sets or replaces it on a trained head without training.
 """
 from __future__ import annotations
 
@@ -73,10 +77,38 @@ def eagle_loss(target: LoadedModel, head: eagle.EagleHead, batch: Batch, ce_weig
     return total, metrics
 
 
+DRAFT_VOCAB_COVERAGE = 0.995  # SmolLM2: ~15k of 49k ids; acceptance within 1% (results/cpu/draft_vocab)
+
+
+def choose_draft_vocab(target: LoadedModel, data: DistillData, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
+    """The fewest ids covering `coverage` of the answer tokens in `data` (0: none, the whole vocabulary),
+    and what the manifest records of them."""
+    if coverage == 0:
+        return None, None
+    vocab = int(target.model.get_output_embeddings().weight.shape[0])
+    counts = data.answer_counts(vocab)
+    ids = eagle.frequent_ids(counts, coverage)
+    return ids, {"size": int(ids.numel()), "vocab_size": vocab, "coverage": coverage,
+                 "covered": round(float(counts[ids].sum()) / float(counts.sum()), 6),
+                 "answer_tokens": int(counts.sum()), "data_sha256": data.manifest.get("sha256")}
+
+
+def set_draft_vocab(folder: str | Path, target: LoadedModel, data: DistillData, coverage: float, command: str = "") -> dict:
+    """Give the trained EAGLE head in `folder` the draft vocabulary `data` yields at `coverage` (0: remove
+    it); the head's weights are unchanged. Returns the new manifest."""
+    head, manifest = eagle.load(folder, target)
+    head.draft_vocab, record = choose_draft_vocab(target, data, coverage)
+    manifest = {**manifest, "draft_vocab": record and {**record, "command": command}}
+    eagle.save(head, Path(folder), manifest)
+    return manifest
+
+
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
-                noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None) -> dict:
+                noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None,
+                draft_vocab_coverage: float = 0.0) -> dict:
     """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
-    `init`); returns its manifest."""
+    `init`), with the draft vocabulary covering `draft_vocab_coverage` of the data's answer tokens
+    (0: the whole vocabulary); returns its manifest."""
     if unroll < 1:
         raise SpecDeployError(f"--unroll must be at least 1, got {unroll}")
     device = next(target.model.parameters()).device
@@ -94,9 +126,10 @@ def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
     head.eval()
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     log(f"eagle: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")
+    head.draft_vocab, vocab_record = choose_draft_vocab(target, data, draft_vocab_coverage)
     manifest = artifact_manifest(target, data, cfg, result, command, architecture={
         "layers": 1, "init_layer": len(target.model.model.layers) - 1, "ce_weight": ce_weight, "noise": noise,
-        "unroll": unroll}, init_from=started)
+        "unroll": unroll}, init_from=started, draft_vocab=vocab_record)
     eagle.save(head, out, manifest)
     plot_curve(result.curve, out / "loss.png", "EAGLE head: feature regression + cross-entropy")
     return manifest
