@@ -82,7 +82,8 @@ def test_train_vocab_sets_and_removes_a_heads_draft_vocabulary(data_dir, tmp_pat
     before.pop("draft_vocab", None)
     counts = DistillData.load(data_dir).answer_counts(smollm2.model.config.vocab_size)
     for coverage in ("1", "0.5", "0"):
-        assert main(["train", "vocab", "--head", str(head_dir), "--data", str(data_dir), "--draft-vocab-coverage", coverage]) == 0
+        data = ["--data", str(data_dir)] if coverage != "0" else ["--data", str(tmp_path / "none")]  # 0: none read
+        assert main(["train", "vocab", "--head", str(head_dir), *data, "--draft-vocab-coverage", coverage]) == 0
         vocab = json.loads((head_dir / "manifest.json").read_text())["draft_vocab"]
         head, _ = eagle.load(head_dir, smollm2)
         if coverage == "0":

@@ -160,9 +160,10 @@ def cmd_vocab(args: argparse.Namespace) -> int:
     from specdeploy.training.eagle import set_draft_vocab
 
     folder = artifacts.resolve("eagle", args.head)
-    data = DistillData.load_all(args.data)
+    data = DistillData.load_all(args.data) if args.draft_vocab_coverage else None  # coverage 0: none needed
     target = _load_target(args, "float32")
-    _check_data(data, target, args.data)
+    if data is not None:
+        _check_data(data, target, args.data)
     m = set_draft_vocab(folder, target, data, args.draft_vocab_coverage, _command())
     vocab = m["draft_vocab"]
     print(f"eagle: draft vocabulary of {vocab['size']} ids, {vocab['covered']:.2%} of {vocab['answer_tokens']} answer tokens"

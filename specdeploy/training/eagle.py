@@ -80,7 +80,7 @@ def eagle_loss(target: LoadedModel, head: eagle.EagleHead, batch: Batch, ce_weig
 DRAFT_VOCAB_COVERAGE = 0.995  # SmolLM2: ~15k of 49k ids; acceptance within 1% (results/cpu/draft_vocab)
 
 
-def choose_draft_vocab(target: LoadedModel, data: DistillData, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
+def choose_draft_vocab(target: LoadedModel, data: DistillData | None, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
     """The fewest ids covering `coverage` of the answer tokens in `data` (0: none, the whole vocabulary),
     and what the manifest records of them."""
     if coverage == 0:
@@ -93,9 +93,10 @@ def choose_draft_vocab(target: LoadedModel, data: DistillData, coverage: float) 
                  "answer_tokens": int(counts.sum()), "data_sha256": data.manifest.get("sha256")}
 
 
-def set_draft_vocab(folder: str | Path, target: LoadedModel, data: DistillData, coverage: float, command: str = "") -> dict:
+def set_draft_vocab(folder: str | Path, target: LoadedModel, data: DistillData | None, coverage: float,
+                    command: str = "") -> dict:
     """Give the trained EAGLE head in `folder` the draft vocabulary `data` yields at `coverage` (0: remove
-    it); the head's weights are unchanged. Returns the new manifest."""
+    it, no data needed); the head's weights are unchanged. Returns the new manifest."""
     head, manifest = eagle.load(folder, target)
     head.draft_vocab, record = choose_draft_vocab(target, data, coverage)
     manifest = {**manifest, "draft_vocab": record and {**record, "command": command}}
