@@ -17,6 +17,9 @@ MAX_K = 64
 # (results/cpu/draft_confidence/README.md); Medusa's heads guess each position without the ones before it,
 # so their path probabilities are products of marginals and fall much faster than a draft model's
 DRAFT_CONFIDENCE = {"draft": 0.1, "layerskip": 0.1, "medusa": 0.005}
+# share of the target's answer tokens a trained EAGLE head's draft vocabulary covers (FR-Spec): on SmolLM2 15,570 of
+# 49,152 ids, acceptance within 1% (results/cpu/draft_vocab)
+DRAFT_VOCAB_COVERAGE = 0.995
 
 
 def check_confidence(value: float) -> float:

@@ -17,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.errors import SpecDeployError
 
 DEFAULT_DATA = "artifacts/distill"
@@ -77,8 +78,6 @@ def add_cli(sub) -> None:
 
 
 def _vocab_arg(p: argparse.ArgumentParser) -> None:
-    from specdeploy.training.eagle import DRAFT_VOCAB_COVERAGE
-
     p.add_argument("--draft-vocab-coverage", type=float, default=DRAFT_VOCAB_COVERAGE,
                    help="the head drafts from the fewest ids covering this share of the data's answer tokens "
                         f"(FR-Spec; default {DRAFT_VOCAB_COVERAGE}); 0: from the whole vocabulary")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.errors import SpecDeployError
 from specdeploy.models import eagle
 from specdeploy.models.loader import LoadedModel
@@ -77,9 +78,6 @@ def eagle_loss(target: LoadedModel, head: eagle.EagleHead, batch: Batch, ce_weig
     return total, metrics
 
 
-DRAFT_VOCAB_COVERAGE = 0.995  # SmolLM2: ~15k of 49k ids; acceptance within 1% (results/cpu/draft_vocab)
-
-
 def choose_draft_vocab(target: LoadedModel, data: DistillData | None, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
     """The fewest ids covering `coverage` of the answer tokens in `data` (0: none, the whole vocabulary),
     and what the manifest records of them."""
@@ -106,7 +104,7 @@ def set_draft_vocab(folder: str | Path, target: LoadedModel, data: DistillData |
 
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,
                 noise: float = 0.2, unroll: int = 2, command: str = "", log=print, init: str | Path | None = None,
-                draft_vocab_coverage: float = 0.0) -> dict:
+                draft_vocab_coverage: float = DRAFT_VOCAB_COVERAGE) -> dict:
     """Train and save an EAGLE head under `out` (from the target's last layer, or from the artifact
     `init`), with the draft vocabulary covering `draft_vocab_coverage` of the data's answer tokens
     (0: the whole vocabulary); returns its manifest."""

@@ -8,50 +8,23 @@ model and head: what a CUDA graph of that step would hold. Prints one JSON objec
 """
 import collections
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-os.environ["SPECDEPLOY_KERNELS"] = "fused"
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch_counter import install  # noqa: E402  (sets the interpreter up before the imports below)
+
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 from specdeploy.config import SamplingParams  # noqa: E402
 from specdeploy.models import eagle  # noqa: E402
-from specdeploy.runtime import _triton_kernels as tk  # noqa: E402
 from specdeploy.runtime.eagle_graphs import GraphEagleProposer  # noqa: E402
 from specdeploy.runtime.types import Context  # noqa: E402
 from test_fused_kernels import small_llama  # noqa: E402
 
-VIEWS = {"view", "expand", "slice", "select", "t", "_unsafe_view", "alias", "unsqueeze", "reshape", "as_strided",
-         "detach", "squeeze", "permute", "empty", "empty_like", "new_empty", "empty_strided"}  # no kernel
 launches, ops = collections.Counter(), collections.Counter()
-
-
-class Launch:
-    def __init__(self, name, fn):
-        self.name, self.fn = name, fn
-
-    def __getitem__(self, grid):
-        def run(*a, **kw):
-            launches[self.name] += 1
-            with _disable_current_modes():
-                return self.fn[grid](*a, **kw)
-        return run
-
-
-for name in dir(tk):
-    if name.endswith("_kernel"):
-        setattr(tk, name, Launch(name, getattr(tk, name)))
-
-
-class Ops(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in VIEWS:
-            ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+Ops = install(lambda kind, name: (launches if kind == "triton" else ops).update([name]))
 
 
 model = small_llama(layers=2, seed=3)
@@ -66,7 +39,7 @@ for depth in (1, 2, 4):
     launches.clear()
     ops.clear()
     kv = p.kv_buckets[0] if depth == 1 else next(kv for kv in p.kv_buckets if kv > p.scratch)
-    with Ops():
+    with Ops:
         p._fn("draft", depth, kv)()
     print(json.dumps({"depth": depth, "launches": sum(launches.values()) + sum(ops.values()),
                       "triton": dict(launches), "aten": dict(ops)}))

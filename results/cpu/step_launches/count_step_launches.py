@@ -12,30 +12,25 @@ outside the graphs. Prints one JSON object per config.
 """
 import collections
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"
-os.environ["SPECDEPLOY_KERNELS"] = "fused"
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "results/cpu/eagle_level_launches"))
+from launch_counter import install  # noqa: E402  (sets the interpreter up before the imports below)
+
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 
 from specdeploy.config import SamplingParams  # noqa: E402
 from specdeploy.models import eagle  # noqa: E402
-from specdeploy.runtime import _triton_kernels as tk  # noqa: E402
 from specdeploy.runtime import cuda_runner  # noqa: E402
 from specdeploy.runtime.eagle_graphs import GraphEagleProposer  # noqa: E402
 from specdeploy.runtime.loop import StopCondition, speculative_generate  # noqa: E402
 from specdeploy.runtime.proposers import NoProposer  # noqa: E402
 from test_fused_kernels import small_llama  # noqa: E402
 
-VIEWS = {"view", "expand", "slice", "select", "t", "_unsafe_view", "alias", "unsqueeze", "reshape", "as_strided",
-         "detach", "squeeze", "permute", "empty", "empty_like", "new_empty", "empty_strided", "lift_fresh",
-         "_local_scalar_dense", "is_pinned", "set_", "_to_copy_cpu_only"}
 graph_depth = 0
 in_graph, eager = collections.Counter(), collections.Counter()
 
@@ -48,37 +43,14 @@ def site() -> str:
     return "?"
 
 
-def count(name: str) -> None:
+def count(kind: str, name: str) -> None:
     if graph_depth:
         in_graph[name] += 1
     else:
         eager[f"{site()}: {name}"] += 1
 
 
-class Launch:
-    def __init__(self, name, fn):
-        self.name, self.fn = name, fn
-
-    def __getitem__(self, grid):
-        def run(*a, **kw):
-            count(self.name)
-            with _disable_current_modes():
-                return self.fn[grid](*a, **kw)
-        return run
-
-
-for name in dir(tk):
-    if name.endswith("_kernel"):
-        setattr(tk, name, Launch(name, getattr(tk, name)))
-
-
-class Ops(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in VIEWS:
-            count(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
+Ops = install(count)
 _call = cuda_runner.CapturedFn.__call__
 
 
@@ -111,7 +83,7 @@ for name, k in (("none", 0), ("eagle", 4)):
     speculative_generate(runner, proposer, ids, params, stop, k=k)  # warm-up: kernels compiled
     in_graph.clear()
     eager.clear()
-    with Ops():
+    with Ops:
         out = speculative_generate(runner, proposer, ids, params, stop, k=k)
     steps = out.stats.target_forwards
     print(json.dumps({"config": f"{name}:{k}", "steps": steps, "emitted": len(out.token_ids),
