@@ -207,6 +207,19 @@ def test_head_graphs_checker_names_axes_parity(tiny_heads):
     assert manifests["eagle"].info["parity"]["max_abs_kv"] < 1e-4 and manifests["eagle"].info["parity"]["tree_width"] >= 2
 
 
+def test_parity_differences_see_infinities_and_nans():
+    """-inf logits (outside a draft vocabulary) must sit at the same places; a NaN never reads as agreement."""
+    from specdeploy.export.onnx import max_abs_diff
+
+    inf = float("inf")
+    a = torch.tensor([[0.5, -inf, 2.0]])
+    assert max_abs_diff(a, torch.tensor([[0.25, -inf, 2.0]])) == 0.25
+    assert max_abs_diff(a, torch.tensor([[0.5, 3.0, 2.0]])) == inf
+    assert max_abs_diff(a, torch.tensor([[0.5, inf, 2.0]])) == inf
+    assert max_abs_diff(a, torch.tensor([[float("nan"), -inf, 2.0]])) == inf
+    assert max_abs_diff(torch.full((2,), -inf), torch.full((2,), -inf)) == 0.0
+
+
 def test_eagle_graph_stores_tied_embedding_once(tiny, tiny_heads):
     root, _ = tiny_heads
     model = onnx.load(str(root / "onnx/eagle" / GRAPH_FILE))

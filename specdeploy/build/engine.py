@@ -251,13 +251,13 @@ def build_onnx_engine(src_dir: str | Path, out_dir: str | Path, algo: str, name:
 
 def _onnx_agreement(ref_graph: Path, graph: Path, tokenizer) -> dict:
     """Logit difference and argmax agreement of a quantized graph vs its float graph on one prompt."""
-    from specdeploy.export.onnx import PARITY_PROMPT
+    from specdeploy.export.onnx import PARITY_PROMPT, max_abs_diff
     from specdeploy.runtime.onnx_runner import OnnxGraph, OnnxRunner
 
     ids = torch.tensor(tokenizer(PARITY_PROMPT)["input_ids"], dtype=torch.long)
     a = OnnxRunner(OnnxGraph(ref_graph)).forward(ids).logits
     b = OnnxRunner(OnnxGraph(graph)).forward(ids).logits
-    return {"prompt_tokens": int(ids.numel()), "max_abs_logits": float((a - b).abs().max()),
+    return {"prompt_tokens": int(ids.numel()), "max_abs_logits": max_abs_diff(a, b),
             "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
 
 

@@ -169,6 +169,17 @@ def export_graph(model: nn.Module, path: Path, config: OnnxExportConfig = OnnxEx
                       path, config, param_bytes(model))
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest |a - b| over the entries finite in both; inf where one is infinite and the other is not
+    (or infinite with another sign), and NaN never passes (logits of a draft vocabulary are -inf outside it:
+    -inf - -inf is NaN, which a max would otherwise swallow)."""
+    a, b = a.float(), b.float()
+    if a.isnan().any() or b.isnan().any() or not torch.equal(a.isinf(), b.isinf()) or not torch.equal(a[a.isinf()], b[b.isinf()]):
+        return float("inf")
+    finite = a.isfinite()
+    return float((a[finite] - b[finite]).abs().max()) if finite.any() else 0.0
+
+
 TREE_PARENTS = (-1, 0, 0, 1, 2)  # the parity check's token tree: the pending token, two children, a grandchild each
 
 
@@ -189,8 +200,8 @@ def parity(model: nn.Module, graph_path: Path, token_ids: list[int], decode_step
         if parents is not None:  # the pending token and the top-2 guesses after it, each with its own top-1
             feed = torch.cat([feed, feed.new_tensor([7, 11, 13, 17])])
         a, b = ref.forward(feed, parents), ort.forward(feed, parents)
-        max_logits = max(max_logits, float((a.logits - b.logits).abs().max()))
-        max_hidden = max(max_hidden, float((a.hidden.float() - b.hidden).abs().max()))
+        max_logits = max(max_logits, max_abs_diff(a.logits, b.logits))
+        max_hidden = max(max_hidden, max_abs_diff(a.hidden, b.hidden))
         agree &= bool(torch.equal(a.logits.argmax(-1), b.logits.argmax(-1)))
         feed = a.logits[-1:].argmax(-1)
     return {"prompt_tokens": len(token_ids), "decode_steps": decode_steps, "tree_nodes": len(TREE_PARENTS),

@@ -35,7 +35,7 @@ from torch import nn
 
 from specdeploy.build.manifest import Manifest, now, tokenizer_hash, versions, write_manifest
 from specdeploy.errors import SpecDeployError
-from specdeploy.export.onnx import GRAPH_FILE, OnnxExportConfig, param_bytes, save_graph
+from specdeploy.export.onnx import GRAPH_FILE, OnnxExportConfig, max_abs_diff, param_bytes, save_graph
 from specdeploy.models.artifacts import WEIGHTS
 from specdeploy.models.eagle import EagleHead, draft_lm_head
 from specdeploy.models.loader import LoadedModel, file_sha256
@@ -97,7 +97,7 @@ def medusa_parity(module: MedusaGraph, path: Path, features: torch.Tensor) -> di
     with torch.no_grad():
         ref = module(features)
     got = torch.from_numpy(OnnxHeadGraph(path).run(hidden_states=features.numpy())[0])
-    return {"rows": int(features.shape[0]), "max_abs_logits": float((ref - got).abs().max()),
+    return {"rows": int(features.shape[0]), "max_abs_logits": max_abs_diff(ref, got),
             "argmax_agree": bool(torch.equal(ref.argmax(-1), got.argmax(-1)))}
 
 
@@ -119,9 +119,9 @@ def eagle_parity(module: EagleGraph, path: Path, features: torch.Tensor, token_i
         with torch.no_grad():
             ref = module(*inputs)
         got = [torch.from_numpy(a) for a in graph.run(**dict(zip(EAGLE_IO[0], (t.numpy() for t in inputs))))]
-        diffs["max_abs_hidden"] = max(diffs["max_abs_hidden"], float((ref[0] - got[0]).abs().max()))
-        diffs["max_abs_logits"] = max(diffs["max_abs_logits"], float((ref[1] - got[1]).abs().max()))
-        diffs["max_abs_kv"] = max(diffs["max_abs_kv"], max(float((r - g).abs().max()) for r, g in zip(ref[2:], got[2:])))
+        diffs["max_abs_hidden"] = max(diffs["max_abs_hidden"], max_abs_diff(ref[0], got[0]))
+        diffs["max_abs_logits"] = max(diffs["max_abs_logits"], max_abs_diff(ref[1], got[1]))
+        diffs["max_abs_kv"] = max(diffs["max_abs_kv"], max(max_abs_diff(r, g) for r, g in zip(ref[2:], got[2:])))
         agree &= bool(torch.equal(ref[1].argmax(-1), got[1].argmax(-1)))
         if step == 0:  # a tree level: `width` siblings after the last pair, at the same position
             top = ref[1][0, -1].topk(width).indices
