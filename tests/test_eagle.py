@@ -75,49 +75,6 @@ def test_not_an_artifact_is_refused(smollm2, tmp_path):
         SpecEngine(smollm2, SpecConfig(method="medusa", draft=str(tmp_path)))
 
 
-def test_draft_vocabulary_lm_head_scores_only_its_ids():
-    """`DraftVocabLMHead`: the LM head's logits at the vocabulary's ids, -inf everywhere else."""
-    g = torch.Generator().manual_seed(0)
-    w, h = torch.randn(500, 16, generator=g), torch.randn(2, 3, 16, generator=g)
-    ids = torch.tensor([0, 7, 42, 99, 499])
-    got = eagle.DraftVocabLMHead(w, ids)(h)
-    keep = torch.zeros(500, dtype=torch.bool)
-    keep[ids] = True
-    torch.testing.assert_close(got, (h @ w.T).masked_fill(~keep, float("-inf")))
-    assert set(got.argmax(-1).flatten().tolist()) <= set(ids.tolist())
-
-
-def test_frequent_ids_are_the_fewest_that_cover_the_share():
-    counts = torch.tensor([5, 0, 50, 1, 30, 14])  # 100 tokens: ids 2, 4, 5, 0, 3 by frequency
-    assert eagle.frequent_ids(counts, 0.5).tolist() == [2]
-    assert eagle.frequent_ids(counts, 0.8).tolist() == [2, 4]
-    assert eagle.frequent_ids(counts, 0.81).tolist() == [2, 4, 5]
-    assert eagle.frequent_ids(counts, 1.0).tolist() == [0, 2, 3, 4, 5]  # never an id the data lacks
-    for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(SpecDeployError, match="coverage"):
-            eagle.frequent_ids(counts, bad)
-
-
-@pytest.mark.parametrize("vocab, error", [
-    (torch.tensor([5, 3, 9]), "ascending"),
-    (torch.tensor([3, 3, 9]), "ascending"),
-    (torch.tensor([0, 49152]), "ascending"),
-    (torch.tensor([-1, 4]), "ascending"),
-    (torch.tensor([1.0, 2.0]), "token ids"),
-    (torch.zeros(0, dtype=torch.long), "token ids"),
-    (torch.tensor([[1, 2]]), "token ids"),
-])
-def test_a_corrupt_draft_vocabulary_is_refused(smollm2, tmp_path, vocab, error):
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "eagle"
-    shutil.copytree(artifacts.resolve("eagle"), folder)
-    weights = load_file(str(folder / artifacts.WEIGHTS))
-    save_file({**weights, "draft_vocab": vocab}, str(folder / artifacts.WEIGHTS))
-    with pytest.raises(SpecDeployError, match=error):
-        eagle.load(folder, smollm2)
-
-
 def test_a_draft_vocabulary_round_trips_and_the_trees_keep_to_it(smollm2, tmp_path):
     """Saved and loaded with the head; the eager and static-cache drafters both draft only its ids."""
     from specdeploy.runtime.eagle_graphs import GraphEagleProposer

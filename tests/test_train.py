@@ -11,7 +11,7 @@ import torch
 from specdeploy.bench.tasks import Prompt
 from specdeploy.cli import main
 from specdeploy.config import SamplingParams, SpecConfig
-from specdeploy.models import artifacts, eagle
+from specdeploy.models import artifacts
 from specdeploy.runtime.engine import SpecEngine
 from specdeploy.training.common import DistillData
 
@@ -60,9 +60,8 @@ def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method,
     m2 = json.loads((more / "manifest.json").read_text())
     assert m2["init_from"]["steps_before"] == 2 and m2["init_from"]["path"] == str(out) and m2["training"]["steps_done"] == 1
     assert (more / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()  # lr 0: unchanged
-    if kind == "eagle":  # a draft vocabulary by default: the ids of the data's answers, ascending
-        vocab = m["draft_vocab"]
-        assert 0 < vocab["size"] <= 4 * 6 and vocab["covered"] >= vocab["coverage"] == 0.995
+    vocab = m["draft_vocab"]  # a draft vocabulary by default: the ids of the data's answers
+    assert 0 < vocab["size"] <= 4 * 6 and vocab["covered"] >= vocab["coverage"] == 0.995
     for folder in (out, more):
         engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(folder)))
         ids = engine.encode("What is 2 + 2?")
@@ -71,34 +70,37 @@ def test_train_then_decode_losslessly(data_dir, tmp_path, smollm2, kind, method,
         assert got == plain
 
 
-def test_train_vocab_sets_and_removes_a_heads_draft_vocabulary(data_dir, tmp_path, smollm2):
-    """`specdeploy train vocab` rewrites a trained head's draft vocabulary in place, weights untouched;
+@pytest.mark.parametrize("method, kind", [("eagle", "eagle"), ("medusa", "medusa"), ("draft", "draft_lm")])
+def test_train_vocab_sets_and_removes_a_drafts_vocabulary(data_dir, tmp_path, smollm2, method, kind):
+    """`specdeploy train vocab` rewrites a trained draft's vocabulary in place, its weights untouched;
     coverage 0 gives the whole vocabulary back. Decoding stays the target's own."""
     from safetensors.torch import load_file
 
-    head_dir = tmp_path / "eagle"
-    shutil.copytree(artifacts.resolve("eagle"), head_dir)
-    before = load_file(str(head_dir / "weights.safetensors"))
+    folder = tmp_path / kind
+    shutil.copytree(artifacts.resolve(kind), folder)
+    before = load_file(str(folder / "weights.safetensors"))
     before.pop("draft_vocab", None)
     counts = DistillData.load(data_dir).answer_counts(smollm2.model.config.vocab_size)
+    plain = SpecEngine(smollm2, SpecConfig(method="none"))
+    ids = plain.encode("Write a Python function that adds two numbers.")
+    want = plain.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids
     for coverage in ("1", "0.5", "0"):
         data = ["--data", str(data_dir)] if coverage != "0" else ["--data", str(tmp_path / "none")]  # 0: none read
-        assert main(["train", "vocab", "--head", str(head_dir), *data, "--draft-vocab-coverage", coverage]) == 0
-        vocab = json.loads((head_dir / "manifest.json").read_text())["draft_vocab"]
-        head, _ = eagle.load(head_dir, smollm2)
+        argv = ["train", "vocab", "--method", method, "--draft", str(folder), *data, "--draft-vocab-coverage", coverage]
+        assert main(argv) == 0
+        vocab = json.loads((folder / "manifest.json").read_text())["draft_vocab"]
+        after = load_file(str(folder / "weights.safetensors"))
+        ids_saved = after.pop("draft_vocab", None)
         if coverage == "0":
-            assert vocab is None and head.draft_vocab is None
+            assert vocab is None and ids_saved is None
         else:
-            assert head.draft_vocab.tolist() == sorted(head.draft_vocab.tolist()) and vocab["size"] == head.draft_vocab.numel()
-            assert int(counts[head.draft_vocab].sum()) >= float(coverage) * int(counts.sum())
-        after = load_file(str(head_dir / "weights.safetensors"))
-        after.pop("draft_vocab", None)
+            assert ids_saved.tolist() == sorted(set(ids_saved.tolist())) and vocab["size"] == ids_saved.numel()
+            assert int(counts[ids_saved].sum()) >= float(coverage) * int(counts.sum())
         assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-        engine = SpecEngine(smollm2, SpecConfig(method="eagle", k=3, draft=str(head_dir)))
-        ids = engine.encode("Write a Python function that adds two numbers.")
-        plain = SpecEngine(smollm2, SpecConfig(method="none")).generate_ids(ids, SamplingParams(max_new_tokens=8))
-        assert engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids == plain.token_ids
-    assert main(["train", "vocab", "--head", str(head_dir), "--data", str(data_dir), "--draft-vocab-coverage", "1.5"]) == 2
+        engine = SpecEngine(smollm2, SpecConfig(method=method, k=3, draft=str(folder)))
+        assert engine.generate_ids(ids, SamplingParams(max_new_tokens=8)).token_ids == want
+    assert main(["train", "vocab", "--method", method, "--draft", str(folder), "--data", str(data_dir),
+                 "--draft-vocab-coverage", "1.5"]) == 2
 
 
 def test_train_refuses_data_of_another_target(data_dir, tmp_path):

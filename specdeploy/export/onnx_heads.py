@@ -4,7 +4,8 @@ medusa/model.onnx (all heads in one call):
     inputs   hidden_states                 [batch, hidden] float32: the target's last hidden state
                                            (after its final norm; the target graph's `hidden_states`)
     outputs  logits                        [num_heads, batch, vocab] float32: head i's guess of the
-                                           token i + 2 places after the feature's position
+                                           token i + 2 places after the feature's position (-inf
+                                           outside the heads' draft vocabulary, if they have one)
 
 eagle/model.onnx (a prefill of committed pairs, or one level of a draft tree, is one call):
     inputs   hidden_states                 [batch, seq, hidden] float32: features (the target's, or
@@ -37,7 +38,8 @@ from specdeploy.build.manifest import Manifest, now, tokenizer_hash, versions, w
 from specdeploy.errors import SpecDeployError
 from specdeploy.export.onnx import GRAPH_FILE, OnnxExportConfig, max_abs_diff, param_bytes, save_graph
 from specdeploy.models.artifacts import WEIGHTS
-from specdeploy.models.eagle import EagleHead, draft_lm_head
+from specdeploy.models.draft_vocab import with_draft_vocab
+from specdeploy.models.eagle import EagleHead
 from specdeploy.models.loader import LoadedModel, file_sha256
 from specdeploy.models.medusa import MedusaHeads
 
@@ -52,7 +54,7 @@ class MedusaGraph(nn.Module):
 
     def __init__(self, heads: MedusaHeads, lm_head: nn.Module) -> None:
         super().__init__()
-        self.heads, self.lm_head = heads, lm_head
+        self.heads, self.lm_head = heads, with_draft_vocab(lm_head, heads.draft_vocab)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.heads(hidden_states)).float()
@@ -63,7 +65,7 @@ class EagleGraph(nn.Module):
 
     def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module) -> None:
         super().__init__()
-        self.head, self.embed, self.lm_head = head, embed, draft_lm_head(head, lm_head)
+        self.head, self.embed, self.lm_head = head, embed, with_draft_vocab(lm_head, head.draft_vocab)
 
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor) -> tuple[torch.Tensor, ...]:

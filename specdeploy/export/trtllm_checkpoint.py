@@ -30,9 +30,9 @@ imports or runs TensorRT-LLM. The format follows these upstream files (NVIDIA/Te
 - tensorrt_llm/models/eagle/{config,model,weight}.py: EagleForCausalLM with eagle_net_config,
   num_eagle_layers, max_non_leaves_per_layer, max_draft_len; tensors under
   `eagle_nets.{i}.drafter.` (fc [hidden, 2*hidden] + bias, layers without layer 0's
-  input_layernorm, no ln_f) and `eagle_nets.{i}.lm_head.weight` (the target's lm_head). This
-  format has no draft vocabulary: a head's (models/eagle.py, FR-Spec) is left out, and its
-  EagleNets draft from the whole lm_head (verification is the target's either way).
+  input_layernorm, no ln_f) and `eagle_nets.{i}.lm_head.weight` (the target's lm_head).
+  Neither this nor the Medusa format has a draft vocabulary (models/draft_vocab.py): a head's is
+  left out, and its heads draft from the whole lm_head (verification is the target's either way).
 
 W8A16: upstream checkpoints hold int8 weights already in the CUTLASS mixed-GEMM layout that
 `torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix` produces for the converting

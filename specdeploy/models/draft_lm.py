@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.models import artifacts
+from specdeploy.models.draft_vocab import DraftVocabLMHead, draft_vocab_tensors, pop_draft_vocab
 
 SHARED = ("model.embed_tokens.", "lm_head.")  # parameter prefixes reused from the target
 
@@ -58,18 +59,23 @@ def own_state_dict(draft: PreTrainedModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in draft.state_dict().items() if not k.startswith(SHARED)}
 
 
-def save(draft: PreTrainedModel, folder: Path, manifest: dict, dtype: torch.dtype = torch.bfloat16) -> None:
+def save(draft: PreTrainedModel, folder: Path, manifest: dict, dtype: torch.dtype = torch.bfloat16,
+         draft_vocab: torch.Tensor | None = None) -> None:
+    """The draft's own weights, config and manifest; `draft_vocab`: the ids it drafts from (None: all)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in own_state_dict(draft).items()}
-    save_file(tensors, str(folder / artifacts.WEIGHTS))
+    save_file(tensors | draft_vocab_tensors(draft_vocab), str(folder / artifacts.WEIGHTS))
     config = draft.config.to_dict()
     config.pop("quantization_config", None)
     artifacts.write_json(folder / artifacts.CONFIG, config)
     artifacts.write_json(folder / artifacts.MANIFEST, {"kind": "draft_lm", **manifest})
 
 
-def load(folder: str | Path | None, target, device: str | torch.device | None = None) -> PreTrainedModel:
-    """Load a DraftLM artifact (default: the shipped one) onto the target (a LoadedModel)."""
+def load(folder: str | Path | None, target, device: str | torch.device | None = None,
+         draft_vocab: bool = True) -> PreTrainedModel:
+    """Load a DraftLM artifact (default: the shipped one) onto the target (a LoadedModel). With its draft
+    vocabulary, if it has one, its lm_head scores those ids only (models/draft_vocab.py); `draft_vocab=False`
+    gives the target's whole lm_head (to train it further)."""
     folder = artifacts.resolve("draft_lm", folder)
     manifest = artifacts.read_manifest(folder, "draft_lm")
     artifacts.check_target(manifest, folder, target.source_hash, target.tokenizer)
@@ -83,6 +89,7 @@ def load(folder: str | Path | None, target, device: str | torch.device | None = 
     with torch.device("meta"):
         draft = AutoModelForCausalLM.from_config(config)
     weights = load_file(str(folder / artifacts.WEIGHTS))
+    vocab = pop_draft_vocab(weights, target, folder)
     dtype = target.model.dtype
     device = device or next(target.model.parameters()).device
     state = {k: v.to(device, dtype) for k, v in weights.items()}
@@ -90,7 +97,10 @@ def load(folder: str | Path | None, target, device: str | torch.device | None = 
     if missing:
         raise SpecDeployError(f"{folder}: weights missing {missing[:3]}")
     draft.load_state_dict(state, strict=False, assign=True)
-    return _attach_shared(draft, target.model).eval()
+    draft = _attach_shared(draft, target.model)
+    if draft_vocab and vocab is not None:
+        draft.lm_head = DraftVocabLMHead(target.model.lm_head.weight, vocab)
+    return draft.eval()
 
 
 def _read_config(folder: Path) -> dict:

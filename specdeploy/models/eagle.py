@@ -24,6 +24,7 @@ from torch import nn
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.models import artifacts
+from specdeploy.models.draft_vocab import draft_vocab_tensors, pop_draft_vocab
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ class DecoderLayer(nn.Module):
 class EagleHead(nn.Module):
     """fc(concat(feature, next-token embedding)) -> one decoder layer -> predicted next feature.
 
-    draft_vocab: [N] int64 ascending token ids the head drafts from (`DraftVocabLMHead`), None for all."""
+    draft_vocab: [N] int64 ascending token ids the head drafts from (models/draft_vocab.py), None for all."""
 
     def __init__(self, c: EagleConfig, draft_vocab: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -169,65 +170,10 @@ class EagleHead(nn.Module):
         return head
 
 
-class DraftVocabLMHead(nn.Module):
-    """The target's LM head over a draft vocabulary (FR-Spec, Zhao et al. 2025): only the rows of `ids`
-    [N] (ascending) are scored and every other id gets -inf, so the head never drafts it. Verification
-    is the target's own, so output is unchanged; a drafting step reads N / vocab of the LM head."""
-
-    def __init__(self, weight: torch.Tensor, ids: torch.Tensor) -> None:
-        super().__init__()
-        self.vocab_size = int(weight.shape[0])
-        self.register_buffer("ids", ids.to(weight.device), persistent=False)
-        self.weight = nn.Parameter(weight.detach()[self.ids].contiguous(), requires_grad=False)  # [N, H]
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return draft_logits(h, self.weight, self.ids, self.vocab_size)
-
-
-def draft_logits(h: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """h [..., H] scored by a draft vocabulary's rows `weight` [N, H] of the LM head -> logits [..., vocab_size]
-    over every id, -inf outside `ids` [N]."""
-    sub = F.linear(h, weight)
-    full = sub.new_full((*sub.shape[:-1], vocab_size), float("-inf"))
-    return full.scatter(-1, ids.expand_as(sub), sub)
-
-
-def draft_lm_head(head: EagleHead, lm_head: nn.Module) -> nn.Module:
-    """The LM head the head drafts with: the target's, or its draft vocabulary's rows of it."""
-    return lm_head if head.draft_vocab is None else DraftVocabLMHead(lm_head.weight, head.draft_vocab)
-
-
-def check_draft_vocab(ids: torch.Tensor, vocab_size: int, where: object) -> torch.Tensor:
-    """ids as an int64 draft vocabulary of a `vocab_size` vocabulary, or a clear error: non-empty,
-    ascending without repeats, every id in range."""
-    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise SpecDeployError(f"{where}: draft_vocab must be a non-empty 1-D tensor of token ids, "
-                              f"got {tuple(ids.shape)} {ids.dtype}")
-    ids = ids.long()
-    if not bool((ids[1:] > ids[:-1]).all()) or int(ids[0]) < 0 or int(ids[-1]) >= vocab_size:
-        raise SpecDeployError(f"{where}: draft_vocab must hold ascending, distinct ids in [0, {vocab_size})")
-    return ids
-
-
-def frequent_ids(counts: torch.Tensor, coverage: float) -> torch.Tensor:
-    """The fewest ids whose `counts` [vocab] cover `coverage` of the total, ascending: a draft vocabulary
-    from how often the target emits each token."""
-    if not 0.0 < coverage <= 1.0:
-        raise SpecDeployError(f"draft vocabulary coverage must be in (0, 1], got {coverage}")
-    if int(counts.sum()) <= 0:
-        raise SpecDeployError("no answer tokens to choose a draft vocabulary from")
-    order = counts.argsort(descending=True, stable=True)
-    covered = counts[order].cumsum(0).double() / counts.sum()
-    n = int((covered < coverage).sum()) + 1
-    return order[: min(n, counts.numel())].sort().values
-
-
 def save(head: EagleHead, folder: Path, manifest: dict, dtype: torch.dtype = torch.bfloat16) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in head.state_dict().items()}
-    if head.draft_vocab is not None:
-        tensors["draft_vocab"] = head.draft_vocab.detach().to("cpu", torch.long).contiguous()
-    save_file(tensors, str(folder / artifacts.WEIGHTS))
+    save_file(tensors | draft_vocab_tensors(head.draft_vocab), str(folder / artifacts.WEIGHTS))
     artifacts.write_json(folder / artifacts.CONFIG, {"architecture": "EagleHead", **asdict(head.config)})
     artifacts.write_json(folder / artifacts.MANIFEST, {"kind": "eagle", **manifest})
 
@@ -244,10 +190,7 @@ def load(folder: str | Path | None, target) -> tuple[EagleHead, dict]:
         raise SpecDeployError(f"{folder}: EAGLE head of hidden size {config.hidden_size} does not fit the target's "
                               f"{target.model.config.hidden_size}")
     weights = load_file(str(folder / artifacts.WEIGHTS))
-    vocab = weights.pop("draft_vocab", None)
-    if vocab is not None:
-        vocab = check_draft_vocab(vocab, target.model.get_output_embeddings().weight.shape[0], folder)
-    head = EagleHead(config, vocab)
+    head = EagleHead(config, pop_draft_vocab(weights, target, folder))
     head.load_state_dict(weights)
     param = next(target.model.parameters())
     return head.to(param.device, param.dtype).eval(), manifest

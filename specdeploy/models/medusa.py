@@ -18,6 +18,7 @@ from torch import nn
 
 from specdeploy.errors import SpecDeployError
 from specdeploy.models import artifacts
+from specdeploy.models.draft_vocab import draft_vocab_tensors, pop_draft_vocab
 
 
 class ResBlock(nn.Module):
@@ -32,10 +33,13 @@ class ResBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
+    """draft_vocab: [N] int64 ascending token ids the heads draft from (models/draft_vocab.py), None for all."""
+
+    def __init__(self, hidden_size: int, num_heads: int, draft_vocab: torch.Tensor | None = None) -> None:
         super().__init__()
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.heads = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_heads))
+        self.register_buffer("draft_vocab", draft_vocab, persistent=False)  # saved apart: an integer tensor
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: [..., H] -> [num_heads, ..., H]; apply the target's lm_head for logits."""
@@ -45,8 +49,8 @@ class MedusaHeads(nn.Module):
 def save(heads: MedusaHeads, folder: Path, manifest: dict, tree: list[tuple[int, ...]],
          dtype: torch.dtype = torch.bfloat16) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.state_dict().items()},
-              str(folder / artifacts.WEIGHTS))
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in heads.state_dict().items()}
+    save_file(tensors | draft_vocab_tensors(heads.draft_vocab), str(folder / artifacts.WEIGHTS))
     config = {"architecture": "MedusaHeads", "hidden_size": heads.hidden_size, "num_heads": heads.num_heads,
               "tree": [list(p) for p in tree]}
     artifacts.write_json(folder / artifacts.CONFIG, config)
@@ -62,7 +66,8 @@ def load(folder: str | Path | None, target) -> tuple[MedusaHeads, list[tuple[int
     if config["hidden_size"] != target.model.config.hidden_size:
         raise SpecDeployError(f"{folder}: Medusa heads of hidden size {config['hidden_size']} do not fit the "
                               f"target's {target.model.config.hidden_size}")
-    heads = MedusaHeads(config["hidden_size"], config["num_heads"])
-    heads.load_state_dict(load_file(str(folder / artifacts.WEIGHTS)))
+    weights = load_file(str(folder / artifacts.WEIGHTS))
+    heads = MedusaHeads(config["hidden_size"], config["num_heads"], pop_draft_vocab(weights, target, folder))
+    heads.load_state_dict(weights)
     param = next(target.model.parameters())
     return heads.to(param.device, param.dtype).eval(), [tuple(p) for p in config["tree"]], manifest

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from specdeploy.config import SamplingParams
 from specdeploy.errors import SpecDeployError
-from specdeploy.models.eagle import DraftVocabLMHead, EagleHead
+from specdeploy.models.draft_vocab import DraftVocabLMHead
+from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime.cuda_runner import CapturedFn, LeanLlama, bucket, graphs_default, kv_buckets_for
 from specdeploy.runtime.eagle_graphs import LeanEagleHead
 from specdeploy.runtime.loop import StopCondition

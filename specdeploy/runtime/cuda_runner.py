@@ -41,6 +41,7 @@ from torch import nn
 
 from specdeploy.config import HEAD_METHODS
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.draft_vocab import DraftVocabLMHead, draft_logits
 from specdeploy.runtime import kernels as fused_kernels
 from specdeploy.runtime.runner import ids_on, path_needs_move
 from specdeploy.runtime.tree import ancestor_matrix, check_parents
@@ -230,13 +231,15 @@ class LeanLlama:
     except the fused q/k/v and gate/up concatenations)."""
 
     def __init__(self, dims: LlamaDims, embed: torch.Tensor, layers: list[LayerWeights], norm: torch.Tensor,
-                 lm_head: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, kernels: str | None = None) -> None:
+                 lm_head: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, kernels: str | None = None,
+                 vocab_ids: torch.Tensor | None = None) -> None:
         self.dims = dims
         self.kernels = choose_kernels(dims, embed.device, kernels)  # "fused" (kernels.py) or "torch"
         self.embed = embed  # [vocab, hidden]
         self.layers = layers
         self.norm = norm  # [hidden]
-        self.lm_head = lm_head  # [vocab, hidden]
+        self.lm_head = lm_head  # [vocab, hidden], or a draft vocabulary's rows of it: [N, hidden]
+        self.vocab_ids = vocab_ids  # [N] the token ids of those rows (models/draft_vocab.py), None for all
         self.rope_cos = rope_cos  # [rope_positions, head_dim] model dtype
         self.rope_sin = rope_sin  # [rope_positions, head_dim] sign folded: [-sin_low, sin_high], model dtype
         self.device = embed.device
@@ -264,15 +267,16 @@ class LeanLlama:
         rotary = inner.rotary_emb
         cos, sin_signed = rope_tables(rotary.inv_freq, dims.max_positions + ROPE_SLACK, inner.embed_tokens.weight.dtype,
                                       float(getattr(rotary, "attention_scaling", 1.0)))
-        return cls(dims, inner.embed_tokens.weight, layers[:n], inner.norm.weight, model.lm_head.weight, cos, sin_signed,
-                   kernels)
+        head = model.lm_head  # a DraftLM's may score a draft vocabulary
+        return cls(dims, inner.embed_tokens.weight, layers[:n], inner.norm.weight, head.weight, cos, sin_signed,
+                   kernels, head.ids if isinstance(head, DraftVocabLMHead) else None)
 
     def truncated(self, num_layers: int) -> "LeanLlama":
         """The first `num_layers` layers + final norm + LM head, sharing every tensor (layerskip draft)."""
         if not 1 <= num_layers <= self.num_layers:
             raise SpecDeployError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
         return LeanLlama(self.dims, self.embed, self.layers[:num_layers], self.norm, self.lm_head, self.rope_cos,
-                         self.rope_sin, self.kernels)
+                         self.rope_sin, self.kernels, self.vocab_ids)
 
     def new_cache(self, batch: int, positions: int) -> StaticKVCache:
         if positions > self.rope_positions:
@@ -327,11 +331,15 @@ class LeanLlama:
             out = None
             if logits != "none":
                 out = fused_kernels.linear(h.reshape(-1, d.hidden), self.lm_head, norm_w=self.norm, eps=d.eps)
-                out = out.view(*h.shape[:2], -1)
+                out = self._vocab_logits(out.view(*h.shape[:2], -1))
             return out, (F.rms_norm(h, (d.hidden,), self.norm, d.eps) if want_hidden else None)
         normed = F.rms_norm(h, (d.hidden,), self.norm, d.eps) if (logits != "none" or want_hidden) else None
-        out = normed @ self.lm_head.t() if logits != "none" else None  # [R, m or 1, vocab]
+        out = self._vocab_logits(normed @ self.lm_head.t()) if logits != "none" else None  # [R, m or 1, vocab]
         return out, (normed if want_hidden else None)
+
+    def _vocab_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The LM head's output over the whole vocabulary (-inf outside a draft vocabulary)."""
+        return out if self.vocab_ids is None else draft_logits(out, self.vocab_ids, self.dims.vocab)
 
     def run_layers(
         self,

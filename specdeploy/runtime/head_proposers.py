@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from specdeploy.config import check_confidence
-from specdeploy.models.eagle import EagleHead, draft_lm_head
+from specdeploy.models.draft_vocab import with_draft_vocab
+from specdeploy.models.eagle import EagleHead
 from specdeploy.models.medusa import MedusaHeads
 from specdeploy.runtime.proposers import Proposer
 from specdeploy.runtime.tree import best_nodes, merge_drafts, shape_parents
@@ -116,7 +117,7 @@ class TorchEagleStep:
     """`EagleStep` of the torch head: features ++ embed(tokens) -> head -> features; lm_head -> logits."""
 
     def __init__(self, head: EagleHead, embed: nn.Module, lm_head: nn.Module) -> None:
-        self.head, self.embed, self.lm_head = head, embed, draft_lm_head(head, lm_head)
+        self.head, self.embed, self.lm_head = head, embed, with_draft_vocab(lm_head, head.draft_vocab)
 
     def __call__(self, features, tokens, positions, allowed, cache, last_only=False):
         out, cache = self.head(features[None], self.embed(tokens)[None], positions, allowed, cache)
@@ -334,6 +335,7 @@ def build_head_proposer(spec, target, graph_max_length: int | None = None, *,
     if spec.method == "medusa":
         if medusa_heads is None:
             heads, tree, _ = medusa.load(spec.draft, target)
+            lm_head = with_draft_vocab(lm_head, heads.draft_vocab)
         else:
             heads, lm_head, tree = medusa_heads
         if size is not None:

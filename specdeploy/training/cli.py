@@ -67,20 +67,24 @@ def add_cli(sub) -> None:
             p.add_argument("--noise", type=float, default=0.2, help="uniform noise width on input features")
             p.add_argument("--unroll", type=int, default=2,
                            help="passes per batch: 2 or more also trains on the head's own predictions (HASS)")
-            _vocab_arg(p)
+        _vocab_arg(p)
 
-    v = tsub.add_parser("vocab", help="give a trained EAGLE head a draft vocabulary from distillation data (no training)")
+    v = tsub.add_parser("vocab", help="give a trained draft a draft vocabulary from distillation data (no training)")
     _model_args(v)
+    v.add_argument("--method", choices=sorted(VOCAB_KINDS), default="eagle", help="the kind of draft (default eagle)")
+    v.add_argument("--draft", help="its artifact folder, rewritten in place (default: the shipped one)")
     v.add_argument("--data", nargs="+", default=[DEFAULT_DATA], help="folder(s) made by `specdeploy train data`")
-    v.add_argument("--head", help="EAGLE artifact folder, rewritten in place (default: the shipped one)")
     _vocab_arg(v)
     v.set_defaults(func=cmd_vocab)
 
 
+VOCAB_KINDS = {"draft": "draft_lm", "medusa": "medusa", "eagle": "eagle"}  # --method -> artifact kind
+
+
 def _vocab_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab-coverage", type=float, default=DRAFT_VOCAB_COVERAGE,
-                   help="the head drafts from the fewest ids covering this share of the data's answer tokens "
-                        f"(FR-Spec; default {DRAFT_VOCAB_COVERAGE}); 0: from the whole vocabulary")
+                   help="the draft scores only the fewest ids covering this share of the data's answer tokens "
+                        f"(FR-Spec; default {DRAFT_VOCAB_COVERAGE}); 0: the whole vocabulary")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -139,11 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         from specdeploy.training.draft_lm import train_draft
 
         layers = [int(x) for x in args.init_layers.split(",")] if args.init_layers else None
-        m = train_draft(target, data, out, cfg, args.layers, layers, _command(), log, init=args.init)
+        m = train_draft(target, data, out, cfg, args.layers, layers, _command(), log, init=args.init,
+                        draft_vocab_coverage=args.draft_vocab_coverage)
     elif args.kind == "medusa":
         from specdeploy.training.medusa import train_medusa
 
-        m = train_medusa(target, data, out, cfg, args.heads, args.tree_size, command=_command(), log=log, init=args.init)
+        m = train_medusa(target, data, out, cfg, args.heads, args.tree_size, command=_command(), log=log, init=args.init,
+                         draft_vocab_coverage=args.draft_vocab_coverage)
     else:
         from specdeploy.training.eagle import train_eagle
 
@@ -154,19 +160,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_vocab(args: argparse.Namespace) -> int:
-    from specdeploy.models import artifacts
-    from specdeploy.training.common import DistillData
-    from specdeploy.training.eagle import set_draft_vocab
+    from specdeploy.training.common import DistillData, set_draft_vocab
 
-    folder = artifacts.resolve("eagle", args.head)
     data = DistillData.load_all(args.data) if args.draft_vocab_coverage else None  # coverage 0: none needed
     target = _load_target(args, "float32")
     if data is not None:
         _check_data(data, target, args.data)
-    m = set_draft_vocab(folder, target, data, args.draft_vocab_coverage, _command())
+    folder, m = set_draft_vocab(VOCAB_KINDS[args.method], args.draft, target, data, args.draft_vocab_coverage, _command())
     vocab = m["draft_vocab"]
-    print(f"eagle: draft vocabulary of {vocab['size']} ids, {vocab['covered']:.2%} of {vocab['answer_tokens']} answer tokens"
-          if vocab else "eagle: drafts from the whole vocabulary", f"-> {folder}")
+    print(f"{args.method}: draft vocabulary of {vocab['size']} ids, {vocab['covered']:.2%} of {vocab['answer_tokens']} "
+          f"answer tokens" if vocab else f"{args.method}: drafts from the whole vocabulary", f"-> {folder}")
     return 0
 
 

@@ -23,10 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.models import artifacts
 from specdeploy.models.artifacts import tokenizer_hash
+from specdeploy.models.draft_vocab import KEY as VOCAB_KEY
+from specdeploy.models.draft_vocab import draft_vocab_tensors, frequent_ids
 from specdeploy.models.loader import LoadedModel
 
 TOKENS_FILE, DATA_MANIFEST = "tokens.safetensors", "manifest.json"
@@ -301,6 +304,36 @@ def init_record(init: str | Path, prior: dict) -> dict:
     steps = int(prior["training"]["steps_done"]) + int((prior.get("init_from") or {}).get("steps_before", 0))
     return {"path": str(init), "steps_before": steps, "data_sha256": prior["data"].get("sha256"),
             "created": prior.get("created")}
+
+
+def choose_draft_vocab(target: LoadedModel, data: DistillData | None, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
+    """The fewest ids covering `coverage` of the answer tokens in `data` (0: none, the whole vocabulary),
+    and what a manifest records of them (models/draft_vocab.py)."""
+    if coverage == 0:
+        return None, None
+    vocab = int(target.model.get_output_embeddings().weight.shape[0])
+    counts = data.answer_counts(vocab)
+    ids = frequent_ids(counts, coverage)
+    return ids, {"size": int(ids.numel()), "vocab_size": vocab, "coverage": coverage,
+                 "covered": round(float(counts[ids].sum()) / float(counts.sum()), 6),
+                 "answer_tokens": int(counts.sum()), "data_sha256": data.manifest.get("sha256")}
+
+
+def set_draft_vocab(kind: str, folder: str | Path | None, target: LoadedModel, data: DistillData | None,
+                    coverage: float, command: str = "") -> tuple[Path, dict]:
+    """Give the trained draft artifact of `kind` in `folder` (None: the shipped one) the draft vocabulary `data`
+    yields at `coverage` (0: remove it, no data needed), in place; its weights are untouched. Returns the
+    folder and its new manifest."""
+    folder = artifacts.resolve(kind, folder)
+    manifest = artifacts.read_manifest(folder, kind)
+    artifacts.check_target(manifest, folder, target.source_hash, target.tokenizer)
+    ids, record = choose_draft_vocab(target, data, coverage)
+    weights = load_file(str(folder / artifacts.WEIGHTS))
+    weights.pop(VOCAB_KEY, None)
+    save_file(weights | draft_vocab_tensors(ids), str(folder / artifacts.WEIGHTS))
+    manifest = {**manifest, "draft_vocab": record and {**record, "command": command}}
+    artifacts.write_json(folder / artifacts.MANIFEST, manifest)
+    return folder, manifest
 
 
 def artifact_manifest(target: LoadedModel, data: DistillData, cfg: TrainConfig, result: TrainResult,

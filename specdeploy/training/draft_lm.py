@@ -13,24 +13,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.models import artifacts, draft_lm
 from specdeploy.models.loader import LoadedModel
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
-                                        masked_mean, plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, choose_draft_vocab, evaluate,
+                                        init_record, masked_mean, plot_curve, target_features, train_loop)
 
 
 def train_draft(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, num_layers: int = 2,
                 init_layers: list[int] | None = None, command: str = "", log=print,
-                init: str | Path | None = None) -> dict:
+                init: str | Path | None = None, draft_vocab_coverage: float = DRAFT_VOCAB_COVERAGE) -> dict:
     """Train and save a DraftLM artifact under `out` (from target layers, or continuing the artifact
-    `init`); returns its manifest."""
+    `init`), with the draft vocabulary (models/draft_vocab.py) covering `draft_vocab_coverage` of the
+    data's answer tokens (0: the whole vocabulary); returns its manifest."""
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     if init is None:
         layer_ids, started = init_layers or list(range(num_layers)), None
         draft = draft_lm.init_from_target(target.model, layer_ids)
     else:
-        draft = draft_lm.load(init, target)
+        draft = draft_lm.load(init, target, draft_vocab=False)  # trained over the whole vocabulary
         prior = artifacts.read_manifest(artifacts.resolve("draft_lm", init), "draft_lm")
         layer_ids, started = prior["architecture"]["init_layers"], init_record(init, prior)
     own = [p for n, p in draft.named_parameters() if not n.startswith(draft_lm.SHARED)]
@@ -51,9 +53,10 @@ def train_draft(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCon
     draft.eval()
     result.val = evaluate(loss_fn, data, val_idx, cfg, device)
     log(f"draft: {result.steps} steps in {result.seconds:.0f} s; final {result.final}; validation {result.val}")
+    vocab, vocab_record = choose_draft_vocab(target, data, draft_vocab_coverage)
     manifest = artifact_manifest(target, data, cfg, result, command, architecture={
         "num_layers": len(layer_ids), "init_layers": layer_ids, "shared_with_target": ["embed_tokens", "lm_head"]},
-        init_from=started)
-    draft_lm.save(draft, out, manifest)
+        init_from=started, draft_vocab=vocab_record)
+    draft_lm.save(draft, out, manifest, draft_vocab=vocab)
     plot_curve(result.curve, out / "loss.png", f"DraftLM ({len(layer_ids)} layers) distillation")
     return manifest

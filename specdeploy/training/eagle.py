@@ -9,9 +9,8 @@ its own pass p - 1 prediction with the next token, attending to the true-feature
 pass 1, its ancestors in passes 2 .. p - 1 and itself: exactly what the head sees when drafting
 its p-th token of a chain or tree path. Pass p's loss is weighted 0.8^(p - 1).
 
-The head is trained over the whole vocabulary; its draft vocabulary (FR-Spec: the ids the target
-emits most often in the data's answers, `draft_vocab_coverage` of them) is chosen afterwards, and
-`set_draft_vocab` sets or replaces it on a trained head without training.
+The head is trained over the whole vocabulary; its draft vocabulary (models/draft_vocab.py: the ids the
+target emits most often in the data's answers, `draft_vocab_coverage` of them) is chosen afterwards.
 """
 from __future__ import annotations
 
@@ -24,8 +23,8 @@ from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.errors import SpecDeployError
 from specdeploy.models import eagle
 from specdeploy.models.loader import LoadedModel
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
-                                        masked_mean, plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, choose_draft_vocab, evaluate,
+                                        init_record, masked_mean, plot_curve, target_features, train_loop)
 
 
 def unrolled_predictions(head: eagle.EagleHead, features: torch.Tensor, embeds: torch.Tensor,
@@ -76,30 +75,6 @@ def eagle_loss(target: LoadedModel, head: eagle.EagleHead, batch: Batch, ce_weig
         total = total + 0.8 ** (step - 1) * (reg + ce_weight * ce)
         metrics.update({f"reg{step}": reg, f"ce{step}": ce, f"top1_{step}": acc})
     return total, metrics
-
-
-def choose_draft_vocab(target: LoadedModel, data: DistillData | None, coverage: float) -> tuple[torch.Tensor | None, dict | None]:
-    """The fewest ids covering `coverage` of the answer tokens in `data` (0: none, the whole vocabulary),
-    and what the manifest records of them."""
-    if coverage == 0:
-        return None, None
-    vocab = int(target.model.get_output_embeddings().weight.shape[0])
-    counts = data.answer_counts(vocab)
-    ids = eagle.frequent_ids(counts, coverage)
-    return ids, {"size": int(ids.numel()), "vocab_size": vocab, "coverage": coverage,
-                 "covered": round(float(counts[ids].sum()) / float(counts.sum()), 6),
-                 "answer_tokens": int(counts.sum()), "data_sha256": data.manifest.get("sha256")}
-
-
-def set_draft_vocab(folder: str | Path, target: LoadedModel, data: DistillData | None, coverage: float,
-                    command: str = "") -> dict:
-    """Give the trained EAGLE head in `folder` the draft vocabulary `data` yields at `coverage` (0: remove
-    it, no data needed); the head's weights are unchanged. Returns the new manifest."""
-    head, manifest = eagle.load(folder, target)
-    head.draft_vocab, record = choose_draft_vocab(target, data, coverage)
-    manifest = {**manifest, "draft_vocab": record and {**record, "command": command}}
-    eagle.save(head, Path(folder), manifest)
-    return manifest
 
 
 def train_eagle(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, ce_weight: float = 0.1,

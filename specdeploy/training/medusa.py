@@ -12,20 +12,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.models import medusa
 from specdeploy.models.loader import LoadedModel
 from specdeploy.runtime.tree import sparse_tree
-from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, evaluate, init_record,
-                                        make_batch, masked_mean, plot_curve, target_features, train_loop)
+from specdeploy.training.common import (Batch, DistillData, TrainConfig, artifact_manifest, choose_draft_vocab, evaluate,
+                                        init_record, make_batch, masked_mean, plot_curve, target_features, train_loop)
 
 TOP_RANKS = 10  # candidates per head whose accuracy is measured
 
 
 def train_medusa(target: LoadedModel, data: DistillData, out: Path, cfg: TrainConfig, num_heads: int = 4,
                  tree_size: int = 48, decay: float = 0.8, command: str = "", log=print,
-                 init: str | Path | None = None) -> dict:
+                 init: str | Path | None = None, draft_vocab_coverage: float = DRAFT_VOCAB_COVERAGE) -> dict:
     """Train and save Medusa heads under `out` (fresh, or continuing the artifact `init`, whose head
-    count wins over `num_heads`); the tree is chosen again from the new accuracies. Returns the manifest."""
+    count wins over `num_heads`); the tree is chosen again from the new accuracies, the draft vocabulary
+    (models/draft_vocab.py) covers `draft_vocab_coverage` of the data's answer tokens (0: the whole
+    vocabulary). Returns the manifest."""
     device = next(target.model.parameters()).device
     target.model.requires_grad_(False)
     lm_head = target.model.get_output_embeddings()
@@ -59,9 +62,10 @@ def train_medusa(target: LoadedModel, data: DistillData, out: Path, cfg: TrainCo
     tree = sparse_tree(accuracy, tree_size)
     log(f"medusa: {result.steps} steps in {result.seconds:.0f} s; top-1 accuracy per head "
         f"{[round(a[0], 3) for a in accuracy]}; tree of {len(tree)} nodes, depth {max(len(p) for p in tree)}")
+    heads.draft_vocab, vocab_record = choose_draft_vocab(target, data, draft_vocab_coverage)
     manifest = artifact_manifest(target, data, cfg, result, command, head_accuracy=accuracy,
                                  architecture={"num_heads": num_heads, "tree_size": len(tree), "loss_decay": decay},
-                                 init_from=started)
+                                 init_from=started, draft_vocab=vocab_record)
     medusa.save(heads, out, manifest, tree)
     plot_curve(result.curve, out / "loss.png", f"Medusa-1 heads (K={num_heads}) distillation")
     return manifest
