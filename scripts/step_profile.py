@@ -227,7 +227,8 @@ def main() -> int:
         ph = r["phase_ms_per_step"]
         lines.append(f"| {r['label']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.3f} | {r['acceptance_length']:.2f} | "
                      + " | ".join(f"{ph.get(n, 0.0):.3f}" for n in ["propose", "forward", "verify", "keep", "other"]) + " |")
-    parts = eagle_parts(loaded, draft=args.draft) if args.device == "cuda" else []
+    eagle_draft = args.draft if any(parse_config(c)[0] == "eagle" for c in args.configs.split(",")) else None
+    parts = eagle_parts(loaded, draft=eagle_draft) if args.device == "cuda" else []
     for r in parts:
         print(r, flush=True)
     (out / "step_profile.json").write_text(json.dumps({"device": _device_name(args.device), "rows": rows, "parts": parts}, indent=1))
