@@ -93,6 +93,17 @@ def test_draft_model_sampling_matches_target(params):
     assert chi_square_pvalue(counts, _exact(target, [0], params), N) > 1e-3
 
 
+def test_draft_model_sampling_with_a_draft_vocabulary_matches_target():
+    """A draft that never proposes some ids (a draft vocabulary: -inf there): those ids still come, from the
+    residual and the bonus token, at the target's rate."""
+    target, draft = _tables()
+    draft[:, [1, 3]] = float("-inf")
+    params = SamplingParams(temperature=1.0)
+    counts = _sample(BigramRunner(target), DraftModelProposer(BigramRunner(draft)), [0], params, N, k=2)
+    assert chi_square_pvalue(counts, _exact(target, [0], params), N) > 1e-3
+    assert any(1 in seq or 3 in seq for seq in counts)
+
+
 @pytest.mark.parametrize("confidence", [0.3, 0.6])
 def test_draft_model_sampling_with_a_confidence_stop_matches_target(confidence):
     """The draft stops early where its path probability is low (before sampling): still exact."""
@@ -162,15 +173,22 @@ def _exact_model(model, prompt: list[int], params: SamplingParams, vocab: int = 
     return dict(zip(seqs, picked.tolist()))
 
 
-def _batch_counts(model, method: str, prompt: list[int], params: SamplingParams, n: int, device: str = "cpu") -> Counter:
-    """n samples of one prompt through the batched engine (on CUDA: its captured step graphs)."""
+def _batch_counts(model, method: str, prompt: list[int], params: SamplingParams, n: int, device: str = "cpu",
+                  vocab: torch.Tensor | None = None) -> Counter:
+    """n samples of one prompt through the batched engine (on CUDA: its captured step graphs); `vocab`: the draft
+    vocabulary of the draft or EAGLE head."""
     from specdeploy.models.eagle import EagleHead
     from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
     from specdeploy.runtime.cuda_runner import LeanLlama
 
     head = EagleHead.init_from_target(model).eval().to(device)
+    head.draft_vocab = vocab
     lean = LeanLlama.from_hf(model.to(device))
-    drafter = {"draft": dict(draft=lean.truncated(1)), "ngram": {}, "eagle": dict(head=head)}[method]
+    draft = lean.truncated(1)
+    if vocab is not None:
+        draft = LeanLlama(draft.dims, draft.embed, draft.layers, draft.norm, draft.lm_head[vocab], draft.rope_cos,
+                          draft.rope_sin, draft.kernels, vocab)
+    drafter = {"draft": dict(draft=draft), "ngram": {}, "eagle": dict(head=head)}[method]
     eng = BatchSpeculator(lean, method=method, **drafter, k=2, max_batch=64, max_length=48, sampling=params)
     assert eng.num_graphs > 0 if device == "cuda" else True
     torch.manual_seed(3)
@@ -187,6 +205,17 @@ def test_batched_sampling_matches_target(method, params):
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]  # repeats: the n-gram lookup drafts
     counts = _batch_counts(model, method, prompt, params, N)
     assert chi_square_pvalue(counts, _exact_model(model, prompt, params), N) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_batched_sampling_with_a_draft_vocabulary_matches_target(method):
+    """Drafts that never propose ids 1, 4 and 7 (a draft vocabulary): the output still follows the target's distribution."""
+    model = _batch_target()
+    params = SamplingParams(temperature=1.0)
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    counts = _batch_counts(model, method, prompt, params, N, vocab=torch.tensor([0, 2, 3, 5, 6]))
+    assert chi_square_pvalue(counts, _exact_model(model, prompt, params), N) > 1e-3
+    assert any(t in (1, 4, 7) for seq in counts for t in seq)  # ids the drafts cannot propose, from the residual
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
