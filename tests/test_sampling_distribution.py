@@ -219,14 +219,17 @@ def test_batched_sampling_with_a_draft_vocabulary_matches_target(method):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+@pytest.mark.parametrize("vocab", [None, [0, 2, 3, 5, 6]], ids=["whole-vocab", "draft-vocab"])
 @pytest.mark.parametrize("method", ["draft", "eagle"])
-def test_batched_sampling_in_cuda_graphs_matches_target(method):
-    """The step graphs draw fresh randoms at every replay: the same check, on the GPU (float32)."""
+def test_batched_sampling_in_cuda_graphs_matches_target(method, vocab):
+    """The step graphs draw fresh randoms at every replay: the same check, on the GPU (float32), with and without
+    a draft vocabulary."""
     model = _batch_target()
     params = SamplingParams(temperature=1.0)
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     exact = _exact_model(model, prompt, params)
-    counts = _batch_counts(model, method, prompt, params, N, device="cuda")
+    vocab = None if vocab is None else torch.tensor(vocab, device="cuda")
+    counts = _batch_counts(model, method, prompt, params, N, device="cuda", vocab=vocab)
     assert chi_square_pvalue(counts, exact, N) > 1e-3
 
 

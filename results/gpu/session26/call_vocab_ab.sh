@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # For a device session (not run yet): the shipped drafts' draft vocabulary (FR-Spec, session 26) against the whole
-# vocabulary, on the GPU. Needs the GGUF at /tmp/smollm2 (scripts/device_model.sh first). ~360 s.
+# vocabulary, on the GPU. Needs the GGUF at /tmp/smollm2 (scripts/device_model.sh first). ~420 s.
 # 1. The CUDA tests of the kernels it touches: logits_topk's id map, the fused EAGLE drafter with a draft vocabulary,
-#    graph replay against eager (tests_vocab_cuda.log).
+#    graph replay against eager; the batched engine's sampling in CUDA graphs with and without a draft vocabulary
+#    (chi-square; tests_vocab_cuda.log).
 # 2. step_profile.py alternately with the shipped artifact (15,570-id draft vocabulary) and a copy without it (the
 #    same weights), twice each: EAGLE (none:0, eagle:4, eagle:8; also the GPU ms of a depth-4 draft), then the
 #    DraftLM (draft:4). Writes $OUT/vocab_ab/{tests_vocab_cuda.log,<method>_{vocab,whole}{1,2}/}.
@@ -11,8 +12,10 @@ export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=
 O=$OUT/vocab_ab
 mkdir -p $O
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $O/tests_vocab_cuda.log
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py -k "logits_topk or graph_eagle" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_kernels.py -k "logits_topk or graph_eagle" \
   tests/test_eagle.py::test_graph_eagle_replay_matches_eager_on_cuda 2>&1 | tail -5 >> $O/tests_vocab_cuda.log
+timeout 120 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_sampling_distribution.py::test_batched_sampling_in_cuda_graphs_matches_target 2>&1 | tail -5 >> $O/tests_vocab_cuda.log
 python3 - <<'PY'
 import shutil
 from safetensors.torch import load_file, save_file
