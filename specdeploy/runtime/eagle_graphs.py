@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from specdeploy.errors import SpecDeployError
+from specdeploy.models.draft_vocab import DraftVocabLMHead
 from specdeploy.models.eagle import EagleHead
 from specdeploy.runtime import kernels as fused_kernels
 from specdeploy.runtime.cuda_runner import (DEFAULT_QUERY_BUCKETS, CapturedFn, LeanLlama, LlamaDims, bucket,
@@ -102,8 +103,9 @@ class GraphEagleProposer:
         self.max_nodes = tree_size  # largest tree drafted
         self.device, self.dtype = embed.device, embed.dtype
         # the head's draft vocabulary (its rows of the LM head, and their ids), or the whole LM head
-        self.vocab_ids = None if head.draft_vocab is None else head.draft_vocab.to(self.device)  # [N]
-        self.lm_head = lm_head if self.vocab_ids is None else lm_head[self.vocab_ids].contiguous()  # [N or vocab, H]
+        vocab = None if head.draft_vocab is None else DraftVocabLMHead(lm_head, head.draft_vocab)
+        self.vocab_ids = None if vocab is None else vocab.ids  # [N]
+        self.lm_head = lm_head if vocab is None else vocab.weight.data  # [N or vocab, H]
         self.query_buckets = tuple(sorted(set(query_buckets)))
         k, maxq = topk, self.query_buckets[-1]
         self.scratch = (max_depth - 1) * k  # cache slots of the tree levels, after the committed pairs

@@ -21,6 +21,7 @@ from specdeploy.config import DRAFT_VOCAB_COVERAGE
 from specdeploy.errors import SpecDeployError
 
 DEFAULT_DATA = "artifacts/distill"
+VOCAB_KINDS = {"draft": "draft_lm", "medusa": "medusa", "eagle": "eagle"}  # train vocab --method -> artifact kind
 
 
 def add_cli(sub) -> None:
@@ -76,9 +77,6 @@ def add_cli(sub) -> None:
     v.add_argument("--data", nargs="+", default=[DEFAULT_DATA], help="folder(s) made by `specdeploy train data`")
     _vocab_arg(v)
     v.set_defaults(func=cmd_vocab)
-
-
-VOCAB_KINDS = {"draft": "draft_lm", "medusa": "medusa", "eagle": "eagle"}  # --method -> artifact kind
 
 
 def _vocab_arg(p: argparse.ArgumentParser) -> None:
