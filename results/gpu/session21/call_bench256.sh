@@ -7,7 +7,7 @@ bash scripts/device_model.sh >/dev/null || exit 3
 export PYTHONPATH=/tmp/site:$PWD SPECDEPLOY_CACHE=/tmp/sdcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 mkdir -p /tmp/o/bench256
 timeout -s INT ${LIMIT:-560} python3 -m specdeploy.bench.run --prompts eval --prompts-per-task 3 \
-  --methods none,ngram,draft,medusa,eagle,multi,specinfer --k 4,6 --peer-k 4 --temperature 0 --batch 1,8,32 \
+  --methods none,ngram,draft,medusa,eagle,multi,specinfer --k ${K:-4,6} --peer-k 4 --temperature 0 --batch 1,8,32 \
   --batch-prompts-per-task 0 --peers hf --peer-time-cap 8 --target /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
   --device cuda --max-new-tokens 256 --time-budget ${BUDGET:-470} --out /tmp/o/bench256 2>&1 | grep -v "it/s\]$" > /tmp/o/bench256/log.txt
 tail -5 /tmp/o/bench256/log.txt
