@@ -1,6 +1,6 @@
 """How long a full garbage collection takes in a process holding the engines a bench holds (CPU, float32): the
 target, and EAGLE, DraftLM and Medusa engines over it. A lead for the bench's slow rows (`per_step_times.md`),
-not a GPU measurement.
+not a GPU measurement. (Session 25's 567aa03 already pauses the collector during each bench job.)
 
     python results/gpu/session27/gc_probe.py
 """
