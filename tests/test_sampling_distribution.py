@@ -9,6 +9,7 @@ so these tests are deterministic.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import Counter
 
@@ -177,6 +178,7 @@ def _batch_counts(model, method: str, prompt: list[int], params: SamplingParams,
                   vocab: torch.Tensor | None = None) -> Counter:
     """n samples of one prompt through the batched engine (on CUDA: its captured step graphs); `vocab`: the draft
     vocabulary of the draft or EAGLE head."""
+    from specdeploy.models.draft_vocab import with_draft_vocab
     from specdeploy.models.eagle import EagleHead
     from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
     from specdeploy.runtime.cuda_runner import LeanLlama
@@ -185,9 +187,10 @@ def _batch_counts(model, method: str, prompt: list[int], params: SamplingParams,
     head.draft_vocab = vocab
     lean = LeanLlama.from_hf(model.to(device))
     draft = lean.truncated(1)
-    if vocab is not None:
-        draft = LeanLlama(draft.dims, draft.embed, draft.layers, draft.norm, draft.lm_head[vocab], draft.rope_cos,
-                          draft.rope_sin, draft.kernels, vocab)
+    if vocab is not None:  # as a DraftLM with a draft vocabulary loads: LeanLlama.from_hf reads its DraftVocabLMHead
+        vocab_model = copy.deepcopy(model)
+        vocab_model.lm_head = with_draft_vocab(vocab_model.lm_head, vocab)
+        draft = LeanLlama.from_hf(vocab_model, num_layers=1)
     drafter = {"draft": dict(draft=draft), "ngram": {}, "eagle": dict(head=head)}[method]
     eng = BatchSpeculator(lean, method=method, **drafter, k=2, max_batch=64, max_length=48, sampling=params)
     assert eng.num_graphs > 0 if device == "cuda" else True
