@@ -74,7 +74,11 @@ def test_policy_rows_are_timed_paired_with_plain(bench_dir):
         assert isinstance(r["plain_drift"], float) and r["plain_drift"] > -1
     first = next(r for r in result["rows"] if r["method"] == "none" and r["task"] == "all")
     assert first["speedup_vs_plain"] == 1.0 and "plain_drift" not in first
-    assert "timed paired with plain" in (bench_dir / "bench.md").read_text()
+    md = (bench_dir / "bench.md").read_text()
+    assert "timed paired with plain" in md
+    # the ≥ 3x aim's line gives the policy's figure beside each method's at its best k
+    code = next(r for r in pol if r["task"] == "code")
+    assert f"the advisor's policy (method and k per task): code {code['speedup_vs_plain']:.2f}x" in md
 
 
 def test_batched_rows_are_timed_paired_with_plain(bench_dir):
