@@ -100,6 +100,7 @@ def _aims(result: dict) -> list[str]:
     spec = [c for c in greedy if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
     if not spec:
         return []
+    pol = next((c for c in greedy if c["method"] == "policy"), None)
     out = ["## Summary (batch 1, greedy)", ""]
     means = {c["method"]: task_mean_speedup(result, c) for c in spec}
     top = max(spec, key=lambda c: means[c["method"]] or 0)
@@ -113,7 +114,6 @@ def _aims(result: dict) -> list[str]:
             if cs:
                 b = max(cs, key=lambda c: c["speedup_vs_plain"])
                 best_per.append(f"{t} {_x(b['speedup_vs_plain'])} ({label(b)})")
-        pol = next((c for c in greedy if c["method"] == "policy"), None)
         pol_cells = [(t, cell(result, pol, t)) for t in AIM_TASKS] if pol else []
         by_policy = ", ".join(f"{t} {_x(c['speedup_vs_plain'])}" for t, c in pol_cells if c is not None)
         by_policy = f"; the advisor's policy (method and k per task): {by_policy}" if by_policy else ""
@@ -128,7 +128,6 @@ def _aims(result: dict) -> list[str]:
     if gen:
         out.append(f"- {label(top)} vs HF generate eager: {_x(top['tokens_per_s'] / gen['tokens_per_s'] if gen['tokens_per_s'] else None)}"
                    f" (HF on {gen['prompts']} prompts)")
-    pol = next((c for c in greedy if c["method"] == "policy"), None)
     if pol:
         cells = [(t, cell(result, pol, t)) for t in tasks_of(result)]
         cells = [(t, c) for t, c in cells if c is not None]
