@@ -24,28 +24,29 @@ for e in engines.values():
     e.generate(PROMPTS[0], SamplingParams(max_new_tokens=8), "sql")
 
 started: dict[int, float] = {}
-runs: list[tuple[int, float]] = []
+count: Counter = Counter()  # collections by generation
+ms: Counter = Counter()  # their milliseconds by generation
 
 
 def on_gc(phase: str, info: dict) -> None:
+    g = info["generation"]
     if phase == "start":
-        started[info["generation"]] = time.perf_counter()
+        started[g] = time.perf_counter()
     else:
-        runs.append((info["generation"], 1000 * (time.perf_counter() - started.pop(info["generation"]))))
+        count[g] += 1
+        ms[g] += 1000 * (time.perf_counter() - started.pop(g))
 
 
 print(f"tracked objects {len(gc.get_objects())}; thresholds {gc.get_threshold()}; enabled {gc.isenabled()}")
 gc.callbacks.append(on_gc)
 for method, engine in engines.items():
-    runs.clear()
+    count.clear(), ms.clear()
     t = time.perf_counter()
     tokens = 0
     for p in PROMPTS:
         out = engine.generate(p, SamplingParams(max_new_tokens=64), "probe")
         tokens += len(out.token_ids)
     wall = 1000 * (time.perf_counter() - t)
-    count = Counter(g for g, _ in runs)
-    per_gen = {g: sum(ms for gg, ms in runs if gg == g) for g in sorted(count)}
     print(f"{method}: {tokens} tokens in {wall:.0f} ms; collections by generation {dict(sorted(count.items()))}; "
-          f"ms by generation { {g: round(v, 1) for g, v in per_gen.items()} }")
+          f"ms by generation { {g: round(ms[g], 1) for g in sorted(ms)} }")
 gc.callbacks.remove(on_gc)
