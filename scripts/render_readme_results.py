@@ -2,11 +2,14 @@
 """Render bench.md and the plots from bench.json and put the results section into README.md.
 
 Replaces what lies between the markers `<!-- bench-results -->` and `<!-- /bench-results -->`
-(the markers stay); every number comes from bench.json, none is typed by hand.
+(the markers stay) with one block per bench folder, in the order given; every number comes from a
+bench.json, none is typed by hand.
 
-    python scripts/render_readme_results.py [--bench results/bench] [--readme README.md] [--check]
+    python scripts/render_readme_results.py [--bench results/bench --bench results/bench_t07] [--readme README.md] [--check]
 
---check: exit 1 if README.md or bench.md is not what bench.json renders to (for CI).
+The default folders are the README's runs: the greedy bench and the T=0.7 one (one device call holds
+either at 256 new tokens, not both). --check: exit 1 if README.md or a bench.md is not what the
+bench.json files render to (for CI).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from specdeploy.bench.plots import make_plots
 from specdeploy.bench.report import render_markdown, render_readme_block
 
 START, END = "<!-- bench-results -->", "<!-- /bench-results -->"
+DEFAULT_BENCH = ("results/bench", "results/bench_t07")
 
 
 def replace_block(readme: str, block: str) -> str:
@@ -32,31 +36,35 @@ def replace_block(readme: str, block: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bench", default="results/bench", help="folder with bench.json (bench.md is written there)")
+    ap.add_argument("--bench", action="append", help="folder with bench.json (bench.md is written there); repeatable "
+                    f"(default: {' and '.join(DEFAULT_BENCH)})")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--check", action="store_true", help="only check that both files are up to date")
     args = ap.parse_args(argv)
-    folder, readme_path = Path(args.bench), Path(args.readme)
-    result = json.loads((folder / "bench.json").read_text())
-    rel = os.path.relpath(folder, readme_path.resolve().parent if readme_path.is_absolute() else readme_path.parent or ".")
-    md = render_markdown(result)
+    folders, readme_path = [Path(b) for b in args.bench or DEFAULT_BENCH], Path(args.readme)
+    base = readme_path.resolve().parent if readme_path.is_absolute() else readme_path.parent or Path(".")
+    results = {f: json.loads((f / "bench.json").read_text()) for f in folders}
+    mds = {f / "bench.md": render_markdown(r) for f, r in results.items()}
     readme = readme_path.read_text()
     if START not in readme and not args.check:
-        (folder / "bench.md").write_text(md)
-        print(f"wrote {folder / 'bench.md'}; {readme_path} has no {START} ... {END} block: add the two markers "
+        for path, md in mds.items():
+            path.write_text(md)
+        print(f"wrote {', '.join(map(str, mds))}; {readme_path} has no {START} ... {END} block: add the two markers "
               "where the results go, then run this again", file=sys.stderr)
         return 1
-    new_readme = replace_block(readme, render_readme_block(result, rel.replace(os.sep, "/")))
+    block = "\n".join(render_readme_block(r, os.path.relpath(f, base).replace(os.sep, "/")) for f, r in results.items())
+    new_readme = replace_block(readme, block)
     if args.check:
-        stale = [p for p, old, new in ((folder / "bench.md", (folder / "bench.md").read_text() if (folder / "bench.md").exists() else "", md),
-                                       (readme_path, readme, new_readme)) if old != new]
+        stale = [p for p, old, new in [(p, p.read_text() if p.exists() else "", md) for p, md in mds.items()]
+                 + [(readme_path, readme, new_readme)] if old != new]
         for p in stale:
             print(f"{p} is out of date: run scripts/render_readme_results.py", file=sys.stderr)
         return 1 if stale else 0
-    (folder / "bench.md").write_text(md)
+    for path, md in mds.items():
+        path.write_text(md)
     readme_path.write_text(new_readme)
-    plots = make_plots(result, folder)
-    print(f"wrote {folder / 'bench.md'}, {len(plots)} plots and the results block of {readme_path}")
+    plots = [p for f, r in results.items() for p in make_plots(r, f)]
+    print(f"wrote {', '.join(map(str, mds))}, {len(plots)} plots and the results block of {readme_path}")
     return 0
 
 

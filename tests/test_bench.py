@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,8 +145,10 @@ def test_bench_md_and_plots(bench_dir):
     md = (bench_dir / "bench.md").read_text()
     assert "| task | plain tok/s |" in md and "ngram k=" in md and "HF generate" in md
     assert "capture(s) failed" not in md
+    assert "## Summary (batch 1, greedy)" in md and "## Summary (batch 1, temperature 0.7)" in md
     for name in ("speedup_by_task", "alpha_by_task", "speedup_vs_k", "speedup_vs_batch"):
-        assert (bench_dir / f"{name}.png").stat().st_size > 1000
+        for suffix in ("", "_t0.7"):  # one set per temperature
+            assert (bench_dir / f"{name}{suffix}.png").stat().st_size > 1000
 
 
 def test_readme_block_is_rendered_from_json(bench_dir, tmp_path):
@@ -159,5 +162,32 @@ def test_readme_block_is_rendered_from_json(bench_dir, tmp_path):
     assert "stale" not in text and text.endswith("<!-- /bench-results -->\n\nafter\n")
     assert "specdeploy bench" in text and "speedup_vs_k.png" in text
     assert render.main(["--bench", str(bench_dir), "--readme", str(readme), "--check"]) == 0
+    linked = re.findall(r"\]\(([^)]+\.png)\)", text)
+    assert len(linked) == 8 and all((tmp_path / link).exists() for link in linked), linked
     readme.write_text(text.replace("speedup_vs_k.png", "x.png"))
     assert render.main(["--bench", str(bench_dir), "--readme", str(readme), "--check"]) == 1
+
+
+def test_readme_block_renders_each_bench_folder(bench_dir, tmp_path):
+    """A greedy run and a sampled one (as the README's two device runs): one block each, in the order given,
+    the sampled one with its own summary (the policy's slowest task) and plots."""
+    spec = importlib.util.spec_from_file_location("render", ROOT / "scripts" / "render_readme_results.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    full = json.loads((bench_dir / "bench.json").read_text())
+    for name, t in (("greedy", 0.0), ("sampled", 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps({**full, "rows": [r for r in full["rows"] if r["temperature"] == t]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench-results -->\n<!-- /bench-results -->\n")
+    folders = ["--bench", str(tmp_path / "greedy"), "--bench", str(tmp_path / "sampled")]
+    assert render.main(folders + ["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.count("Measured by `specdeploy bench") == 2
+    assert text.index("## Summary (batch 1, greedy)") < text.index("## Summary (batch 1, temperature 0.7)")
+    sampled = text[text.index("## Summary (batch 1, temperature 0.7)"):]
+    assert "advisor's policy" in sampled and "(aim: no task < 1x)" in sampled and "(aim: ≥ 2x)" not in sampled
+    assert "](sampled/speedup_by_task_t0.7.png)" in sampled and (tmp_path / "sampled" / "speedup_by_task_t0.7.png").exists()
+    assert not (tmp_path / "sampled" / "speedup_by_task.png").exists()
+    assert render.main(folders + ["--readme", str(readme), "--check"]) == 0
+    assert render.main(folders[:2] + ["--readme", str(readme), "--check"]) == 1  # a folder left out: stale

@@ -1,9 +1,11 @@
-"""PNG plots of a bench.json (matplotlib, Agg): speedup by task, α by task, speedup vs k, speedup vs batch."""
+"""PNG plots of a bench.json (matplotlib, Agg): speedup by task, α by task, speedup vs k, speedup vs batch,
+one set per temperature the run has (`report.plot_file` names them)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from specdeploy.bench.report import best_configs, cell, label, tasks_of
+from specdeploy.bench.report import (PLOTS, best_configs, cell, has_speculative_rows, label, plot_file, tasks_of,
+                                     temperature_name, temperatures)
 
 
 def _plt():
@@ -16,13 +18,10 @@ def _plt():
 
 
 def make_plots(result: dict, out: str | Path) -> list[Path]:
+    """Every plot of `report.PLOTS` at each temperature with speculative rows at batch 1; the paths written."""
     out = Path(out)
-    made = []
-    for fn in (speedup_by_task, alpha_by_task, speedup_vs_k, speedup_vs_batch):
-        path = fn(result, out)
-        if path is not None:
-            made.append(path)
-    return made
+    return [_DRAW[name](result, out / plot_file(name, t), t)
+            for t in temperatures(result) if has_speculative_rows(result, t) for name, _ in PLOTS]
 
 
 def _title(result: dict, what: str) -> str:
@@ -50,30 +49,24 @@ def _grouped(result: dict, cfgs: list[dict], value, ylabel: str, title: str, pat
     return path
 
 
-def speedup_by_task(result: dict, out: Path) -> Path | None:
-    cfgs = [c for c in best_configs(result, 0.0, 1) if c["method"] != "none"]
-    if not cfgs:
-        return None
+def speedup_by_task(result: dict, path: Path, temperature: float) -> Path:
+    cfgs = [c for c in best_configs(result, temperature, 1) if c["method"] != "none"]
     return _grouped(result, cfgs, lambda r: r["speedup_vs_plain"], "speedup over specdeploy plain (x)",
-                    _title(result, "Speedup by task and method (batch 1, greedy; each method at its best k)"),
-                    out / "speedup_by_task.png", hline=1.0)
+                    _title(result, f"Speedup by task and method (batch 1, {temperature_name(temperature)}; "
+                                   "each method at its best k)"), path, hline=1.0)
 
 
-def alpha_by_task(result: dict, out: Path) -> Path | None:
-    cfgs = [c for c in best_configs(result, 0.0, 1) if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
-    if not cfgs:
-        return None
+def alpha_by_task(result: dict, path: Path, temperature: float) -> Path:
+    cfgs = [c for c in best_configs(result, temperature, 1) if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
     return _grouped(result, cfgs, lambda r: r["alpha"], "α (accepted / proposed)",
-                    _title(result, "α by task (batch 1, greedy)"), out / "alpha_by_task.png")
+                    _title(result, f"α by task (batch 1, {temperature_name(temperature)})"), path)
 
 
-def speedup_vs_k(result: dict, out: Path) -> Path | None:
+def speedup_vs_k(result: dict, path: Path, temperature: float) -> Path:
     from specdeploy.bench.advisor import expected_speedup
 
-    rows = [r for r in result["rows"] if r["task"] == "all" and r["batch"] == 1 and r["temperature"] == 0
+    rows = [r for r in result["rows"] if r["task"] == "all" and r["batch"] == 1 and r["temperature"] == temperature
             and r["system"] == "specdeploy" and r["method"] not in ("none", "policy")]
-    if not rows:
-        return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     costs = result.get("costs") or {}
@@ -94,10 +87,10 @@ def speedup_vs_k(result: dict, out: Path) -> Path | None:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xlabel("k (draft tokens per step)")
     ax.set_ylabel("speedup over plain (x)")
-    ax.set_title(_title(result, "Measured speedup against k, with the analytic expectation (all tasks, greedy)"), fontsize=10)
+    ax.set_title(_title(result, "Measured speedup against k, with the analytic expectation "
+                                f"(all tasks, {temperature_name(temperature)})"), fontsize=10)
     ax.legend(fontsize=6)
     fig.tight_layout()
-    path = out / "speedup_vs_k.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -108,10 +101,8 @@ def _nonint(a: float, k: float, c: float) -> float:
     return (1 - a ** (k + 1)) / (1 - a) / (1 + c) if a < 1 else (k + 1) / (1 + c)
 
 
-def speedup_vs_batch(result: dict, out: Path) -> Path | None:
-    rows = [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == 0 and r["method"] != "none"]
-    if not rows:
-        return None
+def speedup_vs_batch(result: dict, path: Path, temperature: float) -> Path:
+    rows = [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == temperature and r["method"] != "none"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     peer_k = result.get("peer_k")
@@ -133,10 +124,14 @@ def speedup_vs_batch(result: dict, out: Path) -> Path | None:
     ax.set_ylabel("speedup over plain at the same batch (x)")
     batches = sorted({r["batch"] for r in rows})
     note = "" if len(batches) > 1 else " (batch > 1 not run: see bench.md, Skipped)"
-    ax.set_title(_title(result, "Speedup against batch size (greedy, all tasks)" + note), fontsize=10)
+    ax.set_title(_title(result, f"Speedup against batch size ({temperature_name(temperature)}, all tasks)" + note),
+                 fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "speedup_vs_batch.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_DRAW = {"speedup_by_task": speedup_by_task, "alpha_by_task": alpha_by_task, "speedup_vs_k": speedup_vs_k,
+         "speedup_vs_batch": speedup_vs_batch}

@@ -16,6 +16,29 @@ def rows_where(rows: list[dict], **kw) -> list[dict]:
     return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
 
+def temperatures(result: dict) -> list[float]:
+    return sorted({r["temperature"] for r in result["rows"]})
+
+
+def temperature_name(temperature: float) -> str:
+    return "greedy" if temperature == 0 else f"temperature {temperature:g}"
+
+
+def plot_file(name: str, temperature: float) -> str:
+    """A plot's file name: greedy plots keep the plain name, sampled ones carry the temperature."""
+    return f"{name}.png" if temperature == 0 else f"{name}_t{temperature:g}.png"
+
+
+def has_speculative_rows(result: dict, temperature: float) -> bool:
+    """Whether a run has specdeploy speculation at batch 1 at this temperature (what every plot needs)."""
+    return any(r["system"] == "specdeploy" and r["method"] not in ("none", "policy") and r["batch"] == 1
+               and r["temperature"] == temperature for r in result["rows"])
+
+
+PLOTS = (("speedup_by_task", "speedup by task"), ("alpha_by_task", "α by task"),
+         ("speedup_vs_k", "speedup vs k"), ("speedup_vs_batch", "speedup vs batch"))
+
+
 def tasks_of(result: dict) -> list[str]:
     seen = result.get("tasks") or [r["task"] for r in result["rows"]]
     return [t for t in dict.fromkeys(seen) if t != "all"]
@@ -61,8 +84,6 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    rows = result["rows"]
-    temps = sorted({r["temperature"] for r in rows})
     lines = [f"# specdeploy bench — {result['device']}, {result['dtype']}", "",
              f"- command: `{result['command']}`",
              f"- date: {result['date']}; runner: {result.get('runner', '-')}; torch {result.get('torch', '-')}, "
@@ -74,9 +95,8 @@ def render_markdown(result: dict) -> str:
              "(method none) through the same runner at the same temperature and batch. α = accepted / proposed "
              "draft tokens; acc. len = tokens per target forward (bonus token included).", ""]
     lines += _capture_failures(result)
-    lines += _aims(result)
-    for t in temps:
-        lines += _per_task(result, t)
+    for t in temperatures(result):
+        lines += _aims(result, t) + _per_task(result, t)
     lines += _vs_k(result)
     lines += _batch(result)
     lines += _costs(result)
@@ -95,17 +115,22 @@ def _capture_failures(result: dict) -> list[str]:
             f"are slower than the runtime is. First error: `{failed[0]}`", ""]
 
 
-def _aims(result: dict) -> list[str]:
-    greedy = best_configs(result, 0.0, 1)
+def _aims(result: dict, temperature: float = 0.0) -> list[str]:
+    """The summary at one temperature: the issue's aims (speedups at batch 1 greedy; the policy's at every one)."""
+    greedy = best_configs(result, temperature, 1)
     spec = [c for c in greedy if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
     if not spec:
         return []
     pol = next((c for c in greedy if c["method"] == "policy"), None)
-    out = ["## Summary (batch 1, greedy)", ""]
+
+    def aim_note(text: str) -> str:  # the speed aims are set for greedy decoding
+        return f" (aim: {text})" if temperature == 0 else ""
+
+    out = [f"## Summary (batch 1, {temperature_name(temperature)})", ""]
     means = {c["method"]: task_mean_speedup(result, c) for c in spec}
     top = max(spec, key=lambda c: means[c["method"]] or 0)
     out.append(f"- best specdeploy method averaged over the tasks: **{label(top)}**, "
-               f"{_x(means[top['method']])} over plain (aim: ≥ 2x)")
+               f"{_x(means[top['method']])} over plain{aim_note('≥ 2x')}")
     aim = [cell(result, top, t) for t in AIM_TASKS if t in tasks_of(result)]
     if aim:
         best_per = []
@@ -118,11 +143,11 @@ def _aims(result: dict) -> list[str]:
         by_policy = ", ".join(f"{t} {_x(c['speedup_vs_plain'])}" for t, c in pol_cells if c is not None)
         by_policy = f"; the advisor's policy (method and k per task): {by_policy}" if by_policy else ""
         out.append("- code / sql / api_call, best method each (at its best k over all tasks): " + ", ".join(best_per)
-                   + by_policy + " (aim: ≥ 3x)")
+                   + by_policy + aim_note("≥ 3x"))
     peers = [c for c in greedy if c["system"] == "hf" and c["method"].startswith("assisted")]
     for p in peers:
         ratio = top["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
-        out.append(f"- {label(top)} vs {label(p)}: {_x(ratio)} tokens/s (aim: ≥ 10x; HF: "
+        out.append(f"- {label(top)} vs {label(p)}: {_x(ratio)} tokens/s ({'aim: ≥ 10x; ' if temperature == 0 else ''}HF: "
                    f"{p.get('notes') or str(p['prompts']) + ' prompts'})")
     gen = next((c for c in greedy if c["system"] == "hf" and c["method"] == "generate"), None)
     if gen:
@@ -141,6 +166,8 @@ def _aims(result: dict) -> list[str]:
             out.append(f"- advisor's policy (off for {', '.join(off) or 'no task'}): slowest task {t} at "
                        f"{_x(worst['speedup_vs_plain'])} of plain, mean "
                        f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x){paired}")
+    if temperature != 0:
+        return out + [""]
     mism = sum(r["greedy_mismatches"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy")
     checked = sum(r["prompts"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy" and r.get("mismatch_checked"))
     out.append(f"- specdeploy greedy outputs differing from plain: {mism} of {checked} checked "
@@ -156,7 +183,7 @@ def _per_task(result: dict, temperature: float) -> list[str]:
     cfgs = best_configs(result, temperature, 1)
     if not cfgs:
         return []
-    name = "greedy" if temperature == 0 else f"temperature {temperature:g}"
+    name = temperature_name(temperature)
     out = [f"## Batch 1, {name}: speedup over plain per task (each method at its best k overall)", ""]
     header = ["task", "plain tok/s"] + [label(c) for c in cfgs if c["method"] != "none"]
     body = []
@@ -265,15 +292,16 @@ def _all_rows(result: dict) -> list[str]:
 
 
 def render_readme_block(result: dict, bench_dir: str = "results/bench") -> str:
-    """The README's results section: summary, the per-task greedy table, speedup vs k and batch, plot links."""
+    """The README's results section of one run: at each temperature the summary and the per-task table, then
+    speedup vs k and batch, and the plot links."""
     lines = [f"Measured by `{result['command']}` on {result['device']}, {result['dtype']}, {result['date']} "
              f"(full tables: [{bench_dir}/bench.md]({bench_dir}/bench.md); generated by "
              "`scripts/render_readme_results.py`, do not edit by hand).", ""]
-    lines += _aims(result)
-    lines += _per_task(result, 0.0)
+    for t in temperatures(result):
+        lines += _aims(result, t) + _per_task(result, t)
     lines += _vs_k(result)
     lines += _batch(result)
-    for name, title in (("speedup_by_task", "speedup by task"), ("alpha_by_task", "α by task"),
-                        ("speedup_vs_k", "speedup vs k"), ("speedup_vs_batch", "speedup vs batch")):
-        lines.append(f"![{title}]({bench_dir}/{name}.png)")
+    for t in (t for t in temperatures(result) if has_speculative_rows(result, t)):
+        suffix = "" if t == 0 else f" ({temperature_name(t)})"
+        lines += [f"![{title}{suffix}]({bench_dir}/{plot_file(name, t)})" for name, title in PLOTS]
     return "\n".join(lines).rstrip() + "\n"
