@@ -213,3 +213,43 @@ def test_task_step_time_is_the_median_request():
 
     got = task_step_ms(["code", "code", "code", "qa", "qa"], [req(40, 1.9), req(40, 9.0), req(30, 2.0), req(10, 1.5), req(0, 0)])
     assert got == pytest.approx({"code": 2.0, "qa": 1.5})
+
+
+def test_advise_scales_acceptance_at_k_by_what_the_runs_at_k_measured():
+    """An EAGLE-2 tree of depth k is not the first k levels of the depth-K tree of the same size: it is wider,
+    so it accepts more at its levels than the run at K predicts. The timing prompts' runs at k measure by how
+    much (pooled over tasks), and the advisor scales L(k) by it; here that turns the choice from K to k=2."""
+    from types import SimpleNamespace
+
+    from specdeploy.bench.advisor import advise
+    from specdeploy.bench.tasks import Prompt
+    from specdeploy.config import SamplingParams
+
+    # accepted tokens a step: depth 4 accepts 2 (its first two levels half the time each), depth 2 accepts 2 always
+    accepted_by_k = {2: [2, 2], 4: [4, 0]}
+
+    class Engine:
+        def __init__(self, method, k):
+            self.method, self.k = method, k
+
+        def generate_ids(self, ids, params, task):
+            s, pattern = SpecStats(requests=1), accepted_by_k.get(self.k, [0])
+            for i in range(10):
+                s.record_step(self.k, pattern[i % len(pattern)])
+            s.emitted = s.target_forwards + s.accepted
+            s.wall_s = 10 * {0: 1.0, 2: 1.5, 4: 1.6}[self.k] / 1e3  # ms a step: plain, k=2, k=4
+            return SimpleNamespace(stats=s)
+
+    backend = SimpleNamespace(engine=Engine)
+    prompts = [Prompt(t, f"{t} {i}") for t in ("code", "qa") for i in range(2)]
+    advice = advise(backend, prompts, [[1, 2]] * 4, ["tree"], [2, 4], SamplingParams(temperature=0.0, max_new_tokens=16))
+    # the run at 4 predicts L(2) = 1 + 0.5 + 0.5 = 2; the run at 2 measured 3
+    assert advice.times["tree"].length_ratio == pytest.approx({2: 1.5})
+    at = {o.k: o for o in advice.options if o.task == "code"}
+    assert at[2].acceptance_length == pytest.approx(3.0) and at[4].acceptance_length == pytest.approx(3.0)
+    assert advice.best("code").k == 2 and advice.best("code").expected_speedup == pytest.approx(3.0 / 1.5)
+    assert at[4].expected_speedup == pytest.approx(3.0 / 1.6)
+    assert advice.policy().to_dict()["step_times"]["tree"]["length_ratio"] == {"2": 1.5}
+    # without the runs at k (a ratio of 1), the prediction from K alone would have chosen K
+    unscaled = recommend(advice.measured, {m: dataclasses.replace(t, length_ratio={}) for m, t in advice.times.items()}, [2, 4])
+    assert unscaled.best("code").k == 4

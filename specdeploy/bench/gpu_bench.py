@@ -40,7 +40,7 @@ from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, compiled_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
-from specdeploy.runtime.stats import SpecStats
+from specdeploy.runtime.stats import SpecStats, merged
 
 PARTS = ("micro", "spec", "loop", "hf", "lossless")
 
@@ -57,13 +57,6 @@ def _stat_row(s: SpecStats) -> dict:
     return {"requests": s.requests, "tokens": s.emitted, "wall_s": round(s.wall_s, 4), "tokens_per_s": round(s.tokens_per_s, 1),
             "alpha": None if s.alpha is None else round(s.alpha, 4),
             "acceptance_length": None if s.acceptance_length is None else round(s.acceptance_length, 3)}
-
-
-def _total(stats: list[SpecStats]) -> SpecStats:
-    out = SpecStats()
-    for s in stats:
-        out.merge(s)
-    return out
 
 
 class Bench:
@@ -160,7 +153,7 @@ class Bench:
         _sync()
         wall = time.perf_counter() - t
         stats = [r.stats for r in res]
-        tot = _total(stats)
+        tot = merged(stats)
         total = _stat_row(tot)
         total["wall_s"] = round(wall, 3)
         total["tokens_per_s"] = round(tot.emitted / wall, 1)  # aggregate: all tokens over the run's wall time
@@ -217,7 +210,7 @@ class Bench:
             outs.append(g.token_ids)
         rec = {"name": name, "path": "loop", "method": method, "batch": 1, "k": k, "dtype": dtype_name,
                "prompts": len(prompts), "max_new_tokens": a.max_new_tokens, "per_task": per_task(prompts, stats),
-               "total": _stat_row(_total(stats)), "peak_mem_bytes": _peak()}
+               "total": _stat_row(merged(stats)), "peak_mem_bytes": _peak()}
         runner.close()
         if hasattr(proposer, "runner"):
             proposer.runner.close()
@@ -252,7 +245,7 @@ class Bench:
             stats.append(s)
             done.append(p)
         rec = {"name": name, "path": "hf", "method": name, "batch": 1, "dtype": "bfloat16", "prompts": len(done),
-               "max_new_tokens": a.max_new_tokens, "per_task": per_task(done, stats), "total": _stat_row(_total(stats)),
+               "max_new_tokens": a.max_new_tokens, "per_task": per_task(done, stats), "total": _stat_row(merged(stats)),
                "peak_mem_bytes": _peak(),
                "notes": f"{len(done)} of {len(prompts)} prompts (time cap {time_cap:.0f}s)"}
         self.record(rec)

@@ -38,7 +38,7 @@ from specdeploy.bench.tasks import Prompt, builtin_prompts, load_prompts
 from specdeploy.config import METHODS, SamplingParams
 from specdeploy.errors import SpecDeployError
 from specdeploy.runtime.engine import BATCH_METHODS
-from specdeploy.runtime.stats import SpecStats
+from specdeploy.runtime.stats import SpecStats, merged
 
 
 # ---- prompts and progress ------------------------------------------------------------------
@@ -277,13 +277,6 @@ def _sync(device: str) -> None:
 
 
 # ---- rows ----------------------------------------------------------------------------------
-def _merge(stats: list[SpecStats]) -> SpecStats:
-    out = SpecStats()
-    for s in stats:
-        out.merge(s)
-    return out
-
-
 def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -316,7 +309,7 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
         cost = _costs_of(costs, run.method)
         big = largest_k(run)
         for task, idx in groups:
-            s = _merge([run.stats[i] for i in idx])
+            s = merged([run.stats[i] for i in idx])
             tps = _tps(run, s, task)
             row = {"system": run.system, "method": run.method, "k": int(run.k), "task": task,
                    "temperature": float(run.temperature), "batch": int(run.batch), "tokens_per_s": round(tps, 3),
@@ -342,7 +335,7 @@ def build_rows(runs: list[Run], costs: dict) -> list[dict]:
                 _, gtps = _tps_over(gen, run, idx, task)
                 row["speedup_vs_hf_generate"] = round(tps / gtps, 4) if gtps > 0 else None
             if run.system == "specdeploy" and run.method not in ("none", "policy") and cost is not None and s.target_forwards:
-                bs = _merge([big.stats[i] for i in _matching(big, run, idx)])
+                bs = merged([big.stats[i] for i in _matching(big, run, idx)])
                 prof = Profile.from_stats(bs)
                 if prof.max_k >= run.k and bs.acceptance_length:
                     a_tok = fit_alpha(bs.acceptance_length, big.k)
@@ -374,7 +367,7 @@ def _tps(run: Run, s: SpecStats, task: str) -> float:
 def _tps_over(ref: Run, run: Run, idx: list[int], task: str) -> tuple[list[int], float]:
     """The indices in `ref` of the prompts run[idx], and `ref`'s tokens/s over them."""
     ridx = _matching(ref, run, idx)
-    return ridx, _tps(ref, _merge([ref.stats[i] for i in ridx]), task)
+    return ridx, _tps(ref, merged([ref.stats[i] for i in ridx]), task)
 
 
 def _matching(ref: Run, run: Run, idx: list[int]) -> list[int]:

@@ -1,6 +1,7 @@
 """Acceptance counters per request and per task label, counted one way everywhere."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -87,10 +88,15 @@ class TaskStats:
         self.by_task.setdefault(task, SpecStats()).merge(stats)
 
     def total(self) -> SpecStats:
-        out = SpecStats()
-        for s in self.by_task.values():
-            out.merge(s)
-        return out
+        return merged(self.by_task.values())
+
+
+def merged(stats: Iterable[SpecStats]) -> SpecStats:
+    """The counters of several requests (or tasks) summed into one SpecStats."""
+    out = SpecStats()
+    for s in stats:
+        out.merge(s)
+    return out
 
 
 def _grow(xs: list[int], n: int) -> None:
