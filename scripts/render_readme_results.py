@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only check that both files are up to date")
     args = ap.parse_args(argv)
     folders, readme_path = [Path(b) for b in args.bench or DEFAULT_BENCH], Path(args.readme)
-    base = readme_path.resolve().parent if readme_path.is_absolute() else readme_path.parent or Path(".")
+    base = readme_path.resolve().parent if readme_path.is_absolute() else readme_path.parent
     results = {f: json.loads((f / "bench.json").read_text()) for f in folders}
     mds = {f / "bench.md": render_markdown(r) for f, r in results.items()}
     readme = readme_path.read_text()

@@ -191,3 +191,20 @@ def test_readme_block_renders_each_bench_folder(bench_dir, tmp_path):
     assert not (tmp_path / "sampled" / "speedup_by_task.png").exists()
     assert render.main(folders + ["--readme", str(readme), "--check"]) == 0
     assert render.main(folders[:2] + ["--readme", str(readme), "--check"]) == 1  # a folder left out: stale
+
+
+def test_partial_runs_get_their_summary_and_plots(bench_dir, tmp_path):
+    """A run of plain and the policy alone still states the policy's aim; a run of batched rows alone still
+    gets its speedup-against-batch plot; the README links exactly the plots written."""
+    from specdeploy.bench.plots import make_plots, planned
+    from specdeploy.bench.report import render_markdown, render_readme_block
+
+    full = json.loads((bench_dir / "bench.json").read_text())
+    policy_only = {**full, "rows": [r for r in full["rows"] if r["method"] in ("none", "policy") and r["temperature"] == 0.7]}
+    md = render_markdown(policy_only)
+    assert "## Summary (batch 1, temperature 0.7)" in md and "(aim: no task < 1x)" in md
+    batched = {**full, "rows": [r for r in full["rows"] if r["batch"] > 1 and r["temperature"] == 0]}
+    assert [p.name for p in make_plots(batched, tmp_path)] == ["speedup_vs_batch.png"]
+    for result in (policy_only, batched):
+        links = re.findall(r"\]\(x/([^)]+\.png)\)", render_readme_block(result, "x"))
+        assert links == [name for name, _, _ in planned(result)] and links

@@ -35,7 +35,7 @@ so L(k) from the run at K is exact for Medusa and a lower bound for EAGLE (greed
 prompts' runs at k measure how far off it is: L(k) is scaled by their acceptance length at k over
 the one the run at K predicts for the same prompts, pooled over the tasks (`StepTimes.length_ratio`).
 On an H100 at T=0.7 (results/bench_t07) the run at K = 8 put EAGLE's L(4) at 2.93 where k = 4 ran
-3.09: unscaled, the advisor chose k 6 or 8 for five tasks, and its policy ran 1.90x where EAGLE k=4
+3.09: unscaled, the advisor chose k 6 or 8 for four tasks, and its policy ran 1.90x where EAGLE k=4
 alone ran 2.05x.
 
 Expected speedup over plain decoding of a task: tokens per step over time per step, in units of

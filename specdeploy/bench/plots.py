@@ -1,11 +1,10 @@
 """PNG plots of a bench.json (matplotlib, Agg): speedup by task, α by task, speedup vs k, speedup vs batch,
-one set per temperature the run has (`report.plot_file` names them)."""
+one set per temperature the run has, each plot where its rows exist (`planned`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from specdeploy.bench.report import (PLOTS, best_configs, cell, has_speculative_rows, label, plot_file, tasks_of,
-                                     temperature_name, temperatures)
+from specdeploy.bench.report import best_configs, cell, label, tasks_of, temperature_name, temperatures
 
 
 def _plt():
@@ -17,11 +16,26 @@ def _plt():
     return plt
 
 
+def plot_file(name: str, temperature: float) -> str:
+    """A plot's file name: greedy plots keep the plain name, sampled ones carry the temperature."""
+    return f"{name}.png" if temperature == 0 else f"{name}_t{temperature:g}.png"
+
+
+def planned(result: dict) -> list[tuple[str, str, float]]:
+    """(file name, title, temperature) of every plot `make_plots` writes for this result."""
+    return [(plot_file(name, t), title if t == 0 else f"{title} ({temperature_name(t)})", t)
+            for t in temperatures(result) for name, (title, select, _) in PLOTS.items() if select(result, t)]
+
+
 def make_plots(result: dict, out: str | Path) -> list[Path]:
-    """Every plot of `report.PLOTS` at each temperature with speculative rows at batch 1; the paths written."""
+    """Every plot of `planned`; the paths written."""
     out = Path(out)
-    return [_DRAW[name](result, out / plot_file(name, t), t)
-            for t in temperatures(result) if has_speculative_rows(result, t) for name, _ in PLOTS]
+    made = []
+    for t in temperatures(result):
+        for name, (_, select, draw) in PLOTS.items():
+            if data := select(result, t):
+                made.append(draw(result, data, out / plot_file(name, t), t))
+    return made
 
 
 def _title(result: dict, what: str) -> str:
@@ -49,24 +63,33 @@ def _grouped(result: dict, cfgs: list[dict], value, ylabel: str, title: str, pat
     return path
 
 
-def speedup_by_task(result: dict, path: Path, temperature: float) -> Path:
-    cfgs = [c for c in best_configs(result, temperature, 1) if c["method"] != "none"]
+def _by_task_configs(result: dict, temperature: float) -> list[dict]:
+    return [c for c in best_configs(result, temperature, 1) if c["method"] != "none"]
+
+
+def speedup_by_task(result: dict, cfgs: list[dict], path: Path, temperature: float) -> Path:
     return _grouped(result, cfgs, lambda r: r["speedup_vs_plain"], "speedup over specdeploy plain (x)",
                     _title(result, f"Speedup by task and method (batch 1, {temperature_name(temperature)}; "
                                    "each method at its best k)"), path, hline=1.0)
 
 
-def alpha_by_task(result: dict, path: Path, temperature: float) -> Path:
-    cfgs = [c for c in best_configs(result, temperature, 1) if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
+def _alpha_configs(result: dict, temperature: float) -> list[dict]:
+    return [c for c in best_configs(result, temperature, 1) if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
+
+
+def alpha_by_task(result: dict, cfgs: list[dict], path: Path, temperature: float) -> Path:
     return _grouped(result, cfgs, lambda r: r["alpha"], "α (accepted / proposed)",
                     _title(result, f"α by task (batch 1, {temperature_name(temperature)})"), path)
 
 
-def speedup_vs_k(result: dict, path: Path, temperature: float) -> Path:
+def _k_rows(result: dict, temperature: float) -> list[dict]:
+    return [r for r in result["rows"] if r["task"] == "all" and r["batch"] == 1 and r["temperature"] == temperature
+            and r["system"] == "specdeploy" and r["method"] not in ("none", "policy")]
+
+
+def speedup_vs_k(result: dict, rows: list[dict], path: Path, temperature: float) -> Path:
     from specdeploy.bench.advisor import expected_speedup
 
-    rows = [r for r in result["rows"] if r["task"] == "all" and r["batch"] == 1 and r["temperature"] == temperature
-            and r["system"] == "specdeploy" and r["method"] not in ("none", "policy")]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     costs = result.get("costs") or {}
@@ -101,8 +124,11 @@ def _nonint(a: float, k: float, c: float) -> float:
     return (1 - a ** (k + 1)) / (1 - a) / (1 + c) if a < 1 else (k + 1) / (1 + c)
 
 
-def speedup_vs_batch(result: dict, path: Path, temperature: float) -> Path:
-    rows = [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == temperature and r["method"] != "none"]
+def _batch_rows(result: dict, temperature: float) -> list[dict]:
+    return [r for r in result["rows"] if r["task"] == "all" and r["temperature"] == temperature and r["method"] != "none"]
+
+
+def speedup_vs_batch(result: dict, rows: list[dict], path: Path, temperature: float) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.8))
     peer_k = result.get("peer_k")
@@ -133,5 +159,8 @@ def speedup_vs_batch(result: dict, path: Path, temperature: float) -> Path:
     return path
 
 
-_DRAW = {"speedup_by_task": speedup_by_task, "alpha_by_task": alpha_by_task, "speedup_vs_k": speedup_vs_k,
-         "speedup_vs_batch": speedup_vs_batch}
+# name -> (title, the rows it needs at a temperature, drawing): a plot is made where its rows exist
+PLOTS = {"speedup_by_task": ("speedup by task", _by_task_configs, speedup_by_task),
+         "alpha_by_task": ("α by task", _alpha_configs, alpha_by_task),
+         "speedup_vs_k": ("speedup vs k", _k_rows, speedup_vs_k),
+         "speedup_vs_batch": ("speedup vs batch", _batch_rows, speedup_vs_batch)}

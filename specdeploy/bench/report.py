@@ -24,21 +24,6 @@ def temperature_name(temperature: float) -> str:
     return "greedy" if temperature == 0 else f"temperature {temperature:g}"
 
 
-def plot_file(name: str, temperature: float) -> str:
-    """A plot's file name: greedy plots keep the plain name, sampled ones carry the temperature."""
-    return f"{name}.png" if temperature == 0 else f"{name}_t{temperature:g}.png"
-
-
-def has_speculative_rows(result: dict, temperature: float) -> bool:
-    """Whether a run has specdeploy speculation at batch 1 at this temperature (what every plot needs)."""
-    return any(r["system"] == "specdeploy" and r["method"] not in ("none", "policy") and r["batch"] == 1
-               and r["temperature"] == temperature for r in result["rows"])
-
-
-PLOTS = (("speedup_by_task", "speedup by task"), ("alpha_by_task", "α by task"),
-         ("speedup_vs_k", "speedup vs k"), ("speedup_vs_batch", "speedup vs batch"))
-
-
 def tasks_of(result: dict) -> list[str]:
     seen = result.get("tasks") or [r["task"] for r in result["rows"]]
     return [t for t in dict.fromkeys(seen) if t != "all"]
@@ -115,24 +100,16 @@ def _capture_failures(result: dict) -> list[str]:
             f"are slower than the runtime is. First error: `{failed[0]}`", ""]
 
 
-def _aims(result: dict, temperature: float = 0.0) -> list[str]:
-    """The summary at one temperature: the issue's aims (speedups at batch 1 greedy; the policy's at every one)."""
-    greedy = best_configs(result, temperature, 1)
-    spec = [c for c in greedy if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
-    if not spec:
-        return []
-    pol = next((c for c in greedy if c["method"] == "policy"), None)
-
+def _speed_lines(result: dict, configs: list[dict], spec: list[dict], pol: dict | None, temperature: float) -> list[str]:
+    """The best method's mean, code / sql / api_call, and the HF peers against it."""
     def aim_note(text: str) -> str:  # the speed aims are set for greedy decoding
         return f" (aim: {text})" if temperature == 0 else ""
 
-    out = [f"## Summary (batch 1, {temperature_name(temperature)})", ""]
     means = {c["method"]: task_mean_speedup(result, c) for c in spec}
     top = max(spec, key=lambda c: means[c["method"]] or 0)
-    out.append(f"- best specdeploy method averaged over the tasks: **{label(top)}**, "
-               f"{_x(means[top['method']])} over plain{aim_note('≥ 2x')}")
-    aim = [cell(result, top, t) for t in AIM_TASKS if t in tasks_of(result)]
-    if aim:
+    out = [f"- best specdeploy method averaged over the tasks: **{label(top)}**, "
+           f"{_x(means[top['method']])} over plain{aim_note('≥ 2x')}"]
+    if any(t in tasks_of(result) for t in AIM_TASKS):
         best_per = []
         for t in AIM_TASKS:
             cs = [c for c in (cell(result, s, t) for s in spec) if c is not None]
@@ -144,28 +121,45 @@ def _aims(result: dict, temperature: float = 0.0) -> list[str]:
         by_policy = f"; the advisor's policy (method and k per task): {by_policy}" if by_policy else ""
         out.append("- code / sql / api_call, best method each (at its best k over all tasks): " + ", ".join(best_per)
                    + by_policy + aim_note("≥ 3x"))
-    peers = [c for c in greedy if c["system"] == "hf" and c["method"].startswith("assisted")]
-    for p in peers:
+    for p in (c for c in configs if c["system"] == "hf" and c["method"].startswith("assisted")):
         ratio = top["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None
         out.append(f"- {label(top)} vs {label(p)}: {_x(ratio)} tokens/s ({'aim: ≥ 10x; ' if temperature == 0 else ''}HF: "
                    f"{p.get('notes') or str(p['prompts']) + ' prompts'})")
-    gen = next((c for c in greedy if c["system"] == "hf" and c["method"] == "generate"), None)
+    gen = next((c for c in configs if c["system"] == "hf" and c["method"] == "generate"), None)
     if gen:
         out.append(f"- {label(top)} vs HF generate eager: {_x(top['tokens_per_s'] / gen['tokens_per_s'] if gen['tokens_per_s'] else None)}"
                    f" (HF on {gen['prompts']} prompts)")
+    return out
+
+
+def _policy_line(result: dict, pol: dict) -> list[str]:
+    """The advisor's policy: its slowest task and mean (the aim: no task below plain)."""
+    cells = [(t, c) for t in tasks_of(result) if (c := cell(result, pol, t)) is not None]
+    if not cells:
+        return []
+    t, worst = min(cells, key=lambda tc: tc[1]["speedup_vs_plain"])
+    off = [t2 for t2, c in cells if set((c.get("policy_decisions") or {})) == {"off"}]
+    t += " (speculation off: plain decoding, timing noise)" if t in off else ""
+    drifts = [abs(c["plain_drift"]) for _, c in cells if c.get("plain_drift") is not None]
+    paired = (f"; timed paired with plain, whose two passes differ by up to {100 * max(drifts):.0f}% per task"
+              if drifts else "")
+    return [f"- advisor's policy (off for {', '.join(off) or 'no task'}): slowest task {t} at "
+            f"{_x(worst['speedup_vs_plain'])} of plain, mean "
+            f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x){paired}"]
+
+
+def _aims(result: dict, temperature: float = 0.0) -> list[str]:
+    """The summary at one temperature: the issue's aims (speedups at batch 1 greedy; the policy's at every one)."""
+    configs = best_configs(result, temperature, 1)
+    spec = [c for c in configs if c["system"] == "specdeploy" and c["method"] not in ("none", "policy")]
+    pol = next((c for c in configs if c["method"] == "policy"), None)
+    if not spec and not pol:
+        return []
+    out = [f"## Summary (batch 1, {temperature_name(temperature)})", ""]
+    if spec:
+        out += _speed_lines(result, configs, spec, pol, temperature)
     if pol:
-        cells = [(t, cell(result, pol, t)) for t in tasks_of(result)]
-        cells = [(t, c) for t, c in cells if c is not None]
-        if cells:
-            t, worst = min(cells, key=lambda tc: tc[1]["speedup_vs_plain"])
-            off = [t2 for t2, c in cells if set((c.get("policy_decisions") or {})) == {"off"}]
-            t += " (speculation off: plain decoding, timing noise)" if t in off else ""
-            drifts = [abs(c["plain_drift"]) for _, c in cells if c.get("plain_drift") is not None]
-            paired = (f"; timed paired with plain, whose two passes differ by up to {100 * max(drifts):.0f}% per task"
-                      if drifts else "")
-            out.append(f"- advisor's policy (off for {', '.join(off) or 'no task'}): slowest task {t} at "
-                       f"{_x(worst['speedup_vs_plain'])} of plain, mean "
-                       f"{_x(task_mean_speedup(result, pol))} (aim: no task < 1x){paired}")
+        out += _policy_line(result, pol)
     if temperature != 0:
         return out + [""]
     mism = sum(r["greedy_mismatches"] for r in result["rows"] if r["task"] == "all" and r["system"] == "specdeploy")
@@ -299,9 +293,9 @@ def render_readme_block(result: dict, bench_dir: str = "results/bench") -> str:
              "`scripts/render_readme_results.py`, do not edit by hand).", ""]
     for t in temperatures(result):
         lines += _aims(result, t) + _per_task(result, t)
+    from specdeploy.bench.plots import planned  # plots.py builds on this module's selections
+
     lines += _vs_k(result)
     lines += _batch(result)
-    for t in (t for t in temperatures(result) if has_speculative_rows(result, t)):
-        suffix = "" if t == 0 else f" ({temperature_name(t)})"
-        lines += [f"![{title}{suffix}]({bench_dir}/{plot_file(name, t)})" for name, title in PLOTS]
+    lines += [f"![{title}]({bench_dir}/{name})" for name, title, _ in planned(result)]
     return "\n".join(lines).rstrip() + "\n"
