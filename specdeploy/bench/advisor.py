@@ -31,12 +31,7 @@ lookup both extend their draft token by token), so at k:
 which is the same for every k). With i.i.d. acceptance of rate α, reach[i] = α^(i+1) and
 L(k) = (1 − α^(k+1)) / (1 − α). A token tree cut at depth k (Medusa) is the depth-k tree; an
 EAGLE-2 depth-k tree holds at least the depth-<=k nodes of the depth-K tree of the same size,
-so L(k) from the run at K is exact for Medusa and a lower bound for EAGLE (greedy). The timing
-prompts' runs at k measure how far off it is: L(k) is scaled by their acceptance length at k over
-the one the run at K predicts for the same prompts, pooled over the tasks (`StepTimes.length_ratio`).
-On an H100 at T=0.7 (results/bench_t07) the run at K = 8 put EAGLE's L(4) at 2.93 where k = 4 ran
-3.09: unscaled, the advisor chose k 6 or 8 for four tasks, and its policy ran 1.90x where EAGLE k=4
-alone ran 2.05x.
+so L(k) from the run at K is exact for Medusa and a lower bound for EAGLE (greedy).
 
 Expected speedup over plain decoding of a task: tokens per step over time per step, in units of
 a plain step, S(k) = L(k) · t_plain / t_method(k).
@@ -63,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdeploy.errors import SpecDeployError
-from specdeploy.runtime.stats import SpecStats, merged
+from specdeploy.runtime.stats import SpecStats
 
 DRAFT_MODEL_METHODS = ("draft", "layerskip")  # drafting costs k draft forwards a step
 
@@ -237,20 +232,17 @@ def task_step_ms(tasks: Sequence[str], stats: Sequence[SpecStats]) -> dict[str, 
 @dataclass(frozen=True)
 class StepTimes:
     """A method's measured wall milliseconds per decoding step: per task in the run at K, and at
-    every k relative to K (the same timing prompts run at k and at K). Those runs at k also give
-    `length_ratio`: their acceptance length at k over the one the run at K predicts for them."""
+    every k relative to K (the same timing prompts run at k and at K)."""
 
     at_K: dict[str, float]  # task -> ms per step
     ratio: dict[int, float]  # k -> ms per step at k / at K; K -> 1
-    length_ratio: dict[int, float] = field(default_factory=dict)  # k -> measured / predicted L(k); absent: 1
 
     def ms(self, task: str, k: int) -> float:
         return self.at_K[task] * self.ratio[k]
 
     def as_dict(self) -> dict:
         return {"ms_per_step_at_K": {t: round(v, 4) for t, v in self.at_K.items()},
-                "ratio_to_K": {str(k): round(v, 4) for k, v in sorted(self.ratio.items())},
-                "length_ratio": {str(k): round(v, 4) for k, v in sorted(self.length_ratio.items())}}
+                "ratio_to_K": {str(k): round(v, 4) for k, v in sorted(self.ratio.items())}}
 
 
 # ---- recommendations -----------------------------------------------------------------------
@@ -370,8 +362,8 @@ def recommend(measured: dict[str, dict[str, SpecStats]], times: dict[str, StepTi
                 t, p = times[method].ms(task, k), plain.ms(task, 0)
                 if t <= 0 or p <= 0:
                     continue  # no decoding step timed (every request ended at its first token)
-                length = prof.acceptance_length(k) * times[method].length_ratio.get(k, 1.0)
-                options.append(Option(task, method, k, prof.alpha(k), length, t, p, length * p / t))
+                options.append(Option(task, method, k, prof.alpha(k), prof.acceptance_length(k), t, p,
+                                      prof.acceptance_length(k) * p / t))
     return Advice(options, times, measured, min_speedup)
 
 
@@ -421,19 +413,14 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
                 progress()
         return out
 
-    def at_other_k(m: str, at_K: list[SpecStats]) -> tuple[dict[int, float], dict[int, float]]:
-        """On the timing prompts, for every k but K: {k: ms per step of `m` at k / at K} and
-        {k: acceptance length at k / the one the run at K predicts for k}."""
-        base, from_K = step_ms(at_K), Profile.from_stats(merged(at_K))
-        ratio, length = {}, {}
+    def ratios(m: str, base: float | None) -> dict[int, float]:
+        """{k: ms per step of `m` at k / `base`} on the timing prompts, for every k but K."""
+        out = {}
         for k in sorted(set(ks) - {K}):
-            at_k = run(backend.engine(m, k), timing)
-            ms = step_ms(at_k)
+            ms = step_ms(run(backend.engine(m, k), timing))
             if ms is not None and base:
-                ratio[k] = ms / base
-            if from_K.steps and (measured := Profile.from_stats(merged(at_k))).steps:
-                length[k] = measured.acceptance_length(k) / from_K.acceptance_length(k)
-        return ratio, length
+                out[k] = ms / base
+        return out
 
     measured, times = {}, {}
     for m, engine in engines.items():
@@ -443,12 +430,8 @@ def advise(backend, prompts, encoded: list[list[int]], methods: Sequence[str], k
             by_task.add(p.task, s)
         measured[m] = by_task.by_task
         # plain decoding has one step time (k = 0); a method's other k are timed on the timing prompts
-        if m == "none":
-            ratio, length = {0: 1.0}, {}
-        else:
-            ratio, length = at_other_k(m, [stats[i] for i in timing])
-            ratio[K] = 1.0
-        times[m] = StepTimes({t: 0.0 for t in measured[m]} | task_step_ms([p.task for p in prompts], stats), ratio, length)
+        ratio = {0: 1.0} if m == "none" else {K: 1.0, **ratios(m, step_ms([stats[i] for i in timing]))}
+        times[m] = StepTimes({t: 0.0 for t in measured[m]} | task_step_ms([p.task for p in prompts], stats), ratio)
     advice = recommend(measured, times, ks, min_speedup)
     advice.notes.extend(notes)
     advice.temperature = params.temperature
