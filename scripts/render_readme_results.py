@@ -7,8 +7,8 @@ bench.json, none is typed by hand.
 
     python scripts/render_readme_results.py [--bench results/bench --bench results/bench_t07] [--readme README.md] [--check]
 
-The default folders are the README's runs: the greedy bench and the T=0.7 one (one device call holds
-either at 256 new tokens, not both). --check: exit 1 if README.md or a bench.md is not what the
+The default folders are the README's runs: the greedy bench and the T=0.7 one (the full grid at both
+temperatures does not fit one 600 s device call at 256 new tokens). --check: exit 1 if README.md or a bench.md is not what the
 bench.json files render to (for CI).
 """
 from __future__ import annotations

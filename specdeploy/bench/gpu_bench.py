@@ -40,17 +40,17 @@ from specdeploy.runtime.batch import BatchRequest, BatchSpeculator
 from specdeploy.runtime.cuda_runner import CudaGraphRunner, LeanLlama, compiled_for
 from specdeploy.runtime.loop import StopCondition, speculative_generate
 from specdeploy.runtime.proposers import DraftModelProposer, NGramProposer, NoProposer
-from specdeploy.runtime.stats import SpecStats, merged
+from specdeploy.runtime.stats import SpecStats, TaskStats, merged
 
 PARTS = ("micro", "spec", "loop", "hf", "lossless")
 
 
 def per_task(prompts: list[Prompt], stats: list[SpecStats]) -> dict:
     """Sum stats per task: tokens, seconds, tokens/s, α, acceptance length."""
-    by: dict[str, SpecStats] = {}
+    by = TaskStats()
     for p, s in zip(prompts, stats):
-        by.setdefault(p.task, SpecStats()).merge(s)
-    return {t: _stat_row(s) for t, s in by.items()}
+        by.add(p.task, s)
+    return {t: _stat_row(s) for t, s in by.by_task.items()}
 
 
 def _stat_row(s: SpecStats) -> dict:

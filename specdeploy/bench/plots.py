@@ -21,21 +21,22 @@ def plot_file(name: str, temperature: float) -> str:
     return f"{name}.png" if temperature == 0 else f"{name}_t{temperature:g}.png"
 
 
+def _selected(result: dict):
+    """(file name, title, temperature, rows, drawing) of each plot whose rows exist in this result."""
+    for t in temperatures(result):
+        for name, (title, select, draw) in PLOTS.items():
+            if data := select(result, t):
+                yield plot_file(name, t), title if t == 0 else f"{title} ({temperature_name(t)})", t, data, draw
+
+
 def planned(result: dict) -> list[tuple[str, str, float]]:
     """(file name, title, temperature) of every plot `make_plots` writes for this result."""
-    return [(plot_file(name, t), title if t == 0 else f"{title} ({temperature_name(t)})", t)
-            for t in temperatures(result) for name, (title, select, _) in PLOTS.items() if select(result, t)]
+    return [(name, title, t) for name, title, t, _, _ in _selected(result)]
 
 
 def make_plots(result: dict, out: str | Path) -> list[Path]:
     """Every plot of `planned`; the paths written."""
-    out = Path(out)
-    made = []
-    for t in temperatures(result):
-        for name, (_, select, draw) in PLOTS.items():
-            if data := select(result, t):
-                made.append(draw(result, data, out / plot_file(name, t), t))
-    return made
+    return [draw(result, data, Path(out) / name, t) for name, _, t, data, draw in _selected(result)]
 
 
 def _title(result: dict, what: str) -> str:

@@ -4,7 +4,6 @@
 # own run through session17/call_c.sh, to set the new advisor's policy beside EAGLE at fixed k on the same machine.
 # After the GGUF parts on a warm machine; writes $OUT/t07_advisor.tgz and $OUT/t0_advisor.tgz.
 for t in 0.7 0; do
-  NAME=t0${t#0.}_advisor; [ "$t" = 0 ] && NAME=t0_advisor
-  NAME=$NAME METHODS=none,eagle,policy K=4,6,8 TEMPS=$t PEERS= TOKENS=256 LIMIT=${LIMIT:-200} BUDGET=${BUDGET:-160} \
+  NAME=t${t/./}_advisor METHODS=none,eagle,policy K=4,6,8 TEMPS=$t PEERS= TOKENS=256 LIMIT=${LIMIT:-200} BUDGET=${BUDGET:-160} \
     bash results/gpu/session17/call_c.sh
 done
